@@ -1,0 +1,35 @@
+# Every target installs from this repository's own files; torch is pinned in the same pip call
+# so pip never pulls a CUDA build by itself.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup quickstart micro test lint format clean
+
+$(BIN)/wmtp: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0 -e '.[dev]'
+	touch $(BIN)/wmtp
+
+setup: $(BIN)/wmtp
+
+# The main job until the quickstart lands: build the micro models (tokenizer included) offline on CPU.
+micro: setup
+	$(BIN)/wmtp storage models --create-micro --micro-type mtp --micro-init random
+	$(BIN)/wmtp storage models --create-micro --micro-type reference --micro-init random
+	$(BIN)/wmtp storage verify --check models
+
+test: setup
+	$(BIN)/python -m pytest -n 2 -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) storage .pytest_cache .ruff_cache

@@ -1,0 +1,5 @@
+import sys
+
+from weighted_mtp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,192 @@
+"""The ``wmtp`` command (also ``python -m weighted_mtp``).
+
+Every sub-command takes ``--storage DIR`` (default ``$WMTP_STORAGE``, else ``./storage``)
+and exits non-zero with a one-line reason on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from weighted_mtp.storage.layout import DATASET_NAMES, StorageLayout
+
+MODEL_STEPS = ("download", "convert", "config", "verify")
+DATASET_STEPS = ("process", "metadata", "small", "stats", "eval", "tests")
+
+
+class UsageError(ValueError):
+    """Bad command-line input; reported as one line."""
+
+
+def parse_list(value: str, allowed: Sequence[str], what: str) -> list[str]:
+    """Parse ``a,b`` or ``all`` into a list of allowed names, in the allowed order."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if items == ["all"]:
+        return list(allowed)
+    unknown = [v for v in items if v not in allowed]
+    if unknown or not items:
+        raise UsageError(f"unknown {what} {', '.join(unknown) or repr(value)}; choose from "
+                         f"{', '.join(allowed)} or all")
+    return [a for a in allowed if a in items]
+
+
+def add_storage_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage", default=None, help="storage root (default: $WMTP_STORAGE, else ./storage)"
+    )
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    from weighted_mtp.storage.models import MODEL_ALIASES
+
+    parser.add_argument("--model", help=f"one of {', '.join(sorted(MODEL_ALIASES))}")
+    parser.add_argument(
+        "--steps",
+        default=None,
+        help="comma list of download,convert,config,verify or 'all' "
+        "(default: all, or none when only --create-micro is given)",
+    )
+    parser.add_argument("--create-micro", action="store_true", help="build a micro model")
+    parser.add_argument("--micro-type", choices=("mtp", "reference"), default="mtp")
+    parser.add_argument("--micro-init", choices=("random", "slice"), default="random")
+    parser.add_argument(
+        "--dtype",
+        choices=("keep", "float32", "bfloat16", "float16"),
+        default="keep",
+        help="dtype stored by convert (default: the source's)",
+    )
+    parser.add_argument("--force", action="store_true", help="redo steps whose outputs exist")
+    add_storage_arg(parser)
+
+
+def add_dataset_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--datasets", required=True, help="comma list of " + ",".join(DATASET_NAMES) + " or all")
+    parser.add_argument("--steps", default="all", help="comma list of " + ",".join(DATASET_STEPS) + " or all")
+    parser.add_argument(
+        "--source",
+        default=None,
+        help="folder of local copies laid out as the Hub repositories "
+        "(code_contests/, mbpp/, openai_humaneval/, gsm8k/); offline default: bundled sources",
+    )
+    parser.add_argument(
+        "--include-python2", action="store_true", help="keep Python 2 CodeContests solutions"
+    )
+    parser.add_argument(
+        "--skip-bad-records",
+        action="store_true",
+        help="skip malformed source records (counted) instead of stopping at the first one",
+    )
+    parser.add_argument("--max-length", type=int, default=2048, help="templated token length cap")
+    parser.add_argument("--force", action="store_true", help="redo steps whose outputs exist")
+    add_storage_arg(parser)
+
+
+def add_verify_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--check", choices=("models", "datasets", "all"), required=True)
+    parser.add_argument("--include-small", action="store_true")
+    parser.add_argument("--generate-report", action="store_true")
+    add_storage_arg(parser)
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from weighted_mtp.storage import models
+
+    layout = StorageLayout.from_arg(args.storage)
+    if args.steps is None:
+        steps = [] if args.create_micro else list(MODEL_STEPS)
+    else:
+        steps = parse_list(args.steps, MODEL_STEPS, "step")
+    if steps and not args.model:
+        raise UsageError("--model is required to run --steps")
+    ok = models.run(
+        layout,
+        model=args.model,
+        steps=steps,
+        create_micro=args.create_micro,
+        micro_type=args.micro_type,
+        micro_init=args.micro_init,
+        dtype=args.dtype,
+        force=args.force,
+    )
+    return 0 if ok else 1
+
+
+def run_datasets(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from weighted_mtp.storage import datasets
+
+    layout = StorageLayout.from_arg(args.storage)
+    datasets.run(
+        layout,
+        names=parse_list(args.datasets, DATASET_NAMES, "dataset"),
+        steps=parse_list(args.steps, DATASET_STEPS, "step"),
+        source=Path(args.source) if args.source else None,
+        include_python2=args.include_python2,
+        skip_bad_records=args.skip_bad_records,
+        max_length=args.max_length,
+        force=args.force,
+    )
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from weighted_mtp.storage.verify import run_checks
+
+    if args.include_small and args.check == "models":
+        raise UsageError("--include-small applies to --check datasets|all")
+    layout = StorageLayout.from_arg(args.storage)
+    checks, report = run_checks(layout, args.check, args.include_small, args.generate_report)
+    for check in checks:
+        print(check.line())
+    failed = sum(not c.ok for c in checks)
+    print(f"{len(checks) - failed} checks passed, {failed} failed")
+    if report:
+        print(f"report: {report}")
+    return 0 if failed == 0 and checks else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wmtp", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    storage = commands.add_parser("storage", help="build and verify the storage tree")
+    storage_cmds = storage.add_subparsers(dest="storage_command", required=True)
+    add_model_args(storage_cmds.add_parser("models", help="download/convert/config/verify models"))
+    add_dataset_args(storage_cmds.add_parser("datasets", help="process datasets into the seed's schema"))
+    add_verify_args(storage_cmds.add_parser("verify", help="check integrity and schemas"))
+    return parser
+
+
+HANDLERS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
+    ("storage", "models"): run_models,
+    ("storage", "datasets"): run_datasets,
+    ("storage", "verify"): run_verify,
+}
+
+
+def dispatch(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace, prog: str) -> int:
+    """Run a handler, turning expected failures into one line on stderr and exit code 1."""
+    from weighted_mtp.config import ConfigError
+    from weighted_mtp.storage.io import StorageError
+
+    try:
+        return handler(args)
+    except (UsageError, ConfigError, StorageError, FileNotFoundError, ValueError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    key = (args.command, getattr(args, "storage_command", None))
+    return dispatch(HANDLERS[key], args, "wmtp")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""The typed configuration tree.
+
+Defaults live here and only here. A YAML file holds the differences from these defaults;
+``key.path=value`` overrides from the command line apply on top. An unknown key or a value
+of the wrong type fails with the key's dotted path (and, for YAML, ``file:line``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message is one line naming the key (and file:line)."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """Which model trains and how it is held in memory."""
+
+    path: str = "micro-mtp"
+    """A storage model name (``models/<name>``) or a path to a model folder."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Dtype of the frozen base weights; LoRA parameters always stay float32."""
+    n_future_tokens: int | None = Field(default=None, ge=1)
+    """Heads to train; ``None`` keeps every head of the checkpoint, 1 trains head 1 only."""
+    activation_checkpointing: bool = False
+
+
+class LoraConfig(Section):
+    enabled: bool = True
+    rank: int = Field(default=8, ge=1)
+    alpha: float = 16.0
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    targets: list[Literal["wq", "wk", "wv", "wo", "w1", "w2", "w3"]] = ["wq", "wk", "wv", "wo"]
+
+
+class SamplingConfig(Section):
+    """How training examples are drawn from ``<split>_metadata.json`` (ALGORITHMS 6.6)."""
+
+    mode: Literal["correct_of_pairs", "correct", "pairwise", "length_balanced_pairs", "all"] = (
+        "correct_of_pairs"
+    )
+    n_samples: int = Field(default=100_000, ge=1)
+    val_n_samples: int = Field(default=500, ge=0)
+    max_pairs_per_problem: int = Field(default=60, ge=1)
+    difficulty_bins: dict[str, tuple[int, int]] = {"all": (0, 28)}
+    difficulty_weights: dict[str, float] = {"all": 1.0}
+    length_bins: list[int] = [0, 100, 150, 200, 300, 500, 1000, 2000]
+    seed: int = 42
+
+
+class DataConfig(Section):
+    dataset: str = "codecontests"
+    train_split: str = "train"
+    val_split: str = "valid"
+    small: bool = False
+    """Read ``datasets_local_small/<name>_small`` instead of the full processed files."""
+    max_length: int = Field(default=2048, ge=8)
+    sampling: SamplingConfig = SamplingConfig()
+
+
+class OptimConfig(Section):
+    lr: float = Field(default=1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(default=0.01, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(default=0.03, ge=0, le=1)
+    min_lr_ratio: float = Field(default=0.005, ge=0, le=1)
+
+
+class TrainConfig(Section):
+    recipe: str = "baseline"
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(default=None, ge=1)
+    """Caps the number of optimizer steps (epochs are converted to steps once)."""
+    batch_size: int = Field(default=12, ge=1)
+    grad_accum: int = Field(default=2, ge=1)
+    seed: int = 42
+    device: str = "auto"
+    autocast: bool = True
+    """bf16 autocast where the device supports it (CUDA); fp32 elsewhere."""
+    head_coefficients: list[float] | None = None
+    """Per-head loss coefficients c_k; default 1/n for every head."""
+    normalization: Literal["weight_sum", "token_count"] = "weight_sum"
+
+
+class WeightingConfig(Section):
+    """Parameters of the per-token weighting; each recipe reads its own part."""
+
+    critic_checkpoint: str | None = None
+    td_lambda: float = Field(default=0.95, ge=0, le=1)
+    gamma: float = Field(default=1.0, ge=0, le=1)
+    beta: float = Field(default=1.0, gt=0)
+    clip_min: float = 0.1
+    clip_max: float = 3.0
+    ema_momentum: float = Field(default=0.1, gt=0, le=1)
+    reference: str | None = None
+    k_percent: float = Field(default=0.7, gt=0, le=1)
+    score: Literal["signed", "absolute", "difficult"] = "signed"
+
+    @model_validator(mode="after")
+    def _clip_order(self) -> WeightingConfig:
+        if self.clip_min > self.clip_max:
+            raise ValueError(f"clip_min {self.clip_min} > clip_max {self.clip_max}")
+        return self
+
+
+class CheckpointConfig(Section):
+    every: int = Field(default=500, ge=1)
+    keep_last: int = Field(default=2, ge=1)
+    resume: bool = False
+
+
+class LogConfig(Section):
+    every: int = Field(default=10, ge=1)
+    val_every: int = Field(default=500, ge=1)
+    mlflow: bool = True
+    mlflow_tracking_uri: str | None = None
+    """Default: a sqlite store under the storage root."""
+
+
+class Config(Section):
+    experiment: str = "baseline"
+    run_name: str | None = None
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    weighting: WeightingConfig = WeightingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+
+
+# ---- loading ----
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that remembers the line of every mapping key, by dotted path."""
+
+
+def _yaml_with_lines(text: str, source: str) -> tuple[dict, dict[str, int]]:
+    try:
+        node = yaml.compose(text, Loader=_LineLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    lines: dict[str, int] = {}
+
+    def walk(n: yaml.Node, prefix: str) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for key, value in n.value:
+                path = f"{prefix}.{key.value}" if prefix else str(key.value)
+                lines[path] = key.start_mark.line + 1
+                walk(value, path)
+
+    if node is not None:
+        walk(node, "")
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}:1: the top level must be a mapping of sections")
+    return data, lines
+
+
+def _parse_value(raw: str) -> Any:
+    """Parse an override value with YAML rules: ``3`` int, ``1e-4`` float, ``[a,b]`` list."""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    # PyYAML reads "1e-4" as a string (YAML 1.1); users mean a float.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply one ``a.b.c=value`` override to the nested dict ``data`` in place."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected key.path=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = _parse_value(raw.strip())
+
+
+def _format_error(err: ValidationError, lines: dict[str, int], source: str) -> str:
+    first = err.errors()[0]
+    path = ".".join(str(p) for p in first["loc"])
+    where = f"{source}:{lines[path]}: " if path in lines else ""
+    if first["type"] == "extra_forbidden":
+        return f"{where}unknown config key '{path}'"
+    return f"{where}config key '{path}': {first['msg']} (got {first.get('input')!r})"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file's differences, then ``key=value`` overrides."""
+    data: dict = {}
+    lines: dict[str, int] = {}
+    source = "<overrides>"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        source = str(path)
+        data, lines = _yaml_with_lines(path.read_text(encoding="utf-8"), source)
+    for item in overrides or []:
+        apply_override(data, item)
+        lines.pop(item.split("=", 1)[0].strip(), None)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, lines, source)) from None
+
+
+def config_to_dict(config: Config) -> dict:
+    """Plain dict (JSON/YAML friendly) of the full, resolved config."""
+    return config.model_dump(mode="json")
+
+
+def config_diff(config: Config) -> dict:
+    """Only the values that differ from the defaults (what a YAML file would hold)."""
+    return config.model_dump(mode="json", exclude_defaults=True)

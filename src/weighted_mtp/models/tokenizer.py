@@ -1,0 +1,142 @@
+"""SentencePiece tokenizer, used directly (not through transformers).
+
+transformers' ``LlamaTokenizer`` mangles code indentation and BOS handling on a bare
+``tokenizer.model``, so every place that tokenises goes through :class:`Tokenizer`.
+When no real LLaMA-2 tokenizer is in storage, :func:`train_local_tokenizer` trains a
+deterministic byte-fallback BPE model with the same special ids (``<unk> <s> </s>`` =
+0 1 2) on local Python source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import sysconfig
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import sentencepiece as spm
+
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+
+class Tokenizer:
+    """Thin wrapper over ``sentencepiece.SentencePieceProcessor``."""
+
+    def __init__(self, model_path: str | Path):
+        path = Path(model_path)
+        if path.is_dir():
+            path = path / "tokenizer.model"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: tokenizer model not found")
+        self.path = path
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+        # LLaMA has no pad token; padding uses EOS and is masked by the attention mask.
+        self.pad_id = self.eos_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self.sp.encode(text)
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """Token ids and, per token, the character offset where it starts in ``text``."""
+        proto = self.sp.encode(text, return_type="proto")
+        # SentencePiece reports byte offsets; map them to character offsets.
+        char_at_byte = []
+        for i, ch in enumerate(text):
+            char_at_byte.extend([i] * len(ch.encode("utf-8")))
+        char_at_byte.append(len(text))
+        ids = [piece.id for piece in proto.pieces]
+        starts = [char_at_byte[min(piece.begin, len(char_at_byte) - 1)] for piece in proto.pieces]
+        return ids, starts
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode(list(ids))
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self.sp.id_to_piece(token_id)
+
+
+@dataclass(frozen=True)
+class TrainedTokenizer:
+    path: Path
+    corpus_files: int
+    corpus_bytes: int
+    corpus_sha256: str
+
+
+def default_corpus() -> list[Path]:
+    """The Python standard library's source files, sorted: on every machine with Python."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+
+
+def _corpus_lines(files: list[Path], max_bytes: int, digest) -> Iterator[str]:
+    total = 0
+    for path in files:
+        data = path.read_bytes()
+        if total + len(data) > max_bytes:
+            break
+        total += len(data)
+        digest.update(data)
+        for line in data.decode("utf-8", errors="replace").splitlines():
+            if line.strip():
+                yield line
+
+
+def train_local_tokenizer(
+    out_path: str | Path,
+    vocab_size: int = 32000,
+    files: list[Path] | None = None,
+    max_bytes: int = 50_000_000,
+) -> TrainedTokenizer:
+    """Train a deterministic BPE SentencePiece model with LLaMA's special ids.
+
+    Byte fallback keeps every string encodable (newlines become ``<0x0A>`` as in LLaMA-2),
+    whitespace is kept as is so indentation survives a round trip, and the input order is
+    fixed (sorted files, no sampling or shuffling), so the same corpus gives the same model.
+    """
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    files = default_corpus() if files is None else sorted(files)
+    digest = hashlib.sha256()
+    lines = list(_corpus_lines(files, max_bytes, digest))
+    if not lines:
+        raise ValueError("tokenizer corpus is empty")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_id=-1,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        character_coverage=0.99995,
+        max_sentence_length=16384,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        hard_vocab_limit=True,
+        num_threads=1,
+        minloglevel=2,
+    )
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_bytes(model.getvalue())
+    tmp.replace(out_path)
+    return TrainedTokenizer(out_path, len(files), sum(len(x) for x in lines), digest.hexdigest())

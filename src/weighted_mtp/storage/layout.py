@@ -1,0 +1,166 @@
+"""Every path of the storage tree, in one place.
+
+The tree is the one described by the user's storage README (the seed): ``models/``,
+``datasets/``, ``datasets_local_small/``, ``checkpoints/`` and ``reports/`` under one root.
+The root is ``--storage``, else ``$WMTP_STORAGE``, else ``./storage``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+MODEL_NAMES = ("meta-llama-mtp", "ref-sheared-llama-2.7b", "micro-mtp", "micro-reference")
+DATASET_NAMES = ("codecontests", "mbpp", "humaneval", "gsm8k")
+
+# Split names per dataset, as the seed lists them.
+DATASET_SPLITS: dict[str, tuple[str, ...]] = {
+    "codecontests": ("train", "valid", "test"),
+    "mbpp": ("train", "validation", "test"),
+    "humaneval": ("test",),
+    "gsm8k": ("train", "test"),
+}
+
+# Lines per split of the small datasets (seed table).
+SMALL_SIZES: dict[str, dict[str, int]] = {
+    "codecontests": {"train": 100, "valid": 32, "test": 32},
+    "mbpp": {"train": 100, "validation": 32, "test": 32},
+    "humaneval": {"test": 32},
+    "gsm8k": {"train": 100, "test": 32},
+}
+
+
+def resolve_root(storage: str | os.PathLike[str] | None = None) -> Path:
+    """The storage root: the argument, else ``$WMTP_STORAGE``, else ``./storage``."""
+    if storage:
+        return Path(storage)
+    env = os.environ.get("WMTP_STORAGE")
+    return Path(env) if env else Path("storage")
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    """Paths of one model folder under ``models/<name>/``."""
+
+    root: Path
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "raw"
+
+    @property
+    def safetensors_dir(self) -> Path:
+        return self.root / "safetensors"
+
+    @property
+    def weights(self) -> Path:
+        return self.safetensors_dir / "model.safetensors"
+
+    @property
+    def checksums(self) -> Path:
+        return self.safetensors_dir / "SHA256SUMS"
+
+    @property
+    def configs(self) -> Path:
+        return self.root / "configs"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.tokenizer_dir / "tokenizer.model"
+
+    @property
+    def metadata(self) -> Path:
+        return self.root / "metadata.json"
+
+
+@dataclass(frozen=True)
+class DatasetPaths:
+    """Paths of one dataset under ``datasets/<name>/`` and its small copy."""
+
+    root: Path
+    small_root: Path
+    name: str
+
+    @property
+    def processed(self) -> Path:
+        return self.root / "processed"
+
+    def split(self, split: str) -> Path:
+        return self.processed / f"{split}.jsonl"
+
+    def split_metadata(self, split: str) -> Path:
+        return self.processed / f"{split}_metadata.json"
+
+    def split_index(self, split: str) -> Path:
+        """Byte offsets of every line of ``<split>.jsonl`` (little-endian uint64)."""
+        return self.processed / f"{split}.idx"
+
+    def eval_file(self, split: str) -> Path:
+        return self.processed / f"{split}_eval.jsonl"
+
+    @property
+    def schema(self) -> Path:
+        return self.processed / "schema.json"
+
+    @property
+    def tests_dir(self) -> Path:
+        return self.root / "tests"
+
+    def tests_file(self, split: str) -> Path:
+        return self.tests_dir / f"{split}_tests.json"
+
+    @property
+    def stats_dir(self) -> Path:
+        return self.root / "stats"
+
+    @property
+    def small(self) -> Path:
+        return self.small_root / f"{self.name}_small"
+
+    def small_split(self, split: str) -> Path:
+        return self.small / f"{split}_small.jsonl"
+
+
+@dataclass(frozen=True)
+class StorageLayout:
+    """The storage tree rooted at ``root``."""
+
+    root: Path
+
+    @classmethod
+    def from_arg(cls, storage: str | os.PathLike[str] | None = None) -> StorageLayout:
+        return cls(resolve_root(storage))
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.root / "datasets"
+
+    @property
+    def small_datasets_dir(self) -> Path:
+        return self.root / "datasets_local_small"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    def model(self, name: str) -> ModelPaths:
+        return ModelPaths(self.models_dir / name)
+
+    def dataset(self, name: str) -> DatasetPaths:
+        return DatasetPaths(self.datasets_dir / name, self.small_datasets_dir, name)
+
+    def checkpoint(self, experiment: str) -> Path:
+        return self.checkpoints_dir / experiment
