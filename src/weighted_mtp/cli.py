@@ -27,8 +27,10 @@ def parse_list(value: str, allowed: Sequence[str], what: str) -> list[str]:
         return list(allowed)
     unknown = [v for v in items if v not in allowed]
     if unknown or not items:
-        raise UsageError(f"unknown {what} {', '.join(unknown) or repr(value)}; choose from "
-                         f"{', '.join(allowed)} or all")
+        raise UsageError(
+            f"unknown {what} {', '.join(unknown) or repr(value)}; choose from "
+            f"{', '.join(allowed)} or all"
+        )
     return [a for a in allowed if a in items]
 
 
@@ -62,8 +64,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_dataset_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--datasets", required=True, help="comma list of " + ",".join(DATASET_NAMES) + " or all")
-    parser.add_argument("--steps", default="all", help="comma list of " + ",".join(DATASET_STEPS) + " or all")
+    parser.add_argument(
+        "--datasets", required=True, help="comma list of " + ",".join(DATASET_NAMES) + " or all"
+    )
+    parser.add_argument(
+        "--steps", default="all", help="comma list of " + ",".join(DATASET_STEPS) + " or all"
+    )
     parser.add_argument(
         "--source",
         default=None,
@@ -155,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     storage = commands.add_parser("storage", help="build and verify the storage tree")
     storage_cmds = storage.add_subparsers(dest="storage_command", required=True)
     add_model_args(storage_cmds.add_parser("models", help="download/convert/config/verify models"))
-    add_dataset_args(storage_cmds.add_parser("datasets", help="process datasets into the seed's schema"))
+    add_dataset_args(
+        storage_cmds.add_parser("datasets", help="process datasets into the seed's schema")
+    )
     add_verify_args(storage_cmds.add_parser("verify", help="check integrity and schemas"))
     return parser
 
@@ -167,7 +175,9 @@ HANDLERS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
 }
 
 
-def dispatch(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace, prog: str) -> int:
+def dispatch(
+    handler: Callable[[argparse.Namespace], int], args: argparse.Namespace, prog: str
+) -> int:
     """Run a handler, turning expected failures into one line on stderr and exit code 1."""
     from weighted_mtp.config import ConfigError
     from weighted_mtp.storage.io import StorageError

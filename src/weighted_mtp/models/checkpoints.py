@@ -107,7 +107,9 @@ def args_from_hf_config(config: dict) -> ModelArgs:
     if config.get("rope_scaling"):
         raise CheckpointError("config.json uses rope_scaling, which this model does not implement")
     if config.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"config.json hidden_act {config['hidden_act']!r}: only silu is supported")
+        raise CheckpointError(
+            f"config.json hidden_act {config['hidden_act']!r}: only silu is supported"
+        )
     if config.get("attention_bias") or config.get("mlp_bias"):
         raise CheckpointError("config.json asks for biases, which LLaMA blocks do not have")
     args = ModelArgs(
@@ -188,8 +190,13 @@ def _safetensors_source(files: list[Path]) -> TensorSource:
 
 
 def _st_dtype(code: str) -> torch.dtype:
-    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-            "F64": torch.float64, "I64": torch.int64}.get(code, torch.float32)
+    return {
+        "F32": torch.float32,
+        "BF16": torch.bfloat16,
+        "F16": torch.float16,
+        "F64": torch.float64,
+        "I64": torch.int64,
+    }.get(code, torch.float32)
 
 
 def _torch_source(files: list[Path]) -> TensorSource:
@@ -198,7 +205,9 @@ def _torch_source(files: list[Path]) -> TensorSource:
         try:
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except Exception as err:  # a truncated or non-zip file: say which one
-            raise CheckpointError(f"{path}: cannot read checkpoint ({type(err).__name__})") from None
+            raise CheckpointError(
+                f"{path}: cannot read checkpoint ({type(err).__name__})"
+            ) from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
         tensors.update(state)
@@ -211,8 +220,12 @@ def _torch_source(files: list[Path]) -> TensorSource:
 
 
 def _hf_weight_files(folder: Path) -> list[Path]:
-    for pattern in ("model.safetensors", "model-*-of-*.safetensors", "pytorch_model.bin",
-                    "pytorch_model-*-of-*.bin"):
+    for pattern in (
+        "model.safetensors",
+        "model-*-of-*.safetensors",
+        "pytorch_model.bin",
+        "pytorch_model-*-of-*.bin",
+    ):
         found = sorted(folder.glob(pattern))
         if found:
             return found
@@ -314,8 +327,10 @@ def check_shapes(ckpt: Checkpoint, where: str = "") -> None:
     unexpected = sorted(set(found) - set(expected))
     missing = sorted(set(expected) - set(found))
     if unexpected:
-        raise CheckpointError(f"{prefix}unexpected tensors {unexpected[:3]} ({len(unexpected)} in all)"
-                              " for the config's layer and head counts")
+        raise CheckpointError(
+            f"{prefix}unexpected tensors {unexpected[:3]} ({len(unexpected)} in all)"
+            " for the config's layer and head counts"
+        )
     if missing:
         raise CheckpointError(f"{prefix}missing tensors {missing[:3]} ({len(missing)} in all)")
     for name, shape in expected.items():
@@ -359,14 +374,23 @@ def save_model(
     folder = Path(folder)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     specs = {k: (tuple(v.shape), dtype or v.dtype) for k, v in state.items()}
-    digest = write_safetensors(folder / "safetensors" / "model.safetensors", specs, state.__getitem__)
+    digest = write_safetensors(
+        folder / "safetensors" / "model.safetensors", specs, state.__getitem__
+    )
     write_sha256sums(folder / "safetensors", {"model.safetensors": digest})
-    write_json_atomic(folder / "configs" / "config.json", args_to_hf_config(model.args, config_extra))
+    write_json_atomic(
+        folder / "configs" / "config.json", args_to_hf_config(model.args, config_extra)
+    )
     return folder
 
 
-_ST_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-             torch.float64: "F64", torch.int64: "I64"}
+_ST_CODES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+}
 
 
 def write_safetensors(
@@ -384,8 +408,11 @@ def write_safetensors(
     offset = 0
     for name, (shape, dtype) in specs.items():
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": _ST_CODES[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": _ST_CODES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)

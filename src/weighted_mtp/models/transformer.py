@@ -62,7 +62,9 @@ class ModelArgs:
         if self.dim % self.n_heads:
             problems.append(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            problems.append(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+            problems.append(
+                f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}"
+            )
         if (self.dim // self.n_heads) % 2:
             problems.append(f"head_dim {self.dim // self.n_heads} must be even for RoPE")
         if self.n_future_tokens < 1:
@@ -216,9 +218,7 @@ class Transformer(nn.Module):
         self.args = args
         self.n_future_tokens = args.n_future_tokens
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(
-            TransformerBlock(args) for _ in range(args.n_trunk_layers + 1)
-        )
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_trunk_layers + 1))
         self.extra_heads = nn.ModuleList(
             TransformerBlock(args) for _ in range(args.n_future_tokens - 1)
         )

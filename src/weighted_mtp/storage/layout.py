@@ -100,6 +100,18 @@ class DatasetPaths:
         """Byte offsets of every line of ``<split>.jsonl`` (little-endian uint64)."""
         return self.processed / f"{split}.idx"
 
+    def split_problems(self, split: str) -> Path:
+        """``<split>_metadata.json`` without its per-line list: cheap to load."""
+        return self.processed / f"{split}_problems.json"
+
+    def eval_index(self, split: str) -> Path:
+        return self.processed / f"{split}_eval.idx"
+
+    @property
+    def manifest(self) -> Path:
+        """What each dataset step built, from what, with which options."""
+        return self.root / "manifest.json"
+
     def eval_file(self, split: str) -> Path:
         return self.processed / f"{split}_eval.jsonl"
 
@@ -124,6 +136,15 @@ class DatasetPaths:
 
     def small_split(self, split: str) -> Path:
         return self.small / f"{split}_small.jsonl"
+
+    def small_split_index(self, split: str) -> Path:
+        return self.small / f"{split}_small.idx"
+
+    def small_split_metadata(self, split: str) -> Path:
+        return self.small / f"{split}_small_metadata.json"
+
+    def small_split_problems(self, split: str) -> Path:
+        return self.small / f"{split}_small_problems.json"
 
 
 @dataclass(frozen=True)

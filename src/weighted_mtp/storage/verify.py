@@ -37,14 +37,15 @@ def run_checks(
     models: list[str] | None = None,
 ) -> tuple[list[Check], Path | None]:
     """Run the model and/or dataset checks; return them and the report path if written."""
-    from weighted_mtp.storage import datasets as dataset_storage
-    from weighted_mtp.storage import models as model_storage
-
     checks: list[Check] = []
     if check in ("models", "all"):
-        checks += model_storage.verify_models(layout, models)
+        from weighted_mtp.storage.models import verify_models
+
+        checks += verify_models(layout, models)
     if check in ("datasets", "all"):
-        checks += dataset_storage.verify_datasets(layout, include_small=include_small)
+        from weighted_mtp.storage.datasets import verify_datasets
+
+        checks += verify_datasets(layout, include_small=include_small)
     report = None
     if generate_report:
         stamp = dt.datetime.now().strftime("%Y%m%d_%H%M%S")

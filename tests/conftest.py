@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny tokenizers and models built in code, storage trees under tmp_path."""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from weighted_mtp.models.tokenizer import train_local_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Nothing in the test suite may reach the network or write outside its temp folders.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.pop("WMTP_STORAGE", None)
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(tmp_path_factory) -> Path:
+    """A 1000-piece tokenizer with LLaMA's special ids, trained on a few stdlib files (~1 s)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = [
+        stdlib / name for name in ("textwrap.py", "argparse.py", "json/decoder.py", "string.py")
+    ]
+    out = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
+    train_local_tokenizer(out, vocab_size=1000, files=files)
+    return out
+
+
+def save_hf_bin_shards(model, folder: Path, n_shards: int = 2) -> None:
+    """Write an HF model as ``pytorch_model-0000i-of-0000n.bin`` shards plus their index, the
+    layout of older Hub repositories (Sheared-LLaMA); transformers 5 only writes safetensors."""
+    import json
+
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    names = list(model.state_dict())
+    weight_map = {}
+    for i in range(n_shards):
+        shard = f"pytorch_model-{i + 1:05d}-of-{n_shards:05d}.bin"
+        part = {n: model.state_dict()[n].clone() for n in names[i::n_shards]}
+        torch.save(part, folder / shard)
+        weight_map.update(dict.fromkeys(part, shard))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))

@@ -1,0 +1,86 @@
+"""The typed config: differences-only YAML, typed overrides, errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import REPO
+from weighted_mtp.config import Config, ConfigError, config_diff, load_config
+
+CONFIGS = sorted((REPO / "configs").glob("*/*.yaml"))
+
+
+def test_defaults_without_a_file():
+    config = load_config()
+    assert config == Config()
+    assert config.optim.betas == (0.9, 0.95) and config.train.normalization == "weight_sum"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_loads_and_holds_only_differences(path):
+    config = load_config(path)
+    assert config.train.recipe == path.stem
+    assert config.experiment == path.stem
+    # Writing back only the differences must reproduce the same config.
+    assert Config.model_validate(config_diff(config)) == config
+
+
+def test_both_config_folders_cover_the_same_recipes():
+    local = {p.stem for p in (REPO / "configs/local").glob("*.yaml")}
+    production = {p.stem for p in (REPO / "configs/production").glob("*.yaml")}
+    assert (
+        local == production
+        and {"baseline", "critic", "verifiable", "rho1", "ref_tuning", "ntp"} <= local
+    )
+
+
+def test_overrides_are_typed(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {batch_size: 4}\n")
+    config = load_config(
+        path,
+        [
+            "optim.lr=3e-5",
+            "train.max_steps=7",
+            "lora.targets=[wq,w2]",
+            "data.small=true",
+            "model.path=micro-mtp",
+        ],
+    )
+    assert config.optim.lr == 3e-5 and isinstance(config.optim.lr, float)
+    assert config.train.max_steps == 7 and config.train.batch_size == 4
+    assert config.lora.targets == ["wq", "w2"] and config.data.small is True
+
+
+def test_unknown_key_names_path_file_and_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("experiment: x\noptim:\n  lr: 1.0e-4\n  betaz: [0.9, 0.99]\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:4: unknown config key 'optim.betaz'$"):
+        load_config(path)
+
+
+def test_wrong_type_names_path_and_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  batch_size: many\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:2: config key 'train.batch_size': .*'many'"):
+        load_config(path)
+
+
+def test_bad_override_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'train.bogus'"):
+        load_config(None, ["train.bogus=1"])
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(None, ["train.batch_size"])
+    with pytest.raises(ConfigError, match="config key 'lora.targets.0'"):
+        load_config(None, ["lora.targets=[q_proj]"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  batch_size: [1,\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}:\d+: invalid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_cross_field_check():
+    with pytest.raises(ConfigError, match="clip_min 5.0 > clip_max 3.0"):
+        load_config(None, ["weighting.clip_min=5"])

@@ -1,0 +1,44 @@
+"""The SentencePiece wrapper and the locally trained tokenizer."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from weighted_mtp.models.tokenizer import Tokenizer, train_local_tokenizer
+
+CODE = 'def f(x):\n    if x:\n\t\treturn  "héllo"  # two spaces\n\n    return None\n'
+
+
+def test_round_trip_keeps_indentation_and_specials(small_tokenizer):
+    tok = Tokenizer(small_tokenizer)
+    ids = tok.encode(CODE, bos=True, eos=True)
+    assert ids[0] == 1 and ids[-1] == 2 and tok.pad_id == tok.eos_id == 2
+    assert tok.decode(ids) == CODE
+    assert tok.sp.piece_to_id("<0x0A>") == 13  # newline byte as in LLaMA-2
+
+
+def test_offsets_are_character_positions(small_tokenizer):
+    tok = Tokenizer(small_tokenizer)
+    text = "é = 'ü'\n  x"
+    ids, starts = tok.encode_with_offsets(text)
+    assert ids == tok.encode(text)
+    assert starts == sorted(starts) and starts[0] == 0 and max(starts) < len(text)
+    # the first token starting at or after the newline is the newline itself
+    assert tok.id_to_piece(ids[starts.index(text.index("\n"))]) == "<0x0A>"
+
+
+def test_training_is_deterministic(tmp_path):
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = [stdlib / "textwrap.py", stdlib / "string.py"]
+    a = train_local_tokenizer(tmp_path / "a.model", vocab_size=600, files=files)
+    b = train_local_tokenizer(tmp_path / "b.model", vocab_size=600, files=list(reversed(files)))
+    assert a.path.read_bytes() == b.path.read_bytes()
+    assert a.corpus_sha256 == b.corpus_sha256
+
+
+def test_missing_model_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer model not found"):
+        Tokenizer(tmp_path)
