@@ -49,3 +49,47 @@ def save_hf_bin_shards(model, folder: Path, n_shards: int = 2) -> None:
         weight_map.update(dict.fromkeys(part, shard))
     index = {"metadata": {}, "weight_map": weight_map}
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+
+
+def make_tiny_storage(
+    root: Path, tokenizer: Path, datasets: tuple[str, ...] = ("codecontests",)
+) -> Path:
+    """A storage tree whose ``micro-mtp``/``micro-reference`` are tiny (64 wide, vocab 1000),
+    with the bundled offline datasets processed by the real dataset steps."""
+    from weighted_mtp.models import ModelArgs, Transformer, save_model
+    from weighted_mtp.models.transformer import init_weights
+    from weighted_mtp.storage import datasets as dataset_storage
+    from weighted_mtp.storage.layout import StorageLayout
+    from weighted_mtp.storage.models import write_tokenizer_folder
+
+    layout = StorageLayout(root)
+    for name, n_layers, n_future in (("micro-mtp", 7, 4), ("micro-reference", 4, 1)):
+        args = ModelArgs(
+            dim=64,
+            n_layers=n_layers,
+            n_heads=4,
+            vocab_size=1000,
+            ffn_hidden_dim=96,
+            n_future_tokens=n_future,
+            max_seq_len=1024,
+        )
+        model = Transformer(args)
+        init_weights(model, seed=len(name))
+        save_model(model, layout.model(name).root)
+        write_tokenizer_folder(tokenizer, layout.model(name))
+    dataset_storage.run(
+        layout,
+        names=list(datasets),
+        steps=["process", "metadata", "small"],
+        source=None,
+        include_python2=False,
+        skip_bad_records=False,
+        max_length=2048,
+        force=False,
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_storage(tmp_path_factory, small_tokenizer) -> Path:
+    return make_tiny_storage(tmp_path_factory.mktemp("tiny_storage"), small_tokenizer)

@@ -85,6 +85,11 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
         help="skip malformed source records (counted) instead of stopping at the first one",
     )
     parser.add_argument("--max-length", type=int, default=2048, help="templated token length cap")
+    parser.add_argument(
+        "--no-token-lengths",
+        action="store_true",
+        help="build without a tokenizer in storage: no token lengths, no length filter",
+    )
     parser.add_argument("--force", action="store_true", help="redo steps whose outputs exist")
     add_storage_arg(parser)
 
@@ -134,6 +139,7 @@ def run_datasets(args: argparse.Namespace) -> int:
         skip_bad_records=args.skip_bad_records,
         max_length=args.max_length,
         force=args.force,
+        token_lengths=not args.no_token_lengths,
     )
     return 0
 
@@ -154,6 +160,21 @@ def run_verify(args: argparse.Namespace) -> int:
     return 0 if failed == 0 and checks else 1
 
 
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="a YAML file from configs/local or configs/production")
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.lr=3e-5")
+    add_storage_arg(parser)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from weighted_mtp.config import load_config
+    from weighted_mtp.train.loop import train
+
+    config = load_config(args.config, args.overrides)
+    train(config, StorageLayout.from_arg(args.storage))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wmtp", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         storage_cmds.add_parser("datasets", help="process datasets into the seed's schema")
     )
     add_verify_args(storage_cmds.add_parser("verify", help="check integrity and schemas"))
+    add_train_args(commands.add_parser("train", help="train a recipe from a config file"))
     return parser
 
 
@@ -172,6 +194,7 @@ HANDLERS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
     ("storage", "models"): run_models,
     ("storage", "datasets"): run_datasets,
     ("storage", "verify"): run_verify,
+    ("train", None): run_train,
 }
 
 
@@ -193,7 +216,14 @@ def dispatch(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options (``wmtp train c.yaml --storage s lr=1``)
+    if args.command == "train":
+        args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
+        extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     key = (args.command, getattr(args, "storage_command", None))
     return dispatch(HANDLERS[key], args, "wmtp")
 

@@ -114,25 +114,6 @@ class WeightingConfig(Section):
         return self
 
 
-class CriticConfig(Section):
-    """The value model trained by the ``critic`` recipe (ALGORITHMS 3)."""
-
-    head_type: Literal["linear", "sigmoid", "mlp"] = "mlp"
-    head_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    bias_init: float = 0.0
-    head_lr: float = Field(default=1e-4, gt=0)
-    loss: Literal["pairwise", "lambda_return", "mc"] = "pairwise"
-    loss_coef: float = 1.0
-    lambda_start: float = Field(default=1.0, ge=0, le=1)
-    lambda_end: float = Field(default=0.95, ge=0, le=1)
-    lambda_hold_steps: int = Field(default=250, ge=0)
-    lambda_decay_steps: int = Field(default=500, ge=0)
-    huber_delta: float | None = 0.5
-    """None selects squared error for the regression losses."""
-    train_backbone: bool = True
-    """LoRA on the backbone (``lora`` section); False trains the head only."""
-
-
 class CheckpointConfig(Section):
     every: int = Field(default=500, ge=1)
     keep_last: int = Field(default=2, ge=1)
@@ -156,7 +137,6 @@ class Config(Section):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     weighting: WeightingConfig = WeightingConfig()
-    critic: CriticConfig = CriticConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
 

@@ -30,7 +30,7 @@ def test_both_config_folders_cover_the_same_recipes():
     production = {p.stem for p in (REPO / "configs/production").glob("*.yaml")}
     assert (
         local == production
-        and {"baseline", "critic", "verifiable", "rho1", "ref_tuning", "ntp"} <= local
+        and {"baseline", "rho1", "ref_tuning", "ntp"} <= local
     )
 
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 def ffn_hidden_size(
@@ -225,6 +226,16 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("rope", self._rope_table(), persistent=False)
+        self.activation_checkpointing = False
+
+    def _block(
+        self, block: TransformerBlock, h: Tensor, rope: Tensor, start_pos: int | None
+    ) -> Tensor:
+        # Recompute each block in backward instead of storing its activations: the names of
+        # the parameters stay as they are (no wrapper module), so checkpoints do not change.
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, rope, start_pos, use_reentrant=False)
+        return block(h, rope, start_pos)
 
     def _rope_table(self) -> Tensor:
         # Meta precomputes 2 * max_seq_len positions; we do the same so lengths match.
@@ -252,13 +263,13 @@ class Transformer(nn.Module):
         rope = self._positions(start_pos or 0, tokens.shape[1])
         h = self.tok_embeddings(tokens)
         for layer in self.layers[:-1]:
-            h = layer(h, rope, start_pos)
+            h = self._block(layer, h, rope, start_pos)
         return h
 
     def head_hidden(self, h_trunk: Tensor, head: int, start_pos: int | None = None) -> Tensor:
         """Output of head block ``head`` (0-based; 0 is next-token) before the final norm."""
         rope = self._positions(start_pos or 0, h_trunk.shape[1])
-        return self.head_blocks[head](h_trunk, rope, start_pos)
+        return self._block(self.head_blocks[head], h_trunk, rope, start_pos)
 
     def unembed(self, z: Tensor) -> Tensor:
         """Shared final norm and output projection."""

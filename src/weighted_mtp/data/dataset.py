@@ -1,0 +1,160 @@
+"""Training and validation sets: sampled line indices -> encoded examples -> batches.
+
+The sampled indices are written to a manifest in the run folder, so a run's data can be
+reproduced and inspected. Batches come from length-grouped shuffles that depend only on
+(seed, epoch), and the position inside an epoch is part of the checkpoint, so a resumed run
+sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weighted_mtp.config import DataConfig, SamplingConfig
+from weighted_mtp.data.collate import (
+    Batch,
+    EncodedExample,
+    collate,
+    encode_example,
+    length_grouped_batches,
+)
+from weighted_mtp.data.jsonl import JsonlFile
+from weighted_mtp.data.metadata import load_problem_index
+from weighted_mtp.data.sampling import sample, shard_for_rank
+from weighted_mtp.models.tokenizer import Tokenizer
+from weighted_mtp.storage.io import StorageError
+from weighted_mtp.storage.layout import StorageLayout
+
+
+@dataclass(frozen=True)
+class SplitFiles:
+    jsonl: Path
+    metadata: Path
+
+
+def split_files(layout: StorageLayout, data: DataConfig, split: str) -> SplitFiles:
+    paths = layout.dataset(data.dataset)
+    if data.small:
+        files = SplitFiles(paths.small_split(split), paths.small_split_metadata(split))
+    else:
+        files = SplitFiles(paths.split(split), paths.split_metadata(split))
+    for path in (files.jsonl, files.metadata):
+        if not path.is_file():
+            raise StorageError(
+                f"{path}: missing; build it with `wmtp storage datasets --datasets {data.dataset}`"
+            )
+    return files
+
+
+@dataclass
+class ExampleSet:
+    """Encoded examples of one rank, with their source line indices."""
+
+    examples: list[EncodedExample]
+    line_indices: list[int]
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def build_examples(
+    files: SplitFiles,
+    sampling: SamplingConfig,
+    tokenizer: Tokenizer,
+    max_length: int,
+    n_samples: int,
+    rank: int = 0,
+    world: int = 1,
+    allow_fewer: bool = False,
+) -> ExampleSet:
+    """Sample (pointwise: the correct side), shard by rank, read and encode."""
+    problem_index = load_problem_index(files.metadata)
+    config = sampling.model_copy(update={"n_samples": n_samples})
+    items = sample(problem_index, config, allow_fewer=allow_fewer)
+    indices = [int(_line_of(item)) for item in items]
+    # Equal counts on every rank, so every rank runs the same number of steps.
+    mine = shard_for_rank(indices, rank, world)[: len(indices) // world]
+    reader = JsonlFile(files.jsonl)
+    try:
+        records = reader.read(mine)
+    finally:
+        reader.close()
+    examples, kept, dropped = [], [], 0
+    for index, record in zip(mine, records, strict=True):
+        encoded = encode_example(
+            tokenizer, record["instruction"], record.get("input", ""), record["output"], max_length
+        )
+        if encoded is None:
+            dropped += 1
+            continue
+        examples.append(encoded)
+        kept.append(index)
+    manifest = {
+        "file": str(files.jsonl),
+        "mode": sampling.mode,
+        "seed": sampling.seed,
+        "n_sampled": len(indices),
+        "rank": rank,
+        "world": world,
+        "dropped_too_long": dropped,
+        "line_indices": kept,
+    }
+    return ExampleSet(examples, kept, manifest)
+
+
+def _line_of(item: Any) -> int:
+    if isinstance(item, dict):
+        return item["correct_idx"] if item.get("correct_idx") is not None else item["index"]
+    return item.correct_idx
+
+
+class BatchStream:
+    """Resumable stream of training batches over epochs."""
+
+    def __init__(self, data: ExampleSet, batch_size: int, seed: int, pad_id: int):
+        if len(data) == 0:
+            raise StorageError("no training examples left after sampling and length filtering")
+        self.data = data
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pad_id = pad_id
+        self.lengths = [e.length for e in data.examples]
+
+    def batches_per_epoch(self) -> int:
+        return -(-len(self.data) // self.batch_size)
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        return length_grouped_batches(self.lengths, self.batch_size, self.seed, epoch)
+
+    def iterate(self, state) -> Iterator[Batch]:
+        """Yield batches from ``state.epoch``/``state.batches_in_epoch``, advancing ``state``."""
+        while True:
+            plan = self.plan(state.epoch)
+            while state.batches_in_epoch < len(plan):
+                chosen = plan[state.batches_in_epoch]
+                state.batches_in_epoch += 1
+                yield collate([self.data.examples[i] for i in chosen], self.pad_id)
+            state.epoch += 1
+            state.batches_in_epoch = 0
+
+    def all_batches(self) -> list[Batch]:
+        """Every example once, in length order (validation)."""
+        order = sorted(range(len(self.data)), key=self.lengths.__getitem__)
+        return [
+            collate([self.data.examples[i] for i in order[s : s + self.batch_size]], self.pad_id)
+            for s in range(0, len(order), self.batch_size)
+        ]
+
+
+def batch_tokens(batch: Batch) -> int:
+    return (
+        int(batch.attention_mask.sum())
+        if hasattr(batch, "attention_mask")
+        else int(torch.numel(batch.tokens))
+    )

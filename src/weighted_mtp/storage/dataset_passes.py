@@ -1,0 +1,397 @@
+"""One streaming pass over a dataset's source, feeding the process, eval and tests outputs.
+
+CodeContests' train split is ~13k problems and millions of solutions, so each split is
+read once, problem by problem, and every requested output is written as the problem goes
+by: memory is bounded by the largest problem, not the split.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from weighted_mtp.data.alpaca import format_text
+from weighted_mtp.data.jsonl import JsonlWriter
+from weighted_mtp.storage.dataset_build import Build, Staging
+from weighted_mtp.storage.dataset_records import (
+    BadRecord,
+    Problem,
+    ProblemNames,
+    codecontests_eval_record,
+    codecontests_records,
+    codecontests_tests_entry,
+    gsm8k_record,
+    humaneval_record,
+    mbpp_record,
+    parse_codecontests,
+)
+from weighted_mtp.storage.dataset_sources import SOURCES, SourceRecord, count_problems, iter_records
+from weighted_mtp.storage.io import StorageError, sha256_file
+
+EVAL_SPLITS = ("valid", "test")
+SOURCE_STEPS = ("process", "eval", "tests")
+
+
+class BadRecords:
+    """Stops at the first bad record, or counts them when skipping is allowed."""
+
+    def __init__(self, skip: bool):
+        self.skip = skip
+        self.count = 0
+        self.examples: list[str] = []
+
+    def add(self, err: BadRecord) -> None:
+        if not self.skip:
+            raise StorageError(f"{err} (pass --skip-bad-records to skip and count such records)")
+        self.count += 1
+        if len(self.examples) < 3:
+            self.examples.append(str(err))
+
+    def summary(self) -> dict[str, Any]:
+        return {"count": self.count, "examples": self.examples}
+
+
+def convert(
+    name: str, src: SourceRecord, names: ProblemNames, number: int
+) -> Problem | dict[str, Any]:
+    """A checked CodeContests problem, or the Alpaca record of another dataset."""
+    if src.error is not None or src.data is None:
+        raise BadRecord(src.where, src.error or "empty record")
+    if name == "codecontests":
+        return parse_codecontests(src.data, src.where, names)
+    if name == "mbpp":
+        return mbpp_record(src.data, src.where)
+    if name == "humaneval":
+        return humaneval_record(src.data, src.where)
+    return gsm8k_record(src.data, src.where, number)
+
+
+class ProcessSink:
+    """``<split>.jsonl`` + index: Python solutions, templated token lengths, length filter."""
+
+    def __init__(
+        self, writer: JsonlWriter, tokenizer: Any, max_length: int | None, include_python2: bool
+    ):
+        self.writer, self.tokenizer = writer, tokenizer
+        self.max_length, self.include_python2 = max_length, include_python2
+        self.counts: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()
+
+    def add(self, item: Problem | dict[str, Any]) -> None:
+        if isinstance(item, Problem):
+            if not item.description.strip():
+                self.counts["no_description"] += 1
+                return
+            records, dropped = codecontests_records(item, self.include_python2)
+            self.dropped.update(dropped)
+        else:
+            records = [item]
+        kept = 0
+        for record, length in zip(records, self.measure(records), strict=True):
+            record["metadata"]["token_length"] = length
+            if self.max_length is not None and length is not None and length > self.max_length:
+                self.counts["over_max_length"] += 1
+                continue
+            self.writer.write(record)
+            kept += 1
+            if "is_correct" in record:
+                self.counts["correct" if record["is_correct"] else "incorrect"] += 1
+        self.counts["problems"] += kept > 0
+
+    def measure(self, records: list[dict[str, Any]]) -> list[int | None]:
+        """Exact training length: BOS + templated prompt and response + the appended EOS."""
+        if self.tokenizer is None or not records:
+            return [None] * len(records)
+        return [
+            len(ids) + 2 for ids in self.tokenizer.encode_batch([format_text(r) for r in records])
+        ]
+
+    def finish(self) -> dict[str, Any]:
+        self.writer.close()
+        return {
+            "records": len(self.writer),
+            "bytes": self.writer.size,
+            "sha256": self.writer.sha256,
+            **{
+                k: self.counts[k]
+                for k in ("problems", "correct", "incorrect", "over_max_length", "no_description")
+            },
+            "dropped_languages": dict(sorted(self.dropped.items())),
+        }
+
+
+class EvalSink:
+    """``<split>_eval.jsonl``: one record per CodeContests problem with its tests and limits."""
+
+    def __init__(self, writer: JsonlWriter):
+        self.writer, self.skipped = writer, 0
+
+    def add(self, problem: Problem) -> None:
+        if not problem.description.strip():
+            self.skipped += 1
+            return
+        self.writer.write(codecontests_eval_record(problem))
+
+    def finish(self) -> dict[str, Any]:
+        self.writer.close()
+        return {
+            "records": len(self.writer),
+            "bytes": self.writer.size,
+            "no_description": self.skipped,
+        }
+
+
+class TestsSink:
+    """``tests/<split>_tests.json``: ``{problem_id: {task_name, public, private, generated}}``.
+
+    Written entry by entry, so the train split's tests never sit in memory at once.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.handle = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in finish()
+        self.handle.write("{")
+        self.count = 0
+
+    def add(self, problem: Problem) -> None:
+        key = json.dumps(problem.problem_id, ensure_ascii=False)
+        value = json.dumps(codecontests_tests_entry(problem), ensure_ascii=False)
+        self.handle.write(("\n" if self.count == 0 else ",\n") + f"{key}: {value}")
+        self.count += 1
+
+    def finish(self) -> dict[str, Any]:
+        if not self.handle.closed:
+            self.handle.write("\n}\n")
+            self.handle.close()
+        return {"problems": self.count, "bytes": self.path.stat().st_size}
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _close(sink: Any) -> None:
+    if isinstance(sink, TestsSink):
+        sink.close()
+    else:
+        sink.writer.close()
+
+
+class SourcePass:
+    """Runs the source-reading steps of one dataset together, skipping those up to date."""
+
+    def __init__(self, build: Build):
+        self.build = build
+
+    def run(self, steps: list[str]) -> None:
+        build = self.build
+        if build.name != "codecontests":
+            # Only worth saying when eval/tests were asked for on their own, not via "all".
+            for step in ("eval", "tests"):
+                if step in steps and "process" not in steps:
+                    build.say(step, "CodeContests only; nothing to do")
+            steps = [s for s in steps if s == "process"]
+        if not steps:
+            return
+        tokenizer_path = self._tokenizer_path() if "process" in steps else None
+        if "process" in steps and build.options.token_lengths and tokenizer_path is None:
+            raise StorageError(
+                "no tokenizer in storage to measure token lengths: create the micro models "
+                "(wmtp storage models --create-micro) or set up meta-llama-mtp first, "
+                "or pass --no-token-lengths"
+            )
+        options = {step: self._options(step, tokenizer_path) for step in steps}
+        pending = [s for s in steps if build.options.force or not self._fresh(s, options[s])]
+        for step in steps:
+            if step not in pending:
+                build.say(step, "up to date")
+        if not pending:
+            return
+        tokenizer, token_info = (
+            self._tokenizer(tokenizer_path) if "process" in pending else (None, None)
+        )
+        results = self._pass(pending, tokenizer)
+        finished = dt.datetime.now().isoformat(timespec="seconds")
+        for step in pending:
+            value = {"options": options[step], "splits": results[step], "finished": finished}
+            if step == "process":
+                value.update(origin=build.origin().describe(), token_lengths=token_info)
+            build.record(step, value)
+            for split, info in results[step].items():
+                build.say(step, f"{split} {_describe(step, info, build.options.max_length)}")
+
+    def _tokenizer_path(self) -> Path | None:
+        if not self.build.options.token_lengths:
+            return None
+        from weighted_mtp.storage.models import training_tokenizer_path
+
+        return training_tokenizer_path(self.build.layout)
+
+    def _tokenizer(self, path: Path | None) -> tuple[Any, dict[str, Any]]:
+        """The tokenizer (None with --no-token-lengths) and what the manifest says of it."""
+        if path is None:
+            return None, {"computed": False, "reason": "built with --no-token-lengths"}
+        from weighted_mtp.models.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer(path)
+        info = {
+            "computed": True,
+            "tokenizer": str(path),
+            "tokenizer_sha256": sha256_file(path),
+            "vocab_size": tokenizer.vocab_size,
+            "counted": "BOS + Alpaca template (ALGORITHMS 6.5) with the response + EOS",
+            "max_length": self.build.options.max_length,
+            "length_filter": self.build.name == "codecontests",
+        }
+        return tokenizer, info
+
+    def _options(self, step: str, tokenizer_path: Path | None) -> dict[str, Any]:
+        build = self.build
+        options: dict[str, Any] = {"origin": build.origin().describe()}
+        if step == "process":
+            options["token_lengths"] = build.options.token_lengths
+            options["tokenizer_sha256"] = sha256_file(tokenizer_path) if tokenizer_path else None
+            if build.name == "codecontests":
+                options["include_python2"] = build.options.include_python2
+                options["max_length"] = build.options.max_length
+        return options
+
+    def _outputs(self, step: str, split: str) -> list[Path]:
+        paths = self.build.paths
+        if step == "process":
+            return [paths.split(split), paths.split_index(split)]
+        if step == "eval":
+            return [paths.eval_file(split), paths.eval_index(split)]
+        return [paths.tests_file(split)]
+
+    def _splits(self, step: str) -> tuple[str, ...]:
+        return EVAL_SPLITS if step == "eval" else self.build.splits
+
+    def _fresh(self, step: str, options: dict[str, Any]) -> bool:
+        done = self.build.manifest.get(step)
+        if not done or done.get("options") != options:
+            return False
+        for split in self._splits(step):
+            outputs = self._outputs(step, split)
+            info = done.get("splits", {}).get(split, {})
+            if not all(p.is_file() for p in outputs) or outputs[0].stat().st_size != info.get(
+                "bytes"
+            ):
+                return False
+        return step != "process" or self.build.paths.schema.is_file()
+
+    def _sinks(
+        self, split: str, steps: list[str], staging: Staging, tokenizer: Any
+    ) -> dict[str, Any]:
+        build, sinks = self.build, {}
+        for step in steps:
+            if split not in self._splits(step):
+                continue
+            outputs = [staging.path(p) for p in self._outputs(step, split)]
+            if step == "process":
+                max_length = build.options.max_length if build.name == "codecontests" else None
+                sinks[step] = ProcessSink(
+                    JsonlWriter(*outputs), tokenizer, max_length, build.options.include_python2
+                )
+            elif step == "eval":
+                sinks[step] = EvalSink(JsonlWriter(*outputs))
+            else:
+                sinks[step] = TestsSink(outputs[0])
+        return sinks
+
+    def _pass(self, steps: list[str], tokenizer: Any) -> dict[str, dict[str, Any]]:
+        results: dict[str, dict[str, Any]] = {step: {} for step in steps}
+        with Staging() as staging:
+            for split in self.build.splits:
+                sinks = self._sinks(split, steps, staging, tokenizer)
+                if not sinks:
+                    continue
+                try:
+                    bad = self._read(split, sinks)
+                except BaseException:
+                    for sink in sinks.values():
+                        _close(sink)
+                    raise
+                for step, sink in sinks.items():
+                    results[step][split] = {**sink.finish(), "bad_records": bad}
+            if "process" in steps:
+                schema = staging.path(self.build.paths.schema)
+                schema.write_text(
+                    json.dumps(schema_for(self.build), indent=2) + "\n", encoding="utf-8"
+                )
+            staging.commit()
+        return results
+
+    def _read(self, split: str, sinks: dict[str, Any]) -> dict[str, Any]:
+        build = self.build
+        spec, origin = SOURCES[build.name], build.origin()
+        bad, names = BadRecords(build.options.skip_bad_records), ProblemNames()
+        total = count_problems(origin, spec, split)
+        with tqdm(
+            total=total, desc=f"{build.name} {split}", unit=" records", mininterval=0.5
+        ) as bar:
+            for number, src in enumerate(iter_records(origin, spec, split)):
+                bar.update()
+                try:
+                    item = convert(build.name, src, names, number)
+                except BadRecord as err:
+                    bad.add(err)
+                    continue
+                for sink in sinks.values():
+                    sink.add(item)
+        if bad.count:
+            build.say(
+                "source", f"{split}: skipped {bad.count} bad records; first: {bad.examples[0]}"
+            )
+        return bad.summary()
+
+
+def _describe(step: str, info: dict[str, Any], max_length: int) -> str:
+    if step == "tests":
+        return f"{info['problems']} problems"
+    if step == "eval":
+        return f"{info['records']} problems"
+    text = f"{info['records']} records from {info['problems']} problems"
+    notes = [f"dropped {k} {v}" for k, v in info["dropped_languages"].items()]
+    if info["over_max_length"]:
+        notes.append(f"{info['over_max_length']} over {max_length} tokens")
+    if info["no_description"]:
+        notes.append(f"{info['no_description']} problems without description")
+    if info["bad_records"]["count"]:
+        notes.append(f"{info['bad_records']['count']} bad source records skipped")
+    return text + (f" ({'; '.join(notes)})" if notes else "")
+
+
+DESCRIPTIONS = {
+    "codecontests": "CodeContests Python solutions (correct and incorrect), one record per solution",
+    "mbpp": "MBPP (full): one record per task, reference code as output, tests in metadata",
+    "humaneval": "HumanEval: one record per problem, canonical solution as output",
+    "gsm8k": "GSM8K (main): one record per question, worked answer as output",
+}
+
+
+def schema_for(build: Build) -> dict[str, Any]:
+    from weighted_mtp.storage.dataset_records import METADATA_FIELDS, REQUIRED_FIELDS
+
+    spec = SOURCES[build.name]
+    return {
+        "dataset": build.name,
+        "format": "alpaca",
+        "required_fields": list(REQUIRED_FIELDS[build.name]),
+        "optional_fields": ["metadata"],
+        "metadata_fields": list(METADATA_FIELDS[build.name]),
+        "description": DESCRIPTIONS[build.name],
+        "source": spec.repo + (f" ({spec.config})" if spec.config else ""),
+        "splits": list(build.splits),
+        "notes": [
+            "prompt template: ALGORITHMS 6.5 (Alpaca, empty input); EOS is appended in training",
+            "metadata.token_length = tokens of BOS + templated prompt and response + EOS "
+            "(null when built with --no-token-lengths)",
+            "CodeContests: Python 3 solutions only unless --include-python2; records over "
+            "--max-length tokens dropped; correct records of a problem come first",
+        ],
+    }

@@ -1,0 +1,201 @@
+"""One checkpoint format, written atomically, with exact resume.
+
+``checkpoints/<experiment>/<run>/step_<N>/`` (and ``final/``) holds:
+
+* ``adapter_config.json`` + ``adapter_model.safetensors``: the PEFT LoRA adapter in the standard
+  file format (or ``model.safetensors`` with every trainable tensor when LoRA is off);
+* ``extra.safetensors``: trainable tensors outside LoRA (e.g. a value head), if any;
+* ``train_state.pt``: the full optimizer and scheduler state, RNG states, the data position, the
+  weighting state (e.g. the EMA of the critic's advantages) and the step.
+
+A checkpoint is written into a temporary folder and renamed into place, so a crash leaves
+either a complete checkpoint or none. State dicts are gathered with
+``torch.distributed.checkpoint.state_dict`` (full, CPU-offloaded, trainable tensors only), so the
+same code serves one process and FSDP2; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from weighted_mtp.storage.io import write_json_atomic
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class TrainState:
+    """What besides the tensors makes a resume exact."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _state_options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kwargs)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full (gathered) trainable tensors by name; frozen base weights are skipped."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_state_options(ignore_frozen_params=True))
+    return {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+
+def _split_lora(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    lora = {k: v for k, v in state.items() if ".lora_" in k}
+    return lora, {k: v for k, v in state.items() if k not in lora}
+
+
+def _peft_name(name: str) -> str:
+    """``layers.0.attention.wq.lora_A.default.weight`` -> PEFT's file naming."""
+    return PEFT_PREFIX + name.replace(".default.", ".")
+
+
+def _module_name(name: str) -> str:
+    return (
+        name.removeprefix(PEFT_PREFIX)
+        .replace(".lora_A.", ".lora_A.default.")
+        .replace(".lora_B.", ".lora_B.default.")
+    )
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(
+    run_dir: Path,
+    name: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any,
+    state: TrainState,
+    lora_config: Any | None,
+    is_main: bool,
+    keep_last: int | None = None,
+) -> Path:
+    """Write ``run_dir/name`` atomically (collective under FSDP: every rank must call it)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    tensors = trainable_state(model)
+    optim_state = (
+        get_optimizer_state_dict(model, optimizer, options=_state_options()) if optimizer else None
+    )
+    target = run_dir / name
+    if not is_main:
+        return target
+    tmp = run_dir / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    lora, extra = _split_lora(tensors)
+    if lora_config is not None:
+        save_file({_peft_name(k): v for k, v in lora.items()}, tmp / "adapter_model.safetensors")
+        lora_config.save_pretrained(str(tmp))
+        if extra:
+            save_file(extra, tmp / "extra.safetensors")
+    else:
+        save_file(extra, tmp / "model.safetensors")
+    torch.save(
+        {
+            "step": state.step,
+            "epoch": state.epoch,
+            "batches_in_epoch": state.batches_in_epoch,
+            "extra": state.extra,
+            "optimizer": optim_state,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": rng_state(),
+        },
+        tmp / "train_state.pt",
+    )
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    write_json_atomic(run_dir / "latest.json", {"checkpoint": name, "step": state.step})
+    if keep_last:
+        prune(run_dir, keep_last)
+    return target
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` step checkpoints (``final`` is never pruned)."""
+    steps = sorted(p for p in run_dir.iterdir() if STEP_DIR.match(p.name))
+    for old in steps[:-keep_last]:
+        shutil.rmtree(old)
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest complete step checkpoint of a run, if any."""
+    if not run_dir.is_dir():
+        return None
+    steps = sorted(p for p in run_dir.iterdir() if STEP_DIR.match(p.name))
+    return steps[-1] if steps else None
+
+
+def load_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Trainable tensors of a checkpoint under the model's own parameter names."""
+    tensors: dict[str, torch.Tensor] = {}
+    if (ckpt / "adapter_model.safetensors").is_file():
+        lora = load_file(ckpt / "adapter_model.safetensors")
+        tensors.update({_module_name(k): v for k, v in lora.items()})
+    for name in ("extra.safetensors", "model.safetensors"):
+        if (ckpt / name).is_file():
+            tensors.update(load_file(ckpt / name))
+    return tensors
+
+
+def load_into(model: nn.Module, ckpt: Path) -> None:
+    """Load a checkpoint's trainable tensors into ``model`` (strict on those names)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    tensors = load_tensors(ckpt)
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {n.replace("_fsdp_wrapped_module.", "") for n in expected}
+    missing, unexpected = expected - set(tensors), set(tensors) - expected
+    if missing or unexpected:
+        raise ValueError(
+            f"{ckpt}: checkpoint does not match the model: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}"
+        )
+    set_model_state_dict(model, tensors, options=_state_options(strict=False))
+
+
+def resume(
+    ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> TrainState:
+    """Restore tensors, optimizer, scheduler and RNG; return the saved train state."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    load_into(model, ckpt)
+    saved = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
+    set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=_state_options())
+    if scheduler is not None and saved["scheduler"] is not None:
+        scheduler.load_state_dict(saved["scheduler"])
+    set_rng_state(saved["rng"])
+    return TrainState(saved["step"], saved["epoch"], saved["batches_in_epoch"], saved["extra"])

@@ -1,0 +1,331 @@
+"""THE training loop, shared by every recipe.
+
+Steps are optimizer steps (epochs are converted once). Each step accumulates ``grad_accum``
+micro-batches whose loss is normalised by the step's total (all micro-batches, all ranks), so
+a step's gradient does not depend on how it is split. AdamW (fp32 state for fp32 LoRA
+parameters), linear warmup then cosine to a floor, gradient clipping, bf16 autocast on CUDA,
+validation with the same objective, checkpoints that resume exactly.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import resource
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from weighted_mtp.config import Config, OptimConfig, config_to_dict
+from weighted_mtp.data.dataset import BatchStream, build_examples, split_files
+from weighted_mtp.storage.io import write_json_atomic, write_text_atomic
+from weighted_mtp.storage.layout import StorageLayout
+from weighted_mtp.train import checkpoint, distributed, recipes
+from weighted_mtp.train.checkpoint import TrainState
+from weighted_mtp.train.tracking import MetricLogger
+
+
+def build_optimizer(params: list[dict], optim: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay
+    )
+
+
+def lr_lambda(total_steps: int, optim: OptimConfig):
+    """Linear warmup from ~0 to 1, then cosine (or linear) decay to ``min_lr_ratio``."""
+    warmup = max(1, int(total_steps * optim.warmup_ratio))
+
+    def factor(step: int) -> float:
+        if optim.schedule == "constant":
+            return 1.0
+        if step < warmup:
+            return max(1e-8, (step + 1) / warmup)
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        shape = (
+            0.5 * (1 + math.cos(math.pi * progress)) if optim.schedule == "cosine" else 1 - progress
+        )
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * shape
+
+    return factor
+
+
+def total_steps(config: Config, batches_per_epoch: int) -> int:
+    steps = math.ceil(int(config.train.epochs * batches_per_epoch) / config.train.grad_accum)
+    if config.train.max_steps is not None:
+        steps = min(steps, config.train.max_steps) if steps else config.train.max_steps
+    return max(1, steps)
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_dir_for(config: Config, layout: StorageLayout, info: distributed.DistInfo) -> Path:
+    """``checkpoints/<experiment>/<run>``; on resume without a name, the newest run."""
+    base = layout.checkpoint(config.experiment)
+    name = config.run_name
+    if name is None and config.checkpoint.resume and base.is_dir():
+        runs = sorted(
+            (p for p in base.iterdir() if (p / "config.yaml").is_file()), key=lambda p: p.name
+        )
+        name = runs[-1].name if runs else None
+    if name is None:
+        name = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if info.enabled:  # every rank must agree on rank 0's clock
+        box = [name]
+        torch.distributed.broadcast_object_list(box, src=0)
+        name = box[0]
+    return base / name
+
+
+class Trainer:
+    """Holds what one run needs; ``fit()`` is the loop."""
+
+    def __init__(self, config: Config, layout: StorageLayout):
+        self.config = config
+        self.layout = layout
+        self.device = distributed.resolve_device(config.train.device)
+        self.info = distributed.init(self.device)
+        torch.manual_seed(config.train.seed)  # identical LoRA init on every rank
+        self.recipe = recipes.build(config, layout, self.device)
+        self.model = self.recipe.model
+        if self.info.enabled:
+            param_dtype = (
+                torch.bfloat16 if self.device.type == "cuda" and config.train.autocast else None
+            )
+            distributed.shard(self.model, param_dtype, torch.float32)
+        self.run_dir = run_dir_for(config, layout, self.info)
+        self.train_stream, self.val_batches = self._data()
+        self.total_steps = total_steps(config, self.train_stream.batches_per_epoch())
+        groups = (
+            self.recipe.param_groups(self.model)
+            if self.recipe.param_groups
+            else [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+        )
+        self.optimizer = build_optimizer(groups, config.optim)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.total_steps, config.optim)
+        )
+        self.state = TrainState()
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.device.type == "cuda" and config.train.autocast
+            else nullcontext()
+        )
+
+    def _data(self) -> tuple[BatchStream, list]:
+        data, sampling, tok = self.config.data, self.config.data.sampling, self.recipe.tokenizer
+        train = build_examples(
+            split_files(self.layout, data, data.train_split),
+            sampling,
+            tok,
+            data.max_length,
+            sampling.n_samples,
+            self.info.rank,
+            self.info.world,
+        )
+        if self.info.enabled:  # ranks may drop different numbers of too-long examples
+            count = torch.tensor([len(train.examples)])
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
+            train.examples = train.examples[: int(count)]
+        val_batches = []
+        if sampling.val_n_samples:
+            val = build_examples(
+                split_files(self.layout, data, data.val_split),
+                sampling,
+                tok,
+                data.max_length,
+                sampling.val_n_samples,
+                self.info.rank,
+                self.info.world,
+                allow_fewer=True,
+            )
+            val_batches = (
+                BatchStream(
+                    val, self.config.train.batch_size, sampling.seed, tok.pad_id
+                ).all_batches()
+                if len(val)
+                else []
+            )
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.run_dir / "manifest_train.json", train.manifest)
+        stream = BatchStream(
+            train, self.config.train.batch_size, self.config.train.seed, tok.pad_id
+        )
+        return stream, val_batches
+
+    # ---- one optimizer step ----
+
+    def step(self, micro: list) -> dict[str, float]:
+        objective = self.recipe.objective
+        micro = [b.to(self.device) for b in micro]
+        dens = distributed.all_reduce_sum(
+            sum(objective.denominators(b) for b in micro).to(self.device)
+        )
+        stats, loss, tokens = 0, 0.0, 0
+        for i, batch in enumerate(micro):
+            distributed.set_gradient_sync(self.model, i == len(micro) - 1)
+            with self.autocast:
+                part, part_stats = objective(self.model, batch, dens)
+            loss += float(part)
+            stats = stats + part_stats
+            tokens += int(batch.attention_mask.sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad], self.config.optim.max_grad_norm
+        )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        objective.weighting.on_step_end()
+        totals = distributed.all_reduce_sum(
+            torch.cat([stats.flatten(), torch.tensor([loss, tokens], device=stats.device)])
+        )
+        metrics = objective.summarize(totals[:-2].view_as(stats))
+        metrics.update(objective.weighting.metrics())
+        metrics.update(
+            {
+                "loss": float(totals[-2]),
+                "tokens": float(totals[-1]),
+                "grad_norm": float(grad_norm),
+                "lr": self.scheduler.get_last_lr()[0],
+            }
+        )
+        return metrics
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        objective, stats = self.recipe.objective, 0
+        self.model.eval()
+        for batch in self.val_batches:
+            batch = batch.to(self.device)
+            with self.autocast:
+                _, part = objective(self.model, batch, None, backward=False)
+            stats = stats + part
+        self.model.train()
+        if isinstance(stats, int):
+            return {}
+        stats = distributed.all_reduce_sum(stats)
+        return {f"val/{k}": v for k, v in objective.summarize(stats).items()}
+
+    # ---- checkpoints ----
+
+    def save(self, name: str) -> Path:
+        self.state.extra = {"weighting": self.recipe.objective.weighting.state_dict()}
+        path = checkpoint.save(
+            self.run_dir, name, self.model, self.optimizer, self.scheduler, self.state,
+            self.recipe.lora_config, self.info.is_main,
+            keep_last=self.config.checkpoint.keep_last if name != "final" else None,
+        )  # fmt: skip
+        if self.info.is_main:
+            write_json_atomic(path / recipes.CHECKPOINT_INFO, {
+                "recipe": self.recipe.name, "base_model": self.recipe.base_model,
+                "n_heads": self.recipe.objective.n_heads, "step": self.state.step,
+                "experiment": self.config.experiment, "run": self.run_dir.name,
+            })  # fmt: skip
+        distributed.barrier()
+        return path
+
+    def maybe_resume(self) -> None:
+        latest = checkpoint.latest(self.run_dir) if self.config.checkpoint.resume else None
+        if latest is not None:
+            self.state = checkpoint.resume(latest, self.model, self.optimizer, self.scheduler)
+            self.recipe.objective.weighting.load_state_dict(self.state.extra.get("weighting", {}))
+            if self.info.is_main:
+                print(f"resumed from {latest} at step {self.state.step}", flush=True)
+
+    # ---- the loop ----
+
+    def fit(self) -> Path:
+        config, info = self.config, self.info
+        self.maybe_resume()
+        if info.is_main:
+            write_text_atomic(
+                self.run_dir / "config.yaml",
+                yaml.safe_dump(config_to_dict(config), sort_keys=False),
+            )
+        logger = MetricLogger(
+            self.run_dir, enabled=info.is_main,
+            mlflow_uri=self._mlflow_uri(), experiment=config.experiment,
+            run_name=self.run_dir.name, params=config_to_dict(config),
+        )  # fmt: skip
+        batches = self.train_stream.iterate(self.state)
+        progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+            disable=not info.is_main,
+        )
+        with progress:
+            task = progress.add_task(
+                f"{config.train.recipe}",
+                total=self.total_steps,
+                completed=self.state.step,
+                status="",
+            )
+            while self.state.step < self.total_steps:
+                started = time.perf_counter()
+                metrics = self.step([next(batches) for _ in range(config.train.grad_accum)])
+                self.state.step += 1
+                metrics["tokens_per_s"] = metrics["tokens"] / (time.perf_counter() - started)
+                metrics["memory_mb"] = memory_mb(self.device)
+                metrics["epoch"] = (
+                    self.state.epoch
+                    + self.state.batches_in_epoch / self.train_stream.batches_per_epoch()
+                )
+                progress.update(
+                    task,
+                    advance=1,
+                    status=f"loss {metrics['loss']:.4f}  "
+                    f"{metrics['tokens_per_s']:.0f} tok/s  {metrics['memory_mb']:.0f} MB",
+                )
+                if self.state.step % config.log.every == 0 or self.state.step == 1:
+                    logger.log(metrics, self.state.step)
+                if self.val_batches and self.state.step % config.log.val_every == 0:
+                    logger.log(self.validate(), self.state.step)
+                if (
+                    self.state.step % config.checkpoint.every == 0
+                    and self.state.step < self.total_steps
+                ):
+                    self.save(f"step_{self.state.step:08d}")
+        if self.val_batches:
+            logger.log(self.validate(), self.state.step)
+        final = self.save("final")
+        logger.close()
+        if info.is_main:
+            print(f"final checkpoint: {final}", flush=True)
+        return final
+
+    def _mlflow_uri(self) -> str | None:
+        if not self.config.log.mlflow:
+            return None
+        return (
+            self.config.log.mlflow_tracking_uri
+            or f"sqlite:///{(self.layout.root / 'mlflow.db').resolve()}"
+        )
+
+
+def train(config: Config, layout: StorageLayout) -> Path:
+    """Run one training job to its final checkpoint; returns the checkpoint folder."""
+    trainer = Trainer(config, layout)
+    try:
+        return trainer.fit()
+    finally:
+        distributed.destroy()
+
+
+def load_run_config(run_dir: Path) -> dict:
+    return yaml.safe_load((run_dir / "config.yaml").read_text())
+
+
+def read_manifest(run_dir: Path) -> dict:
+    return json.loads((run_dir / "manifest_train.json").read_text())

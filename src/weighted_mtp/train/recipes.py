@@ -1,0 +1,270 @@
+"""Recipes: name -> (model to train, frozen helpers, objective, weighting, data mode).
+
+Every recipe runs through the same loop (``train/loop.py``); a recipe only says which model
+trains, which frozen models it needs, and how tokens are weighted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from weighted_mtp.config import Config, LoraConfig
+from weighted_mtp.models.checkpoints import DTYPES, load_pretrained
+from weighted_mtp.models.tokenizer import Tokenizer
+from weighted_mtp.models.transformer import Transformer
+from weighted_mtp.storage.io import StorageError
+from weighted_mtp.storage.layout import StorageLayout
+from weighted_mtp.train.objectives import mtp_forward_backward
+from weighted_mtp.train.weighting import Rho1, Uniform, Weighting
+
+CHECKPOINT_INFO = "wmtp_checkpoint.json"
+
+
+# ---- models ----
+
+
+def resolve_model_path(layout: StorageLayout, path: str) -> Path:
+    """A storage model name (``micro-mtp``) or a folder path."""
+    named = layout.model(path).root
+    if named.is_dir():
+        return named
+    if Path(path).is_dir():
+        return Path(path)
+    raise StorageError(
+        f"model {path!r}: neither {named} nor a folder; create it with `wmtp storage models`"
+    )
+
+
+def tokenizer_for(layout: StorageLayout, model_dir: Path) -> Tokenizer:
+    from weighted_mtp.storage.models import training_tokenizer_path
+
+    own = model_dir / "tokenizer" / "tokenizer.model"
+    path = own if own.is_file() else training_tokenizer_path(layout)
+    if path is None:
+        raise StorageError(f"{own}: no tokenizer for this model and none in storage")
+    return Tokenizer(path)
+
+
+def apply_lora(model: nn.Module, lora: LoraConfig) -> Any:
+    """Inject PEFT LoRA adapters (fp32) into every block's target linears; freeze the rest."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
+    peft_config = PeftLoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=list(lora.targets), bias="none",
+    )  # fmt: skip
+    inject_adapter_in_model(peft_config, model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(".lora_" in name)
+        if ".lora_" in name:
+            param.data = param.data.float()
+    return peft_config
+
+
+def merge_adapter(model: Transformer, ckpt_dir: Path) -> None:
+    """Fold a saved LoRA adapter into the base weights: ``W += (alpha / r) B A``."""
+    from weighted_mtp.train.checkpoint import load_tensors
+
+    config = json.loads((ckpt_dir / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    tensors = load_tensors(ckpt_dir)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, a in tensors.items():
+            if ".lora_A.default.weight" not in name:
+                continue
+            b = tensors[name.replace("lora_A", "lora_B")]
+            linear = modules[name.split(".lora_A.")[0]]
+            linear.weight += (scale * (b.float() @ a.float())).to(linear.weight.dtype)
+
+
+def load_trained(
+    ckpt_dir: Path,
+    layout: StorageLayout,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> Transformer:
+    """A trained checkpoint as a plain model: base weights with the adapter merged in."""
+    info_path = ckpt_dir / CHECKPOINT_INFO
+    if not info_path.is_file():
+        raise StorageError(f"{ckpt_dir}: not a training checkpoint (no {CHECKPOINT_INFO})")
+    info = json.loads(info_path.read_text())
+    model = load_pretrained(resolve_model_path(layout, info["base_model"]), dtype=torch.float32)
+    if (ckpt_dir / "adapter_config.json").is_file():
+        merge_adapter(model, ckpt_dir)
+    else:
+        from weighted_mtp.train.checkpoint import load_tensors
+
+        model.load_state_dict(load_tensors(ckpt_dir), strict=False)
+    return model.to(device=device, dtype=dtype or torch.float32).eval()
+
+
+def resolve_checkpoint(layout: StorageLayout, path: str) -> Path:
+    """``checkpoints/<experiment>`` (newest run's ``final``), a run folder, or a checkpoint."""
+    candidate = Path(path)
+    if not candidate.is_absolute() and not candidate.exists():
+        candidate = layout.root / path
+    if (candidate / CHECKPOINT_INFO).is_file():
+        return candidate
+    finals = sorted(candidate.glob("final")) + sorted(
+        candidate.glob("*/final"), key=lambda p: p.stat().st_mtime
+    )
+    finals = [f for f in finals if (f / CHECKPOINT_INFO).is_file()]
+    if not finals:
+        raise StorageError(f"{candidate}: no finished training checkpoint (run that recipe first)")
+    return finals[-1]
+
+
+# ---- objective ----
+
+
+@dataclass
+class MTPObjective:
+    """Weighted MTP cross-entropy over the first ``n_heads`` heads."""
+
+    weighting: Weighting
+    n_heads: int
+    coefficients: Sequence[float]
+    chunk_rows: int = 4096
+
+    def denominators(self, batch: Any) -> torch.Tensor:
+        return self.weighting.denominators(batch.labels, self.n_heads)
+
+    def __call__(
+        self, model: nn.Module, batch: Any, denominators: torch.Tensor | None, backward: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = mtp_forward_backward(
+            model, batch.tokens, batch.labels,
+            self.weighting.dense_weights(batch, self.n_heads),
+            denominators, self.coefficients,
+            chunk_rows=self.chunk_rows, backward=backward,
+            weight_fn=self.weighting.weight_fn(batch), n_heads=self.n_heads,
+        )  # fmt: skip
+        stats = torch.stack([out.weighted_ce_sum, out.ce_sum, out.n_tokens, out.weight_sum])
+        return out.loss, stats
+
+    def summarize(self, stats: torch.Tensor) -> dict[str, float]:
+        """Per-head unweighted and weighted CE from summed stats (always both)."""
+        metrics = {}
+        for k in range(self.n_heads):
+            wsum, ce, count, weight = (float(v) for v in stats[:, k])
+            metrics[f"ce/head{k + 1}"] = ce / count if count else float("nan")
+            metrics[f"wce/head{k + 1}"] = wsum / weight if weight else float("nan")
+            metrics[f"weight_mean/head{k + 1}"] = weight / count if count else float("nan")
+        metrics["ce"] = float(stats[1].sum() / stats[2].sum().clamp(min=1))
+        return metrics
+
+
+# ---- recipes ----
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: nn.Module
+    tokenizer: Tokenizer
+    objective: MTPObjective
+    base_model: str
+    lora_config: Any | None
+    frozen: list[nn.Module] = field(default_factory=list)
+    param_groups: Callable[[nn.Module], list[dict]] | None = None
+
+
+def _trainable_model(config: Config, layout: StorageLayout, device: torch.device):
+    model_dir = resolve_model_path(layout, config.model.path)
+    model = load_pretrained(model_dir, dtype=DTYPES[config.model.dtype], device=device)
+    lora = apply_lora(model, config.lora) if config.lora.enabled else None
+    if lora is None:
+        for param in model.parameters():
+            param.requires_grad_(True)
+    model.activation_checkpointing = config.model.activation_checkpointing
+    return model.train(), model_dir, lora
+
+
+def _coefficients(config: Config, n_heads: int) -> list[float]:
+    coefficients = config.train.head_coefficients or [1.0 / n_heads] * n_heads
+    if len(coefficients) != n_heads:
+        raise ValueError(
+            f"train.head_coefficients has {len(coefficients)} entries for {n_heads} heads"
+        )
+    return list(coefficients)
+
+
+def _policy_recipe(
+    config: Config,
+    layout: StorageLayout,
+    device: torch.device,
+    weighting: Weighting,
+    n_heads: int | None = None,
+) -> Recipe:
+    model, model_dir, lora = _trainable_model(config, layout, device)
+    heads = n_heads or config.model.n_future_tokens or model.n_future_tokens
+    if heads > model.n_future_tokens:
+        raise ValueError(
+            f"model.n_future_tokens {heads} > the checkpoint's {model.n_future_tokens} heads"
+        )
+    objective = MTPObjective(weighting, heads, _coefficients(config, heads))
+    return Recipe(
+        config.train.recipe,
+        model,
+        tokenizer_for(layout, model_dir),
+        objective,
+        config.model.path,
+        lora,
+    )
+
+
+def baseline(config: Config, layout: StorageLayout, device: torch.device) -> Recipe:
+    return _policy_recipe(config, layout, device, Uniform(config.train.normalization))
+
+
+def ntp(config: Config, layout: StorageLayout, device: torch.device) -> Recipe:
+    """The same MTP model and data trained on head 1 only: isolates the effect of MTP."""
+    return _policy_recipe(config, layout, device, Uniform(config.train.normalization), n_heads=1)
+
+
+def ref_tuning(config: Config, layout: StorageLayout, device: torch.device) -> Recipe:
+    """SFT of the reference LM (a plain LLaMA) on the same correct solutions."""
+    return _policy_recipe(config, layout, device, Uniform(config.train.normalization), n_heads=1)
+
+
+def rho1(config: Config, layout: StorageLayout, device: torch.device) -> Recipe:
+    if not config.weighting.reference:
+        raise ValueError("rho1 needs weighting.reference (a ref_tuning checkpoint)")
+    reference = load_trained(
+        resolve_checkpoint(layout, config.weighting.reference),
+        layout,
+        dtype=DTYPES[config.model.dtype],
+        device=device,
+    )
+    reference.requires_grad_(False)
+    weighting = Rho1(
+        reference, config.weighting.k_percent, config.weighting.score, config.train.normalization
+    )
+    recipe = _policy_recipe(config, layout, device, weighting)
+    recipe.frozen.append(reference)
+    return recipe
+
+
+RECIPES: dict[str, Callable[[Config, StorageLayout, torch.device], Recipe]] = {
+    "baseline": baseline,
+    "ntp": ntp,
+    "ref_tuning": ref_tuning,
+    "rho1": rho1,
+}
+
+
+def build(config: Config, layout: StorageLayout, device: torch.device) -> Recipe:
+    if config.train.recipe not in RECIPES:
+        raise ValueError(
+            f"unknown train.recipe {config.train.recipe!r}; choose from {', '.join(RECIPES)}"
+        )
+    return RECIPES[config.train.recipe](config, layout, device)

@@ -1,0 +1,150 @@
+"""The one training loop: every local config, checkpoints, exact resume, heads all trained."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+from weighted_mtp.config import load_config
+from weighted_mtp.models import load_pretrained
+from weighted_mtp.storage.layout import StorageLayout
+from weighted_mtp.train import checkpoint
+from weighted_mtp.train.loop import Trainer, train
+from weighted_mtp.train.recipes import RECIPES, load_trained
+from weighted_mtp.train.tracking import read_metrics
+
+LOCAL = sorted((REPO / "configs/local").glob("*.yaml"))
+FAST = [
+    "train.max_steps=3",
+    "log.mlflow=false",
+    "data.max_length=1024",
+    "checkpoint.every=2",
+    "log.val_every=2",
+    "data.sampling.val_n_samples=4",
+]
+
+
+def config_for(name: str, *extra: str):
+    return load_config(REPO / f"configs/local/{name}.yaml", [*FAST, *extra])
+
+
+def test_recipe_registry_and_configs_agree():
+    local = {load_config(p).train.recipe for p in LOCAL}
+    production = {load_config(p).train.recipe for p in (REPO / "configs/production").glob("*.yaml")}
+    assert local == production == set(RECIPES)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_storage):
+    """Every local config for 3 steps, in dependency order (rho1 needs ref_tuning)."""
+    layout = StorageLayout(tiny_storage)
+    finals = {}
+    for name in ("baseline", "ntp", "ref_tuning", "rho1"):
+        finals[name] = train(config_for(name, f"run_name={name}-run"), layout)
+    return layout, finals
+
+
+@pytest.mark.parametrize("name", ["baseline", "ntp", "ref_tuning", "rho1"])
+def test_local_config_trains_three_steps(trained, name):
+    _, finals = trained
+    final = finals[name]
+    assert final.name == "final" and (final / "adapter_model.safetensors").is_file()
+    run_dir = final.parent
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in steps)
+    heads = 1 if name in ("ntp", "ref_tuning") else 4
+    assert {f"ce/head{k}" for k in range(1, heads + 1)} <= set(steps[0])
+    assert any("val/ce" in m for m in metrics)
+    manifest = json.loads((run_dir / "manifest_train.json").read_text())
+    assert manifest["line_indices"] and manifest["mode"] == "correct_of_pairs"
+    assert (run_dir / "step_00000002").is_dir() and not (run_dir / "step_00000003").exists()
+    if name == "rho1":
+        fractions = [m["rho1/selected_fraction"] for m in steps]
+        assert all(0.55 <= f <= 0.75 for f in fractions), fractions
+
+
+def test_every_head_block_is_trained_and_reloads(trained):
+    layout, finals = trained
+    tensors = checkpoint.load_tensors(finals["baseline"])
+    for block in ("layers.0", "layers.3", "extra_heads.0", "extra_heads.1", "extra_heads.2"):
+        b = tensors[f"{block}.attention.wq.lora_B.default.weight"]
+        assert b.abs().sum() > 0, f"{block} adapter did not change"
+    merged = load_trained(finals["baseline"], layout)
+    config = config_for("baseline")
+    trainer = Trainer(config.model_copy(update={"run_name": "reload-check"}), layout)
+    checkpoint.load_into(trainer.model, finals["baseline"])
+    tokens = torch.randint(0, 1000, (2, 21), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = trainer.model.eval()(tokens)
+        got = merged(tokens)
+    assert got.shape[2] == 4
+    assert torch.allclose(got, expected, atol=1e-5)
+    base = load_pretrained(layout.model("micro-mtp").root)
+    with torch.no_grad():
+        assert not torch.allclose(base(tokens)[:, :, 3], got[:, :, 3], atol=1e-6)
+
+
+def _run_cli(storage, *args, wait=True):
+    cmd = [
+        sys.executable,
+        "-m",
+        "weighted_mtp",
+        "train",
+        str(REPO / "configs/local/baseline.yaml"),
+        "--storage",
+        str(storage),
+        *FAST[1:],
+        *args,
+    ]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    if wait:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO
+    )
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_bitwise_exact(tiny_storage):
+    common = ["train.max_steps=6", "checkpoint.every=2", "lora.dropout=0.1"]
+    full = _run_cli(tiny_storage, *common, "run_name=uninterrupted")
+    assert full.returncode == 0, full.stderr[-2000:]
+    run_dir = tiny_storage / "checkpoints/baseline/killed"
+    proc = _run_cli(tiny_storage, *common, "run_name=killed", wait=False)
+    deadline = time.time() + 300
+    while not (run_dir / "step_00000004").is_dir():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its 2nd checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "final").exists()
+    resumed = _run_cli(tiny_storage, *common, "run_name=killed", "checkpoint.resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    a = checkpoint.load_tensors(tiny_storage / "checkpoints/baseline/uninterrupted/final")
+    b = checkpoint.load_tensors(run_dir / "final")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_config_is_one_line(tiny_storage, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  recipe: baseline\n  bacth_size: 3\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "weighted_mtp", "train", str(bad), "--storage", str(tiny_storage)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"wmtp: error: {bad}:3: unknown config key 'train.bacth_size'"

@@ -1,0 +1,195 @@
+"""The dataset steps on test-made sources: bad records, atomicity, lengths, re-runs, small splits."""
+
+from __future__ import annotations
+
+import copy
+import importlib.resources
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from weighted_mtp.data.alpaca import format_text
+from weighted_mtp.data.jsonl import JsonlFile, iter_jsonl
+from weighted_mtp.data.metadata import load_problem_index
+from weighted_mtp.models.tokenizer import Tokenizer
+from weighted_mtp.storage.dataset_sources import hub_shard_path, write_hub_parquet
+from weighted_mtp.storage.datasets import run
+from weighted_mtp.storage.io import StorageError
+from weighted_mtp.storage.layout import StorageLayout
+
+
+@pytest.fixture(scope="module")
+def cc_rows():
+    text = (
+        importlib.resources.files("weighted_mtp") / "sources/code_contests/train.yaml"
+    ).read_text()
+    return yaml.safe_load(text)
+
+
+@pytest.fixture
+def layout(tmp_path, small_tokenizer):
+    target = tmp_path / "storage/models/micro-mtp/tokenizer/tokenizer.model"
+    target.parent.mkdir(parents=True)
+    shutil.copy(small_tokenizer, target)
+    return StorageLayout(tmp_path / "storage")
+
+
+def write_cc_source(root: Path, rows: list[dict]) -> Path:
+    """A CodeContests copy in the Hub layout: ``rows`` as train, two problems per eval split."""
+    write_hub_parquet("codecontests", rows, hub_shard_path(root, "codecontests", "train"))
+    for split in ("valid", "test"):
+        write_hub_parquet("codecontests", rows[:2], hub_shard_path(root, "codecontests", split))
+    return root
+
+
+def leftovers(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if ".partial-" in p.name]
+
+
+def test_bad_parquet_records_stop_with_position_or_are_skipped_and_counted(
+    tmp_path, layout, cc_rows, capsys
+):
+    rows = copy.deepcopy(cc_rows[:3])
+    rows[1]["solutions"]["language"].append(3)  # malformed: more languages than solutions
+    source = write_cc_source(tmp_path / "src", rows)
+    # A second train shard lacking a column, as a hand-made copy could.
+    shard = pa.Table.from_pylist([{k: v for k, v in cc_rows[3].items() if k != "difficulty"}])
+    pq.write_table(shard, source / "code_contests/data/train-00001-of-00001.parquet")
+
+    with pytest.raises(
+        StorageError, match=r"train-00000-of-00001\.parquet: record 1: field 'solutions' has"
+    ):
+        run(layout, ["codecontests"], ["process"], source=source)
+    assert not layout.dataset("codecontests").processed.exists() or not any(
+        layout.dataset("codecontests").processed.iterdir()
+    )
+    assert leftovers(layout.root) == []
+
+    run(layout, ["codecontests"], ["process"], source=source, skip_bad_records=True)
+    assert "skipped 2 bad records" in capsys.readouterr().out
+    manifest = json.loads(layout.dataset("codecontests").manifest.read_text())
+    bad = manifest["process"]["splits"]["train"]["bad_records"]
+    assert bad["count"] == 2 and "missing field 'difficulty'" in bad["examples"][1]
+    ids = {
+        r["metadata"]["problem_id"]
+        for r in iter_jsonl(layout.dataset("codecontests").split("train"))
+    }
+    assert ids == {rows[0]["name"], rows[2]["name"]}
+
+
+def test_bad_json_lines_report_file_and_line(tmp_path, layout, cc_rows):
+    source = write_cc_source(tmp_path / "src", copy.deepcopy(cc_rows[:2]))
+    (source / "code_contests/data/train-00000-of-00001.parquet").unlink()
+    missing = {k: v for k, v in cc_rows[1].items() if k != "solutions"}
+    lines = [
+        json.dumps(cc_rows[0]).encode(),
+        b'{"name": "x\xff"}',
+        json.dumps(missing).encode(),
+        json.dumps(cc_rows[2]).encode(),
+    ]
+    (source / "code_contests/data/train-00000-of-00001.jsonl").write_bytes(
+        b"\n".join(lines) + b"\n"
+    )
+
+    with pytest.raises(StorageError, match=r"train-00000-of-00001\.jsonl:2: not valid UTF-8"):
+        run(layout, ["codecontests"], ["process"], source=source)
+    assert leftovers(layout.root) == []
+    run(layout, ["codecontests"], ["process"], source=source, skip_bad_records=True)
+    manifest = json.loads(layout.dataset("codecontests").manifest.read_text())
+    bad = manifest["process"]["splits"]["train"]["bad_records"]
+    assert bad["count"] == 2 and bad["examples"][1].endswith(".jsonl:3: missing field 'solutions'")
+    assert manifest["process"]["splits"]["train"]["problems"] == 2
+
+
+def test_failed_rerun_keeps_the_previous_outputs_intact(tmp_path, layout, cc_rows):
+    good = write_cc_source(tmp_path / "good", copy.deepcopy(cc_rows[:3]))
+    run(layout, ["codecontests"], ["process", "eval", "tests"], source=good)
+    paths = layout.dataset("codecontests")
+    before = {p: p.read_bytes() for p in paths.root.rglob("*") if p.is_file()}
+    broken = copy.deepcopy(cc_rows[:3])
+    broken[2]["description"] = None
+    bad = write_cc_source(tmp_path / "bad", broken)
+    with pytest.raises(StorageError, match="record 2: field 'description' should be str, got null"):
+        run(layout, ["codecontests"], ["process", "eval", "tests"], source=bad, force=True)
+    assert {p: p.read_bytes() for p in paths.root.rglob("*") if p.is_file()} == before
+    assert leftovers(layout.root) == []
+
+
+def test_token_lengths_are_exact_and_the_length_filter_applies_to_codecontests(
+    tmp_path, layout, cc_rows, small_tokenizer
+):
+    source = write_cc_source(tmp_path / "src", copy.deepcopy(cc_rows[:4]))
+    run(layout, ["codecontests"], ["process", "metadata"], source=source)
+    tokenizer = Tokenizer(small_tokenizer)
+    path = layout.dataset("codecontests").split("train")
+    records = list(iter_jsonl(path))
+    lengths = [len(tokenizer.encode(format_text(r), bos=True, eos=True)) for r in records]
+    assert [r["metadata"]["token_length"] for r in records] == lengths
+    index = load_problem_index(layout.dataset("codecontests").split_metadata("train"))
+    entry = index["problem_index_map"][records[0]["metadata"]["problem_id"]]
+    assert entry["correct_token_lengths"] == [lengths[i] for i in entry["correct_indices"]]
+
+    cap = sorted(lengths)[len(lengths) // 2]
+    run(layout, ["codecontests"], ["process"], source=source, max_length=cap)
+    kept = [r["metadata"]["token_length"] for r in iter_jsonl(path)]
+    manifest = json.loads(layout.dataset("codecontests").manifest.read_text())
+    assert max(kept) <= cap and len(kept) + manifest["process"]["splits"]["train"][
+        "over_max_length"
+    ] == len(lengths)
+
+
+def test_no_tokenizer_fails_clearly_unless_lengths_are_waived(tmp_path, cc_rows):
+    layout = StorageLayout(tmp_path / "bare")
+    source = write_cc_source(tmp_path / "src", copy.deepcopy(cc_rows[:2]))
+    with pytest.raises(StorageError, match="no tokenizer in storage.*--no-token-lengths"):
+        run(layout, ["codecontests"], ["process"], source=source)
+    assert not layout.root.exists()
+    run(layout, ["codecontests"], ["process", "metadata"], source=source, token_lengths=False)
+    records = list(iter_jsonl(layout.dataset("codecontests").split("train")))
+    assert records and all(r["metadata"]["token_length"] is None for r in records)
+    index = load_problem_index(layout.dataset("codecontests").split_metadata("train"))
+    assert index["token_lengths_computed"] is False
+    assert all(e["correct_token_lengths"] is None for e in index["problem_index_map"].values())
+
+
+def test_finished_steps_are_no_ops_until_options_change(tmp_path, layout, cc_rows, capsys):
+    source = write_cc_source(tmp_path / "src", copy.deepcopy(cc_rows[:3]))
+    steps = ["process", "metadata", "small", "stats", "eval", "tests"]
+    run(layout, ["codecontests"], steps, source=source)
+    train = layout.dataset("codecontests").split("train")
+    stamp = train.stat().st_mtime_ns
+    capsys.readouterr()
+    run(layout, ["codecontests"], steps, source=source)
+    out = capsys.readouterr().out
+    assert train.stat().st_mtime_ns == stamp
+    assert out.count("up to date") == 3 + 3 + 3 + 1 and "records from" not in out
+    run(layout, ["codecontests"], ["process"], source=source, include_python2=True)
+    assert train.stat().st_mtime_ns != stamp
+    assert any(r["metadata"]["language"] == "python2" for r in iter_jsonl(train))
+    with pytest.raises(StorageError, match="run the metadata step"):
+        run(layout, ["codecontests"], ["small"], source=source)
+
+
+def test_small_splits_are_whole_seeded_problems_within_budget(tmp_path, layout, cc_rows):
+    source = write_cc_source(tmp_path / "src", copy.deepcopy(cc_rows))
+    run(layout, ["codecontests"], ["process", "metadata", "small"], source=source)
+    paths = layout.dataset("codecontests")
+    full = load_problem_index(paths.split_metadata("train"))["problem_index_map"]
+    small = load_problem_index(paths.small_split_metadata("train"))
+    chosen = small["small"]["problems"]
+    assert 0 < small["stats"]["total"] <= 100 and small["stats"]["n_valid_problems"] == len(chosen)
+    expected_lines = sorted(
+        i for p in chosen for i in full[p]["correct_indices"] + full[p]["incorrect_indices"]
+    )
+    assert small["small"]["source_indices"] == expected_lines
+    assert JsonlFile(paths.small_split("train")).read(range(len(expected_lines))) == JsonlFile(
+        paths.split("train")
+    ).read(expected_lines)
+    first = paths.small_split("train").read_bytes()
+    run(layout, ["codecontests"], ["small"], source=source, force=True)
+    assert paths.small_split("train").read_bytes() == first
