@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 SOLUTIONS_PER_PROBLEM = 100
-PROBLEMS_PER_SHARD = 250
+PROBLEMS_PER_SHARD = 100
 WORDS = ("the", "array", "of", "integers", "each", "query", "print", "answer", "given", "number")
 
 
@@ -175,10 +175,14 @@ def read_benchmark(jsonl: Path, n_samples: int) -> dict:
     wanted = sorted(random.Random(0).sample(range(len(reader)), n_samples))
     wanted_set = set(wanted)
 
-    def timed(fn):
-        start = time.perf_counter()
-        value = fn()
-        return time.perf_counter() - start, value
+    def timed(fn, repeats: int = 3):
+        """Best of ``repeats`` (the machine may be shared), and the last result."""
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            value = fn()
+            best = min(best, time.perf_counter() - start)
+        return best, value
 
     raw_index, lines_a = timed(lambda: reader.raw_many(wanted))
     raw_scan, lines_b = timed(lambda: _scan_raw(jsonl, wanted_set))

@@ -1,6 +1,7 @@
 """MTP loss memory and time (DESIGN 6): heads + norm + unembedding + CE, forward and backward.
 
-Variants, each in a fresh subprocess so that one's allocations cannot hide another's peak:
+Variants (peak memory of each measured in a fresh subprocess, so one's allocations cannot hide
+another's peak):
   naive    ``naive_mtp_loss`` on the full ``[B, T, n, V]`` logits of ``model(tokens)``
   ours     ``mtp_forward_backward`` with n heads
   ours_n1  the same code with one head
@@ -12,8 +13,9 @@ before measuring, so the peak is that of activations, logits and their gradients
 resident set (CPU: ``VmHWM`` after resetting it through ``/proc/self/clear_refs``, after a
 warm-up call and ``malloc_trim``, with glibc's mmap threshold fixed at 64 KiB so freed tensors
 leave the resident set) or ``torch.cuda.max_memory_allocated`` (CUDA), minus the value just
-before the measured call. Time = median of ``--reps`` forward+backward calls (the measured call
-included) after the warm-up, in the same child. On a shared machine times are noisy.
+before the measured call. Time = median of ``--reps`` forward+backward calls after a warm-up
+round, in one more child that runs the three variants in turn (so that load from other
+processes falls on all of them alike).
 
     .venv/bin/python benchmarks/mtp_loss.py            # d 512, V 32000, T 2048, B 2, n 4
     .venv/bin/python benchmarks/mtp_loss.py --quick    # smaller shape, under a minute
@@ -54,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-rows", type=int, default=4096)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # peak child
+    p.add_argument("--timing", action="store_true", help=argparse.SUPPRESS)  # timing child
     args = p.parse_args(argv)
     if args.quick:
         args.dim, args.vocab, args.seq = 256, 8000, 512
@@ -106,9 +109,8 @@ def make_step(args: argparse.Namespace, variant: str):
     return step
 
 
-def measure(args: argparse.Namespace) -> dict:
-    """Child process: a warm-up call, then the measured call (peak memory and time), then
-    ``reps - 1`` more timed calls of one variant."""
+def measure_peak(args: argparse.Namespace) -> dict:
+    """Child process: peak memory of one call of one variant, after a warm-up call."""
     step = make_step(args, args.variant)
     step()  # warm-up: lazy initialisations, thread pools
     gc.collect()
@@ -120,14 +122,23 @@ def measure(args: argparse.Namespace) -> dict:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap pages back first
         Path("/proc/self/clear_refs").write_text("5")  # reset the resident-set high-water mark
         base = _status_kb("VmRSS") * 1024
-    times = []
-    for rep in range(max(args.reps, 1)):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-        if rep == 0:
-            peak = torch.cuda.max_memory_allocated() if cuda else _status_kb("VmHWM") * 1024
-    return {"variant": args.variant, "peak_bytes": peak - base, "time_s": statistics.median(times)}
+    step()
+    peak = torch.cuda.max_memory_allocated() if cuda else _status_kb("VmHWM") * 1024
+    return {"variant": args.variant, "peak_bytes": peak - base}
+
+
+def measure_times(args: argparse.Namespace) -> dict:
+    """Child process: median time of every variant over ``reps`` rounds after a warm-up round,
+    the variants interleaved so that load from other processes falls on all of them alike."""
+    steps = {v: make_step(args, v) for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for rnd in range(args.reps + 1):
+        for v, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if rnd:
+                times[v].append(time.perf_counter() - start)
+    return {v: statistics.median(t) for v, t in times.items()}
 
 
 def _status_kb(field: str) -> int:
@@ -148,7 +159,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.variant:
-        print(json.dumps(measure(args)))
+        print(json.dumps(measure_peak(args)))
+        return
+    if args.timing:
+        print(json.dumps(measure_times(args)))
         return
     print(
         f"MTP loss part (heads+norm+unembedding+CE, fwd+bwd) on {args.device}: "
@@ -160,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     # (its default adapts), so the resident set follows the memory actually in use.
     env = {"MALLOC_MMAP_THRESHOLD_": "65536"}
     res = {v: run_child(argv, ["--variant", v], env) for v in VARIANTS}
+    for v, t in run_child(argv, ["--timing"]).items():  # default allocator settings
+        res[v]["time_s"] = t
     print(f"{'variant':<10}{'peak MiB':>12}{'time s':>10}")
     for v in VARIANTS:
         print(f"{v:<10}{res[v]['peak_bytes'] / 2**20:>12.1f}{res[v]['time_s']:>10.3f}")

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,6 +29,9 @@ import yaml
 
 from weighted_mtp.data.jsonl import JsonlError, iter_raw_lines, parse_line
 from weighted_mtp.storage.io import StorageError, atomic_path, write_json_atomic
+
+if TYPE_CHECKING:
+    from datasets import Features
 
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
 
@@ -175,7 +178,7 @@ def _iter_json_lines(path: Path) -> Iterator[SourceRecord]:
 # ---- Hub schemas, and the bundled sources written in them ----
 
 
-def hub_features(name: str):
+def hub_features(name: str) -> Features:
     """The ``datasets`` features of a Hub dataset (ClassLabel ints, dicts of lists)."""
     from datasets import ClassLabel, Features, List, Value
 

@@ -170,12 +170,16 @@ class Trainer:
         dens = distributed.all_reduce_sum(
             sum(objective.denominators(b) for b in micro).to(self.device)
         )
+        # The loss is normalised by the step's global total (all micro-batches, all ranks), so
+        # rank gradients must be summed; FSDP2 averages them (gloo has no pre-scaled sum), so
+        # each rank back-propagates world x its share.
+        world = self.info.world
         stats, loss, tokens = 0, 0.0, 0
         for i, batch in enumerate(micro):
             distributed.set_gradient_sync(self.model, i == len(micro) - 1)
             with self.autocast:
-                part, part_stats = objective(self.model, batch, dens)
-            loss += float(part)
+                part, part_stats = objective(self.model, batch, dens / world)
+            loss += float(part) / world
             stats = stats + part_stats
             tokens += int(batch.attention_mask.sum())
         grad_norm = torch.nn.utils.clip_grad_norm_(
