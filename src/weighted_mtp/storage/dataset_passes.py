@@ -227,7 +227,7 @@ class SourcePass:
     def _tokenizer_path(self) -> Path | None:
         if not self.build.options.token_lengths:
             return None
-        from weighted_mtp.storage.models import training_tokenizer_path
+        from weighted_mtp.storage.layout import training_tokenizer_path
 
         return training_tokenizer_path(self.build.layout)
 

@@ -17,6 +17,7 @@ import hashlib
 import importlib.resources
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from datasets import Features
 
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+
+HUB_HOST = "huggingface.co"
 
 
 @dataclass(frozen=True)
@@ -82,9 +85,16 @@ class SourceRecord:
 
 
 def is_offline() -> bool:
-    """True when the user told the Hugging Face libraries not to use the network."""
+    """True when the user told the Hugging Face libraries not to use the network, or when the
+    Hub's name does not even resolve (no network at all: fail fast instead of retrying)."""
     flags = (os.environ.get(k, "").upper() for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    return any(flag in ("1", "ON", "YES", "TRUE") for flag in flags)
+    if any(flag in ("1", "ON", "YES", "TRUE") for flag in flags):
+        return True
+    try:
+        socket.getaddrinfo(HUB_HOST, 443)
+    except OSError:
+        return True
+    return False
 
 
 def resolve_origin(storage_root: Path, source: Path | None) -> Origin:
@@ -94,6 +104,11 @@ def resolve_origin(storage_root: Path, source: Path | None) -> Origin:
             raise StorageError(f"--source {source}: not a folder")
         return Origin("local", Path(source))
     if is_offline():
+        print(
+            "offline: using the bundled sample sources (written for this project, not the real "
+            "datasets); pass --source DIR to read real local copies",
+            flush=True,
+        )
         return Origin("bundled", materialise_bundled(storage_root / "sources"))
     return Origin("hub")
 

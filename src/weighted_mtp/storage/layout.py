@@ -185,3 +185,12 @@ class StorageLayout:
 
     def checkpoint(self, experiment: str) -> Path:
         return self.checkpoints_dir / experiment
+
+
+def training_tokenizer_path(layout: StorageLayout) -> Path | None:
+    """The tokenizer data is measured with: the real model's, else a micro model's."""
+    for name in ("meta-llama-mtp", "micro-mtp", "micro-reference", "ref-sheared-llama-2.7b"):
+        path = layout.model(name).tokenizer
+        if path.is_file():
+            return path
+    return None

@@ -290,15 +290,6 @@ def write_tokenizer_folder(model_file: Path, paths: ModelPaths, force: bool = Fa
     )
 
 
-def training_tokenizer_path(layout: StorageLayout) -> Path | None:
-    """The tokenizer training data is measured with: the real model's, else a micro model's."""
-    for name in ("meta-llama-mtp", "micro-mtp", "micro-reference", "ref-sheared-llama-2.7b"):
-        path = layout.model(name).tokenizer
-        if path.is_file():
-            return path
-    return None
-
-
 # ---- verify ----
 
 

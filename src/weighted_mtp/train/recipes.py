@@ -43,7 +43,7 @@ def resolve_model_path(layout: StorageLayout, path: str) -> Path:
 
 
 def tokenizer_for(layout: StorageLayout, model_dir: Path) -> Tokenizer:
-    from weighted_mtp.storage.models import training_tokenizer_path
+    from weighted_mtp.storage.layout import training_tokenizer_path
 
     own = model_dir / "tokenizer" / "tokenizer.model"
     path = own if own.is_file() else training_tokenizer_path(layout)
