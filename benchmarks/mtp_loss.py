@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--chunk-rows", type=int, default=4096)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=2, help="timed rounds after one warm-up round")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # peak child
     p.add_argument("--timing", action="store_true", help=argparse.SUPPRESS)  # timing child
     args = p.parse_args(argv)

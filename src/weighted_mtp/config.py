@@ -90,6 +90,8 @@ class TrainConfig(Section):
     """bf16 autocast where the device supports it (CUDA); fp32 elsewhere."""
     head_coefficients: list[float] | None = None
     """Per-head loss coefficients c_k; default 1/n for every head."""
+    head_coefficients_end: list[float] | None = None
+    """If set, c_k moves linearly from ``head_coefficients`` to these over the run."""
     normalization: Literal["weight_sum", "token_count"] = "weight_sum"
 
 
@@ -106,6 +108,9 @@ class WeightingConfig(Section):
     reference: str | None = None
     k_percent: float = Field(default=0.7, gt=0, le=1)
     score: Literal["signed", "absolute", "difficult"] = "signed"
+    precompute_reference: bool = False
+    """Rho-1: compute the reference's per-token CE of every training example once, before
+    training, and free the reference (instead of a reference forward every step)."""
 
     @model_validator(mode="after")
     def _clip_order(self) -> WeightingConfig:

@@ -73,6 +73,34 @@ def test_local_config_trains_three_steps(trained, name):
         assert all(0.55 <= f <= 0.75 for f in fractions), fractions
 
 
+def test_rho1_precomputed_reference_matches_online(trained):
+    layout, finals = trained
+    final = train(
+        config_for("rho1", "run_name=rho1-pre", "weighting.precompute_reference=true"), layout
+    )
+    online = [m for m in read_metrics(finals["rho1"].parent / "metrics.jsonl") if "loss" in m]
+    pre = [m for m in read_metrics(final.parent / "metrics.jsonl") if "loss" in m]
+    assert [m["loss"] for m in pre] == pytest.approx([m["loss"] for m in online], abs=1e-4)
+    assert [m["rho1/selected_fraction"] for m in pre] == pytest.approx(
+        [m["rho1/selected_fraction"] for m in online], abs=1e-3
+    )
+
+
+def test_head_coefficients_can_be_scheduled(tiny_storage):
+    final = train(
+        config_for(
+            "baseline",
+            "run_name=coef",
+            "train.head_coefficients=[0.4,0.3,0.2,0.1]",
+            "train.head_coefficients_end=[0.25,0.25,0.25,0.25]",
+        ),
+        StorageLayout(tiny_storage),
+    )
+    steps = [m for m in read_metrics(final.parent / "metrics.jsonl") if "loss" in m]
+    assert [m["coef/head1"] for m in steps] == pytest.approx([0.4, 0.325, 0.25])
+    assert [m["coef/head4"] for m in steps] == pytest.approx([0.1, 0.175, 0.25])
+
+
 def test_every_head_block_is_trained_and_reloads(trained):
     layout, finals = trained
     tensors = checkpoint.load_tensors(finals["baseline"])

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -91,13 +91,17 @@ class Batch:
     tokens: torch.Tensor
     labels: torch.Tensor
     attention_mask: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per-token precomputed signals ``[B, L]`` (e.g. ``ref_ce``: the reference's CE)."""
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        moved = {
-            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-            for f in fields(self)
-        }
-        return Batch(**moved)
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Batch(
+            move(self.tokens),
+            move(self.labels),
+            move(self.attention_mask),
+            {k: move(v) for k, v in self.extras.items()},
+        )
 
     def __len__(self) -> int:
         return self.tokens.shape[0]

@@ -125,6 +125,19 @@ class BatchStream:
         self.seed = seed
         self.pad_id = pad_id
         self.lengths = [e.length for e in data.examples]
+        # Precomputed per-token signals, one 1-D tensor per example (e.g. the reference's CE),
+        # padded into ``batch.extras`` when batches are built.
+        self.extras: dict[str, list[torch.Tensor]] = {}
+
+    def collate(self, chosen: list[int]) -> Batch:
+        batch = collate([self.data.examples[i] for i in chosen], self.pad_id)
+        length = batch.tokens.shape[1]
+        for name, values in self.extras.items():
+            padded = torch.zeros(len(chosen), length)
+            for row, i in enumerate(chosen):
+                padded[row, : values[i].numel()] = values[i]
+            batch.extras[name] = padded
+        return batch
 
     def batches_per_epoch(self) -> int:
         return -(-len(self.data) // self.batch_size)
@@ -139,7 +152,7 @@ class BatchStream:
             while state.batches_in_epoch < len(plan):
                 chosen = plan[state.batches_in_epoch]
                 state.batches_in_epoch += 1
-                yield collate([self.data.examples[i] for i in chosen], self.pad_id)
+                yield self.collate(chosen)
             state.epoch += 1
             state.batches_in_epoch = 0
 
@@ -147,7 +160,7 @@ class BatchStream:
         """Every example once, in length order (validation)."""
         order = sorted(range(len(self.data)), key=self.lengths.__getitem__)
         return [
-            collate([self.data.examples[i] for i in order[s : s + self.batch_size]], self.pad_id)
+            self.collate(order[s : s + self.batch_size])
             for s in range(0, len(order), self.batch_size)
         ]
 

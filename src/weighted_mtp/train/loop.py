@@ -122,50 +122,46 @@ class Trainer:
 
     def _data(self) -> tuple[BatchStream, list]:
         data, sampling, tok = self.config.data, self.config.data.sampling, self.recipe.tokenizer
-        train = build_examples(
-            split_files(self.layout, data, data.train_split),
-            sampling,
-            tok,
-            data.max_length,
-            sampling.n_samples,
-            self.info.rank,
-            self.info.world,
-        )
+        rank, world, batch_size = self.info.rank, self.info.world, self.config.train.batch_size
+        train = build_examples(split_files(self.layout, data, data.train_split), sampling, tok,
+                               data.max_length, sampling.n_samples, rank, world)  # fmt: skip
         if self.info.enabled:  # ranks may drop different numbers of too-long examples
             count = torch.tensor([len(train.examples)])
             torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
             train.examples = train.examples[: int(count)]
-        val_batches = []
+        streams = [BatchStream(train, batch_size, self.config.train.seed, tok.pad_id)]
         if sampling.val_n_samples:
-            val = build_examples(
-                split_files(self.layout, data, data.val_split),
-                sampling,
-                tok,
-                data.max_length,
-                sampling.val_n_samples,
-                self.info.rank,
-                self.info.world,
-                allow_fewer=True,
-            )
-            val_batches = (
-                BatchStream(
-                    val, self.config.train.batch_size, sampling.seed, tok.pad_id
-                ).all_batches()
-                if len(val)
-                else []
-            )
+            val = build_examples(split_files(self.layout, data, data.val_split), sampling, tok,
+                                 data.max_length, sampling.val_n_samples, rank, world,
+                                 allow_fewer=True)  # fmt: skip
+            if len(val):
+                streams.append(BatchStream(val, batch_size, sampling.seed, tok.pad_id))
+        if self.recipe.prepare is not None:
+            self.recipe.prepare(streams, self.device, batch_size)
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.run_dir / "manifest_train.json", train.manifest)
-        stream = BatchStream(
-            train, self.config.train.batch_size, self.config.train.seed, tok.pad_id
-        )
-        return stream, val_batches
+        return streams[0], streams[1].all_batches() if len(streams) > 1 else []
+
+    def coefficients(self) -> list[float] | None:
+        """Head coefficients of the current step when they are scheduled, else None."""
+        start, end = self.config.train.head_coefficients, self.config.train.head_coefficients_end
+        if start is None or end is None:
+            return None
+        if len(end) != len(start):
+            raise ValueError(
+                "train.head_coefficients_end must have as many entries as head_coefficients"
+            )
+        frac = self.state.step / max(1, self.total_steps - 1)
+        return [a + (b - a) * frac for a, b in zip(start, end, strict=True)]
 
     # ---- one optimizer step ----
 
     def step(self, micro: list) -> dict[str, float]:
         objective = self.recipe.objective
+        scheduled = self.coefficients()
+        if scheduled is not None:
+            objective.coefficients = scheduled
         micro = [b.to(self.device) for b in micro]
         dens = distributed.all_reduce_sum(
             sum(objective.denominators(b) for b in micro).to(self.device)
@@ -194,6 +190,8 @@ class Trainer:
         )
         metrics = objective.summarize(totals[:-2].view_as(stats))
         metrics.update(objective.weighting.metrics())
+        if scheduled is not None:
+            metrics.update({f"coef/head{k + 1}": c for k, c in enumerate(scheduled)})
         metrics.update(
             {
                 "loss": float(totals[-2]),

@@ -101,10 +101,18 @@ def _head_weight_fn(weight_fn: WeightFn | Sequence[WeightFn | None] | None, head
     return weight_fn[head]
 
 
-def _chunk_bounds(n_rows: int, chunk_rows: int) -> list[tuple[int, int]]:
+def _chunk_bounds(
+    n_rows: int, chunk_rows: int, n_chunks: int | None = None
+) -> list[tuple[int, int]]:
     # One empty chunk when there is no valid row, so that the shared norm/output still run
-    # (zero gradients rather than None, and the same module calls on every rank).
-    return [(s, min(s + chunk_rows, n_rows)) for s in range(0, max(n_rows, 1), chunk_rows)]
+    # (zero gradients rather than None, and the same module calls on every rank). Under FSDP
+    # every rank must call the sharded norm/output the same number of times, so the caller
+    # can fix ``n_chunks`` from the largest row count of all ranks (trailing chunks empty).
+    if n_chunks is None:
+        n_chunks = max(1, -(-n_rows // chunk_rows))
+    return [
+        (min(i * chunk_rows, n_rows), min((i + 1) * chunk_rows, n_rows)) for i in range(n_chunks)
+    ]
 
 
 def mtp_forward_backward(
@@ -120,6 +128,7 @@ def mtp_forward_backward(
     weight_fn: WeightFn | Sequence[WeightFn | None] | None = None,
     eps: float = EPS,
     n_heads: int | None = None,
+    n_chunks: Sequence[int] | None = None,
 ) -> MTPLossOutput:
     """Weighted MTP loss of one micro-batch, forward and (if ``backward``) backward, head by
     head (ALGORITHMS 1.7): the trunk runs once; each head's block, the shared norm/output and
@@ -161,6 +170,7 @@ def mtp_forward_backward(
             head_loss = _run_head(
                 model, z_leaf, labels, dense_w, head, dens[head], coefficients[head],
                 chunk_rows, backward, _head_weight_fn(weight_fn, head), eps, stats,
+                n_chunks[head] if n_chunks is not None else None,
             )  # fmt: skip
             loss = loss + head_loss
         if train_trunk and z_leaf.grad is not None:
@@ -169,7 +179,7 @@ def mtp_forward_backward(
 
 
 def _run_head(
-    model, z_leaf, labels, dense_w, head, den, coef, chunk_rows, backward, fn, eps, stats
+    model, z_leaf, labels, dense_w, head, den, coef, chunk_rows, backward, fn, eps, stats, n_chunks
 ) -> Tensor:
     """One head's forward/backward; fills ``stats[:, head]`` and returns its detached loss."""
     b_idx, j_idx = valid_rows(labels, head + 1)
@@ -177,7 +187,7 @@ def _run_head(
     y = model.head_hidden(z_leaf, head)  # [B, L, d]; attention needs every position
     train_head = backward and y.requires_grad
     rows = y.detach()[b_idx, j_idx - (head + 1)]  # [R, d], the hidden states that predict
-    bounds = _chunk_bounds(rows.shape[0], chunk_rows)
+    bounds = _chunk_bounds(rows.shape[0], chunk_rows, n_chunks)
     if fn is None:
         w = dense_w[b_idx, j_idx, head]
     else:

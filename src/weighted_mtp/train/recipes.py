@@ -16,13 +16,14 @@ import torch
 from torch import nn
 
 from weighted_mtp.config import Config, LoraConfig
+from weighted_mtp.data.dataset import BatchStream
 from weighted_mtp.models.checkpoints import DTYPES, load_pretrained
 from weighted_mtp.models.tokenizer import Tokenizer
 from weighted_mtp.models.transformer import Transformer
 from weighted_mtp.storage.io import StorageError
 from weighted_mtp.storage.layout import StorageLayout
-from weighted_mtp.train.objectives import mtp_forward_backward
-from weighted_mtp.train.weighting import Rho1, Uniform, Weighting
+from weighted_mtp.train.objectives import mtp_forward_backward, valid_rows
+from weighted_mtp.train.weighting import Rho1, Uniform, Weighting, precompute_reference_ce
 
 CHECKPOINT_INFO = "wmtp_checkpoint.json"
 
@@ -147,9 +148,21 @@ class MTPObjective:
             denominators, self.coefficients,
             chunk_rows=self.chunk_rows, backward=backward,
             weight_fn=self.weighting.weight_fn(batch), n_heads=self.n_heads,
+            n_chunks=self._global_chunks(batch.labels),
         )  # fmt: skip
         stats = torch.stack([out.weighted_ce_sum, out.ce_sum, out.n_tokens, out.weight_sum])
         return out.loss, stats
+
+    def _global_chunks(self, labels: torch.Tensor) -> list[int] | None:
+        """Under FSDP, chunk counts from the largest row count of any rank (see objectives)."""
+        if not torch.distributed.is_initialized():
+            return None
+        rows = torch.tensor(
+            [valid_rows(labels, k + 1)[0].numel() for k in range(self.n_heads)],
+            device=labels.device,
+        )
+        torch.distributed.all_reduce(rows, op=torch.distributed.ReduceOp.MAX)
+        return [max(1, -(-int(r) // self.chunk_rows)) for r in rows]
 
     def summarize(self, stats: torch.Tensor) -> dict[str, float]:
         """Per-head unweighted and weighted CE from summed stats (always both)."""
@@ -176,6 +189,8 @@ class Recipe:
     lora_config: Any | None
     frozen: list[nn.Module] = field(default_factory=list)
     param_groups: Callable[[nn.Module], list[dict]] | None = None
+    prepare: Callable[[list[BatchStream], torch.device, int], None] | None = None
+    """Runs once on the train and validation streams before training (precomputation)."""
 
 
 def _trainable_model(config: Config, layout: StorageLayout, device: torch.device):
@@ -251,6 +266,17 @@ def rho1(config: Config, layout: StorageLayout, device: torch.device) -> Recipe:
     )
     recipe = _policy_recipe(config, layout, device, weighting)
     recipe.frozen.append(reference)
+    if config.weighting.precompute_reference:
+
+        def prepare(streams: list[BatchStream], device: torch.device, batch_size: int) -> None:
+            for stream in streams:
+                stream.extras["ref_ce"] = precompute_reference_ce(
+                    reference, stream, device, batch_size
+                )
+            weighting.reference = None  # every batch now carries its reference CE
+            recipe.frozen.clear()
+
+        recipe.prepare = prepare
     return recipe
 
 

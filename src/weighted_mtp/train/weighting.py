@@ -127,11 +127,9 @@ class Rho1:
         return ref_ce  # "difficult": the reference's own loss
 
     def weight_fn(self, batch: Any) -> WeightFn:
-        ref_ce = (
-            batch.ref_ce
-            if getattr(batch, "ref_ce", None) is not None
-            else reference_ce(self.reference, batch.tokens, batch.labels)
-        )
+        ref_ce = batch.extras.get("ref_ce")
+        if ref_ce is None:
+            ref_ce = reference_ce(self.reference, batch.tokens, batch.labels)
         selected = torch.zeros_like(ref_ce)
 
         def fn(head: int, ce: Tensor, batch_idx: Tensor, target_pos: Tensor) -> Tensor:
@@ -160,3 +158,18 @@ class Rho1:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def precompute_reference_ce(
+    reference: torch.nn.Module, stream, device: torch.device, batch_size: int
+) -> list[Tensor]:
+    """The reference's target-indexed CE of every training example, computed once (the frozen
+    reference then need not stay in memory during training)."""
+    examples = stream.data.examples
+    out: list[Tensor] = []
+    for start in range(0, len(examples), batch_size):
+        chosen = list(range(start, min(start + batch_size, len(examples))))
+        batch = stream.collate(chosen).to(device)
+        ce = reference_ce(reference, batch.tokens, batch.labels).cpu()
+        out.extend(ce[row, : examples[i].length].clone() for row, i in enumerate(chosen))
+    return out
