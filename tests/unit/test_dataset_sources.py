@@ -130,6 +130,14 @@ def test_origin_is_source_then_bundled_offline_then_hub(tmp_path, monkeypatch):
     assert origin.kind == "bundled" and origin.root == tmp_path / "sources"
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    import weighted_mtp.storage.dataset_sources as sources
+
+    def no_dns(*args):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(sources.socket, "getaddrinfo", no_dns)  # no network at all
+    assert resolve_origin(tmp_path, None).kind == "bundled"
+    monkeypatch.setattr(sources.socket, "getaddrinfo", lambda *args: [("resolved",)])
     assert resolve_origin(tmp_path, None) == Origin("hub")
 
 
