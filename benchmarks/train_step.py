@@ -57,8 +57,10 @@ def theirs(model_ours: Transformer, args: ModelArgs, rank: int, device: str, dty
     model = LlamaForCausalLM(config)
     _copy_weights(model_ours, model, args)
     model = model.to(device=device, dtype=dtype)
-    model = get_peft_model(model, PeftLoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                                 target_modules=HF_TARGETS))
+    model = get_peft_model(
+        model,
+        PeftLoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=HF_TARGETS),
+    )
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -84,17 +86,21 @@ def _copy_weights(src: Transformer, dst, args: ModelArgs) -> None:
     dst.load_state_dict(state, strict=True)
 
 
-def tokens_per_s(step, tokens: torch.Tensor, labels: torch.Tensor, warmup: int, reps: int, sync) -> float:
-    for _ in range(warmup):
-        step(tokens, labels)
-    times = []
+def interleaved_tokens_per_s(steps, tokens, labels, warmup: int, reps: int, sync) -> list[float]:
+    """Tokens/s of each step function, timed in alternation (A B A B ...) so that drift in the
+    machine's speed affects both sides alike; median of ``reps`` rounds."""
+    for step in steps:
+        for _ in range(warmup):
+            step(tokens, labels)
+    times: list[list[float]] = [[] for _ in steps]
     for _ in range(reps):
-        sync()
-        start = time.perf_counter()
-        step(tokens, labels)
-        sync()
-        times.append(time.perf_counter() - start)
-    return tokens.numel() / statistics.median(times)
+        for i, step in enumerate(steps):
+            sync()
+            start = time.perf_counter()
+            step(tokens, labels)
+            sync()
+            times[i].append(time.perf_counter() - start)
+    return [tokens.numel() / statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -110,11 +116,18 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--rank", type=int, default=16)
     opts = parser.parse_args()
-    batch, seq, reps = (2, 256, 3) if opts.quick else (opts.batch, opts.seq, 5)
+    batch, seq, reps = (2, 256, 3) if opts.quick else (opts.batch, opts.seq, 7)
     dtype = getattr(torch, opts.dtype)
     torch.manual_seed(0)
-    args = ModelArgs(dim=opts.dim, n_layers=opts.layers, n_heads=opts.heads, vocab_size=32000,
-                     ffn_hidden_dim=opts.ffn, n_future_tokens=1, max_seq_len=max(seq, 2048))
+    args = ModelArgs(
+        dim=opts.dim,
+        n_layers=opts.layers,
+        n_heads=opts.heads,
+        vocab_size=32000,
+        ffn_hidden_dim=opts.ffn,
+        n_future_tokens=1,
+        max_seq_len=max(seq, 2048),
+    )
     base = Transformer(args)
     init_weights(base, seed=0)
     theirs_step = theirs(base, args, opts.rank, opts.device, dtype)
@@ -126,14 +139,17 @@ def main() -> None:
     half[:, : seq // 2] = -100
     figures = {}
     for case, labels in (("no_prompt", full), ("half_prompt", half)):
-        a = tokens_per_s(ours_step, tokens, labels, 1, reps, sync)
-        b = tokens_per_s(theirs_step, tokens, labels, 1, reps, sync)
+        a, b = interleaved_tokens_per_s([ours_step, theirs_step], tokens, labels, 1, reps, sync)
         figures[f"ours_tokens_per_s_{case}"] = round(a, 1)
         figures[f"hf_peft_tokens_per_s_{case}"] = round(b, 1)
         figures[f"ratio_{case}"] = round(a / b, 3)
-        print(f"{case:12s} ours {a:9.1f} tok/s   transformers+PEFT {b:9.1f} tok/s   ratio {a / b:.2f}x")
-    print(f"shape: B {batch} T {seq} d {opts.dim} layers {opts.layers} V 32000, LoRA r {opts.rank} "
-          f"on {','.join(TARGETS)}, {opts.dtype} on {opts.device}")
+        print(
+            f"{case:12s} ours {a:9.1f} tok/s   transformers+PEFT {b:9.1f} tok/s   ratio {a / b:.2f}x"
+        )
+    print(
+        f"shape: B {batch} T {seq} d {opts.dim} layers {opts.layers} V 32000, LoRA r {opts.rank} "
+        f"on {','.join(TARGETS)}, {opts.dtype} on {opts.device}"
+    )
     print(json.dumps(figures))
 
 

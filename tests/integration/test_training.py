@@ -213,3 +213,24 @@ def test_fsdp2_two_processes_match_one(tiny_storage, tmp_path):
     checkpoint.load_into(trainer.model, tmp_path / "world2/final")
     loaded = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert all(torch.allclose(loaded[k], b[k]) for k in b)
+
+
+def test_metrics_reach_mlflow_without_secrets(tiny_storage, monkeypatch):
+    """The default tracking store: sqlite under the storage root; telemetry off; no token."""
+    monkeypatch.setenv("HF_TOKEN", "hf_do_not_log_me")
+    layout = StorageLayout(tiny_storage)
+    config = config_for("baseline", "run_name=mlflow", "log.mlflow=true", "train.max_steps=2")
+    final = train(config, layout)
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tiny_storage / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("baseline")
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string="attributes.run_name = 'mlflow'"
+    )
+    assert len(runs) == 1
+    history = client.get_metric_history(runs[0].info.run_id, "ce/head4")
+    assert [m.step for m in history] == [1, 2]
+    assert runs[0].data.params["train.recipe"] == "baseline"
+    dumped = json.dumps(runs[0].data.params) + (final.parent / "metrics.jsonl").read_text()
+    assert "hf_do_not_log_me" not in dumped

@@ -28,10 +28,7 @@ def test_every_shipped_config_loads_and_holds_only_differences(path):
 def test_both_config_folders_cover_the_same_recipes():
     local = {p.stem for p in (REPO / "configs/local").glob("*.yaml")}
     production = {p.stem for p in (REPO / "configs/production").glob("*.yaml")}
-    assert (
-        local == production
-        and {"baseline", "rho1", "ref_tuning", "ntp"} <= local
-    )
+    assert local == production and {"baseline", "rho1", "ref_tuning", "ntp"} <= local
 
 
 def test_overrides_are_typed(tmp_path):

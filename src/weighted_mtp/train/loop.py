@@ -253,11 +253,6 @@ class Trainer:
                 self.run_dir / "config.yaml",
                 yaml.safe_dump(config_to_dict(config), sort_keys=False),
             )
-        logger = MetricLogger(
-            self.run_dir, enabled=info.is_main,
-            mlflow_uri=self._mlflow_uri(), experiment=config.experiment,
-            run_name=self.run_dir.name, params=config_to_dict(config),
-        )  # fmt: skip
         batches = self.train_stream.iterate(self.state)
         progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -266,6 +261,15 @@ class Trainer:
             TimeRemainingColumn(),
             TextColumn("{task.fields[status]}"),
             disable=not info.is_main,
+        )
+        logger = MetricLogger(
+            self.run_dir,
+            enabled=info.is_main,
+            mlflow_uri=self._mlflow_uri(),
+            experiment=config.experiment,
+            run_name=self.run_dir.name,
+            params=config_to_dict(config),
+            console=progress.console.print,
         )
         with progress:
             task = progress.add_task(

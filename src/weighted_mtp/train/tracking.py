@@ -11,6 +11,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,10 @@ class MetricLogger:
         experiment: str = "wmtp",
         run_name: str | None = None,
         params: dict | None = None,
+        console: Callable[[str], None] | None = None,
     ):
         self.enabled = enabled
+        self.console = console
         self.path = run_dir / "metrics.jsonl"
         self._mlflow = None
         if not enabled:
@@ -54,6 +57,10 @@ class MetricLogger:
         record = {"step": step, "time": round(time.time(), 3), **clean}
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.console is not None:
+            self.console(
+                f"step {step}: " + "  ".join(_short(k, v) for k, v in clean.items() if _shown(k))
+            )
         if self._mlflow is not None:
             self._mlflow.log_metrics(
                 {k.replace("@", "_at_"): v for k, v in clean.items()}, step=step
@@ -65,11 +72,26 @@ class MetricLogger:
             self._mlflow = None
 
 
+SHOWN = ("loss", "ce", "val/ce", "lr", "grad_norm", "tokens_per_s", "rho1/selected_fraction")
+
+
+def _shown(key: str) -> bool:
+    return key in SHOWN or key.startswith(("ce/head", "val/ce/head"))
+
+
+def _short(key: str, value: float) -> str:
+    return f"{key} {value:.3g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{key} {value:.4f}"
+
+
 def _start_mlflow(uri: str, experiment: str, run_name: str | None, params: dict):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
     mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None and uri.startswith("sqlite:///"):
+        # Keep any artifacts beside the sqlite store, not in the current directory.
+        artifacts = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+        mlflow.create_experiment(experiment, artifact_location=artifacts.resolve().as_uri())
     mlflow.set_experiment(experiment)
     mlflow.start_run(run_name=run_name)
     flat = _flatten(params)
