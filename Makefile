@@ -21,6 +21,8 @@ micro: setup
 	$(BIN)/wmtp storage verify --check models
 
 test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -n 2 -q
 
 lint: setup
