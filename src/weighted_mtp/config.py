@@ -108,6 +108,12 @@ class WeightingConfig(Section):
     reference: str | None = None
     k_percent: float = Field(default=0.7, gt=0, le=1)
     score: Literal["signed", "absolute", "difficult"] = "signed"
+    control: Literal["none", "shuffled", "random_matched"] = "none"
+    """Control arms: the same weights moved to other tokens (``shuffled`` within each
+    sequence) or random weights matched in distribution (``random_matched``)."""
+    precompute_critic: bool = False
+    """Verifiable: compute the critic's values of every training example once, before
+    training, and free the critic."""
     precompute_reference: bool = False
     """Rho-1: compute the reference's per-token CE of every training example once, before
     training, and free the reference (instead of a reference forward every step)."""
@@ -117,6 +123,25 @@ class WeightingConfig(Section):
         if self.clip_min > self.clip_max:
             raise ValueError(f"clip_min {self.clip_min} > clip_max {self.clip_max}")
         return self
+
+
+class CriticConfig(Section):
+    """The value model trained by the ``critic`` recipe (ALGORITHMS 3)."""
+
+    head_type: Literal["linear", "sigmoid", "mlp"] = "mlp"
+    head_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    bias_init: float = 0.0
+    head_lr: float = Field(default=1e-4, gt=0)
+    loss: Literal["pairwise", "lambda_return", "mc"] = "pairwise"
+    loss_coef: float = 1.0
+    lambda_start: float = Field(default=1.0, ge=0, le=1)
+    lambda_end: float = Field(default=0.95, ge=0, le=1)
+    lambda_hold_steps: int = Field(default=250, ge=0)
+    lambda_decay_steps: int = Field(default=500, ge=0)
+    huber_delta: float | None = 0.5
+    """None selects squared error for the regression losses."""
+    train_backbone: bool = True
+    """LoRA on the backbone (``lora`` section); False trains the head only."""
 
 
 class CheckpointConfig(Section):
@@ -142,6 +167,7 @@ class Config(Section):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     weighting: WeightingConfig = WeightingConfig()
+    critic: CriticConfig = CriticConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
 

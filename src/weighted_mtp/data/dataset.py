@@ -19,7 +19,9 @@ from weighted_mtp.config import DataConfig, SamplingConfig
 from weighted_mtp.data.collate import (
     Batch,
     EncodedExample,
+    PairBatch,
     collate,
+    collate_pairs,
     encode_example,
     length_grouped_batches,
 )
@@ -63,6 +65,9 @@ class ExampleSet:
         return len(self.examples)
 
 
+PAIRED_MODES = ("pairwise", "length_balanced_pairs")
+
+
 def build_examples(
     files: SplitFiles,
     sampling: SamplingConfig,
@@ -73,33 +78,38 @@ def build_examples(
     world: int = 1,
     allow_fewer: bool = False,
 ) -> ExampleSet:
-    """Sample (pointwise: the correct side), shard by rank, read and encode."""
+    """Sample, shard by rank, read and encode. Pointwise modes give ``EncodedExample``s (the
+    correct side); pair modes give ``(correct, incorrect)`` tuples of them."""
     problem_index = load_problem_index(files.metadata)
     config = sampling.model_copy(update={"n_samples": n_samples})
     items = sample(problem_index, config, allow_fewer=allow_fewer)
-    indices = [int(_line_of(item)) for item in items]
     # Equal counts on every rank, so every rank runs the same number of steps.
-    mine = shard_for_rank(indices, rank, world)[: len(indices) // world]
+    mine = shard_for_rank(items, rank, world)[: len(items) // world]
+    paired = sampling.mode in PAIRED_MODES
+    lines = sorted({i for item in mine for i in _lines_of(item, paired)})
     reader = JsonlFile(files.jsonl)
     try:
-        records = reader.read(mine)
+        records = dict(zip(lines, reader.read(lines), strict=True))
     finally:
         reader.close()
     examples, kept, dropped = [], [], 0
-    for index, record in zip(mine, records, strict=True):
-        encoded = encode_example(
-            tokenizer, record["instruction"], record.get("input", ""), record["output"], max_length
-        )
-        if encoded is None:
+    for item in mine:
+        prompt = records[item.correct_idx]  # a pair shares the correct side's prompt
+        encoded = [
+            encode_example(tokenizer, prompt["instruction"], prompt.get("input", ""),
+                           records[i]["output"], max_length)
+            for i in _lines_of(item, paired)
+        ]  # fmt: skip
+        if any(e is None for e in encoded):
             dropped += 1
             continue
-        examples.append(encoded)
-        kept.append(index)
+        examples.append(tuple(encoded) if paired else encoded[0])
+        kept.append(list(_lines_of(item, paired)) if paired else item.correct_idx)
     manifest = {
         "file": str(files.jsonl),
         "mode": sampling.mode,
         "seed": sampling.seed,
-        "n_sampled": len(indices),
+        "n_sampled": len(items),
         "rank": rank,
         "world": world,
         "dropped_too_long": dropped,
@@ -108,10 +118,14 @@ def build_examples(
     return ExampleSet(examples, kept, manifest)
 
 
-def _line_of(item: Any) -> int:
-    if isinstance(item, dict):
-        return item["correct_idx"] if item.get("correct_idx") is not None else item["index"]
-    return item.correct_idx
+def _lines_of(item: Any, paired: bool) -> tuple[int, ...]:
+    return (item.correct_idx, item.incorrect_idx) if paired else (item.correct_idx,)
+
+
+def example_length(example: EncodedExample | tuple[EncodedExample, ...]) -> int:
+    if isinstance(example, tuple):
+        return max(e.length for e in example)
+    return example.length
 
 
 class BatchStream:
@@ -124,13 +138,16 @@ class BatchStream:
         self.batch_size = batch_size
         self.seed = seed
         self.pad_id = pad_id
-        self.lengths = [e.length for e in data.examples]
+        self.lengths = [example_length(e) for e in data.examples]
         # Precomputed per-token signals, one 1-D tensor per example (e.g. the reference's CE),
         # padded into ``batch.extras`` when batches are built.
         self.extras: dict[str, list[torch.Tensor]] = {}
 
-    def collate(self, chosen: list[int]) -> Batch:
-        batch = collate([self.data.examples[i] for i in chosen], self.pad_id)
+    def collate(self, chosen: list[int]) -> Batch | PairBatch:
+        examples = [self.data.examples[i] for i in chosen]
+        if isinstance(examples[0], tuple):
+            return collate_pairs([e[0] for e in examples], [e[1] for e in examples], self.pad_id)
+        batch = collate(examples, self.pad_id)
         length = batch.tokens.shape[1]
         for name, values in self.extras.items():
             padded = torch.zeros(len(chosen), length)
@@ -165,9 +182,8 @@ class BatchStream:
         ]
 
 
-def batch_tokens(batch: Batch) -> int:
-    return (
-        int(batch.attention_mask.sum())
-        if hasattr(batch, "attention_mask")
-        else int(torch.numel(batch.tokens))
-    )
+def batch_tokens(batch: Batch | PairBatch) -> int:
+    """Real (non-padding) tokens of a batch, both sides of a pair batch included."""
+    if isinstance(batch, PairBatch):
+        return batch_tokens(batch.pos) + batch_tokens(batch.neg)
+    return int(batch.attention_mask.sum())

@@ -22,7 +22,7 @@ import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from weighted_mtp.config import Config, OptimConfig, config_to_dict
-from weighted_mtp.data.dataset import BatchStream, build_examples, split_files
+from weighted_mtp.data.dataset import BatchStream, batch_tokens, build_examples, split_files
 from weighted_mtp.storage.io import write_json_atomic, write_text_atomic
 from weighted_mtp.storage.layout import StorageLayout
 from weighted_mtp.train import checkpoint, distributed, recipes
@@ -177,7 +177,7 @@ class Trainer:
                 part, part_stats = objective(self.model, batch, dens / world)
             loss += float(part) / world
             stats = stats + part_stats
-            tokens += int(batch.attention_mask.sum())
+            tokens += batch_tokens(batch)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in self.model.parameters() if p.requires_grad], self.config.optim.max_grad_norm
         )
