@@ -134,6 +134,7 @@ class CriticConfig(Section):
     head_lr: float = Field(default=1e-4, gt=0)
     loss: Literal["pairwise", "lambda_return", "mc"] = "pairwise"
     loss_coef: float = 1.0
+    lambda_schedule: Literal["constant", "linear", "cosine"] = "constant"
     lambda_start: float = Field(default=1.0, ge=0, le=1)
     lambda_end: float = Field(default=0.95, ge=0, le=1)
     lambda_hold_steps: int = Field(default=250, ge=0)

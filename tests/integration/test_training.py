@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 from tests.conftest import REPO
 from weighted_mtp.config import load_config
 from weighted_mtp.models import load_pretrained
+from weighted_mtp.storage.io import StorageError
 from weighted_mtp.storage.layout import StorageLayout
 from weighted_mtp.train import checkpoint
 from weighted_mtp.train.loop import Trainer, train
@@ -47,12 +49,12 @@ def trained(tiny_storage):
     """Every local config for 3 steps, in dependency order (rho1 needs ref_tuning)."""
     layout = StorageLayout(tiny_storage)
     finals = {}
-    for name in ("baseline", "ntp", "ref_tuning", "rho1"):
+    for name in ("baseline", "ntp", "ref_tuning", "rho1", "critic", "verifiable"):
         finals[name] = train(config_for(name, f"run_name={name}-run"), layout)
     return layout, finals
 
 
-@pytest.mark.parametrize("name", ["baseline", "ntp", "ref_tuning", "rho1"])
+@pytest.mark.parametrize("name", ["baseline", "ntp", "ref_tuning", "rho1", "critic", "verifiable"])
 def test_local_config_trains_three_steps(trained, name):
     _, finals = trained
     final = finals[name]
@@ -62,11 +64,22 @@ def test_local_config_trains_three_steps(trained, name):
     steps = [m for m in metrics if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in steps)
+    manifest = json.loads((run_dir / "manifest_train.json").read_text())
+    assert manifest["line_indices"]
+    if name == "critic":
+        assert {"pair_accuracy", "margin", "value_pos", "value_neg"} <= set(steps[0])
+        assert any("val/pair_accuracy" in m for m in metrics)
+        assert manifest["mode"] == "length_balanced_pairs"
+        info = json.loads((final / "wmtp_checkpoint.json").read_text())
+        assert info["value_head"]["head_type"] == "mlp" and info["value_head"]["hidden_size"] == 64
+        return
     heads = 1 if name in ("ntp", "ref_tuning") else 4
     assert {f"ce/head{k}" for k in range(1, heads + 1)} <= set(steps[0])
     assert any("val/ce" in m for m in metrics)
-    manifest = json.loads((run_dir / "manifest_train.json").read_text())
-    assert manifest["line_indices"] and manifest["mode"] == "correct_of_pairs"
+    assert manifest["mode"] == "correct_of_pairs"
+    if name == "verifiable":
+        for m in steps:
+            assert 0.1 <= m["td/weight_mean"] <= 3.0 and 0 <= m["td/clip_high_frac"] <= 1
     assert (run_dir / "step_00000002").is_dir() and not (run_dir / "step_00000003").exists()
     if name == "rho1":
         fractions = [m["rho1/selected_fraction"] for m in steps]
@@ -84,6 +97,44 @@ def test_rho1_precomputed_reference_matches_online(trained):
     assert [m["rho1/selected_fraction"] for m in pre] == pytest.approx(
         [m["rho1/selected_fraction"] for m in online], abs=1e-3
     )
+
+
+def test_verifiable_precomputed_values_and_exact_resume(trained):
+    layout, finals = trained
+    online = [m for m in read_metrics(finals["verifiable"].parent / "metrics.jsonl") if "loss" in m]
+    final = train(
+        config_for("verifiable", "run_name=ver-pre", "weighting.precompute_critic=true"), layout
+    )
+    pre = [m for m in read_metrics(final.parent / "metrics.jsonl") if "loss" in m]
+    assert [m["loss"] for m in pre] == pytest.approx([m["loss"] for m in online], abs=1e-4)
+    # resume from the step-2 checkpoint: the EMA of the advantages must come back exactly
+    run = finals["verifiable"].parent
+    resumed_dir = run.parent / "ver-resumed"
+    shutil.copytree(run, resumed_dir)
+    shutil.rmtree(resumed_dir / "final")
+    train(config_for("verifiable", "run_name=ver-resumed", "checkpoint.resume=true"), layout)
+    a, b = checkpoint.load_tensors(run / "final"), checkpoint.load_tensors(resumed_dir / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state_a = torch.load(run / "final/train_state.pt", weights_only=True)["extra"]["weighting"]
+    state_b = torch.load(resumed_dir / "final/train_state.pt", weights_only=True)["extra"][
+        "weighting"
+    ]
+    assert state_a == state_b and state_a
+
+
+def test_bad_critic_fails_before_training(trained, tmp_path):
+    layout, finals = trained
+    with pytest.raises(StorageError, match="no finished training checkpoint"):
+        Trainer(config_for("verifiable", "weighting.critic_checkpoint=checkpoints/nothing"), layout)
+    broken = tmp_path / "critic"
+    shutil.copytree(finals["critic"], broken)
+    info = json.loads((broken / "wmtp_checkpoint.json").read_text())
+    info["value_head"]["hidden_size"] = 2560
+    (broken / "wmtp_checkpoint.json").write_text(json.dumps(info))
+    with pytest.raises(
+        ValueError, match="critic checkpoint hidden size 2560 does not match the backbone's 64"
+    ):
+        Trainer(config_for("verifiable", f"weighting.critic_checkpoint={broken}"), layout)
 
 
 def test_head_coefficients_can_be_scheduled(tiny_storage):

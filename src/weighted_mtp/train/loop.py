@@ -231,6 +231,7 @@ class Trainer:
                 "recipe": self.recipe.name, "base_model": self.recipe.base_model,
                 "n_heads": self.recipe.objective.n_heads, "step": self.state.step,
                 "experiment": self.config.experiment, "run": self.run_dir.name,
+                **self.recipe.checkpoint_info,
             })  # fmt: skip
         distributed.barrier()
         return path

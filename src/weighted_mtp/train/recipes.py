@@ -23,7 +23,14 @@ from weighted_mtp.models.transformer import Transformer
 from weighted_mtp.storage.io import StorageError
 from weighted_mtp.storage.layout import StorageLayout
 from weighted_mtp.train.objectives import mtp_forward_backward, valid_rows
-from weighted_mtp.train.weighting import Rho1, Uniform, Weighting, precompute_reference_ce
+from weighted_mtp.train.weighting import (
+    CriticTD,
+    Rho1,
+    Uniform,
+    Weighting,
+    critic_values_for,
+    precompute_reference_ce,
+)
 
 CHECKPOINT_INFO = "wmtp_checkpoint.json"
 
@@ -137,7 +144,7 @@ class MTPObjective:
     chunk_rows: int = 4096
 
     def denominators(self, batch: Any) -> torch.Tensor:
-        return self.weighting.denominators(batch.labels, self.n_heads)
+        return self.weighting.denominators(batch, self.n_heads)
 
     def __call__(
         self, model: nn.Module, batch: Any, denominators: torch.Tensor | None, backward: bool = True
@@ -190,6 +197,8 @@ class Recipe:
     frozen: list[nn.Module] = field(default_factory=list)
     param_groups: Callable[[nn.Module], list[dict]] | None = None
     prepare: Callable[[list[BatchStream], torch.device, int], None] | None = None
+    checkpoint_info: dict = field(default_factory=dict)
+    """Extra entries of ``wmtp_checkpoint.json`` (e.g. the value head's type and sizes)."""
     """Runs once on the train and validation streams before training (precomputation)."""
 
 
@@ -280,7 +289,95 @@ def rho1(config: Config, layout: StorageLayout, device: torch.device) -> Recipe:
     return recipe
 
 
+def critic(config: Config, layout: StorageLayout, device: torch.device) -> Recipe:
+    """A value model (the reference LM's trunk + a value head) on correct/incorrect pairs."""
+    from weighted_mtp.models.value import ValueHeadConfig, ValueModel
+    from weighted_mtp.train.value_objectives import CriticObjective, LambdaSchedule
+
+    model_dir = resolve_model_path(layout, config.model.path)
+    crit = config.critic
+    head = ValueHeadConfig(crit.head_type, None, crit.head_dropout, crit.bias_init)
+    model = ValueModel.from_pretrained(model_dir, head, DTYPES[config.model.dtype], device)
+    lora = None
+    if config.lora.enabled and crit.train_backbone:
+        lora = apply_lora(model.backbone, config.lora)
+    else:
+        model.backbone.requires_grad_(False)
+    model.head.requires_grad_(True)
+    model.backbone.activation_checkpointing = config.model.activation_checkpointing
+    schedule = LambdaSchedule(crit.lambda_schedule, crit.lambda_start, crit.lambda_end,
+                              crit.lambda_hold_steps, crit.lambda_decay_steps)  # fmt: skip
+    objective = CriticObjective(
+        loss=crit.loss, coef=crit.loss_coef,
+        regression="mse" if crit.huber_delta is None else "huber",
+        huber_delta=crit.huber_delta or 0.5, lam=schedule,
+    )  # fmt: skip
+
+    def param_groups(m: nn.Module) -> list[dict]:
+        trainable = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+        body = [p for n, p in trainable if not n.startswith("head.")]
+        groups = [
+            {"params": [p for n, p in trainable if n.startswith("head.")], "lr": crit.head_lr}
+        ]
+        return groups + ([{"params": body}] if body else [])
+
+    return Recipe("critic", model.train(), tokenizer_for(layout, model_dir), objective,
+                  config.model.path, lora, param_groups=param_groups,
+                  checkpoint_info={"value_head": model.head_config})  # fmt: skip
+
+
+def load_critic(
+    ckpt_dir: Path,
+    layout: StorageLayout,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """A trained critic checkpoint as a frozen value model (head type and sizes from the
+    checkpoint itself, so nothing is guessed)."""
+    from weighted_mtp.models.value import load_value_model
+    from weighted_mtp.train.checkpoint import load_tensors
+
+    info = json.loads((ckpt_dir / CHECKPOINT_INFO).read_text())
+    if "value_head" not in info:
+        raise StorageError(f"{ckpt_dir}: not a critic checkpoint (recipe {info.get('recipe')!r})")
+    tensors = load_tensors(ckpt_dir)
+    head = {k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")}
+    lora = {k: v for k, v in tensors.items() if ".lora_" in k}
+    adapter = ckpt_dir / "adapter_config.json"
+    return load_value_model(
+        resolve_model_path(layout, info["base_model"]), info["value_head"], head,
+        lora or None, json.loads(adapter.read_text()) if adapter.is_file() else None,
+        dtype=dtype, device=device,
+    )  # fmt: skip
+
+
+def verifiable(config: Config, layout: StorageLayout, device: torch.device) -> Recipe:
+    """The MTP policy with TD weights from a frozen critic (GAE -> EMA whitening -> exp)."""
+    if not config.weighting.critic_checkpoint:
+        raise ValueError("verifiable needs weighting.critic_checkpoint (a critic run)")
+    critic_model = load_critic(resolve_checkpoint(layout, config.weighting.critic_checkpoint),
+                               layout, DTYPES[config.model.dtype], device)  # fmt: skip
+    weighting = CriticTD(critic_model, config.weighting, config.train.normalization,
+                         control=config.weighting.control, seed=config.train.seed)  # fmt: skip
+    recipe = _policy_recipe(config, layout, device, weighting)
+    recipe.frozen.append(critic_model)
+    if config.weighting.precompute_critic:
+
+        def prepare(streams: list[BatchStream], device: torch.device, batch_size: int) -> None:
+            for stream in streams:
+                stream.extras["values"] = critic_values_for(
+                    stream, critic_model, device, batch_size
+                )
+            weighting.critic = None  # every batch now carries the critic's values
+            recipe.frozen.clear()
+
+        recipe.prepare = prepare
+    return recipe
+
+
 RECIPES: dict[str, Callable[[Config, StorageLayout, torch.device], Recipe]] = {
+    "critic": critic,
+    "verifiable": verifiable,
     "baseline": baseline,
     "ntp": ntp,
     "ref_tuning": ref_tuning,

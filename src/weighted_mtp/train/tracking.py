@@ -72,7 +72,10 @@ class MetricLogger:
             self._mlflow = None
 
 
-SHOWN = ("loss", "ce", "val/ce", "lr", "grad_norm", "tokens_per_s", "rho1/selected_fraction")
+SHOWN = (
+    "loss", "ce", "val/ce", "val/loss", "lr", "grad_norm", "tokens_per_s",
+    "rho1/selected_fraction", "pair_accuracy", "val/pair_accuracy", "margin", "td/weight_mean",
+)  # fmt: skip
 
 
 def _shown(key: str) -> bool:

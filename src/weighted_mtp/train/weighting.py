@@ -25,7 +25,7 @@ from weighted_mtp.train.objectives import IGNORE_INDEX, WeightFn, head_denominat
 class Weighting(Protocol):
     name: str
 
-    def denominators(self, labels: Tensor, n_heads: int) -> Tensor: ...
+    def denominators(self, batch: Any, n_heads: int) -> Tensor: ...
     def dense_weights(self, batch: Any, n_heads: int) -> Tensor | None: ...
     def weight_fn(self, batch: Any) -> WeightFn | None: ...
     def on_step_end(self) -> None: ...
@@ -42,8 +42,8 @@ class Uniform:
     def __init__(self, normalization: str = "weight_sum"):
         self.normalization = normalization
 
-    def denominators(self, labels: Tensor, n_heads: int) -> Tensor:
-        return head_denominators(labels, None, n_heads, self.normalization)
+    def denominators(self, batch: Any, n_heads: int) -> Tensor:
+        return head_denominators(batch.labels, None, n_heads, self.normalization)
 
     def dense_weights(self, batch: Any, n_heads: int) -> Tensor | None:
         return None
@@ -117,8 +117,8 @@ class Rho1:
         self._selected_sum = 0.0
         self._valid_sum = 0.0
 
-    def denominators(self, labels: Tensor, n_heads: int) -> Tensor:
-        counts = head_denominators(labels, None, n_heads, "token_count")
+    def denominators(self, batch: Any, n_heads: int) -> Tensor:
+        counts = head_denominators(batch.labels, None, n_heads, "token_count")
         return counts * self.k_percent if self.normalization == "weight_sum" else counts
 
     def dense_weights(self, batch: Any, n_heads: int) -> Tensor | None:
@@ -367,12 +367,9 @@ class CriticTD:
     ``self.training`` is True. The loop's validation never calls ``denominators`` (it passes
     no denominator), so ``dense_weights`` alone computes weights with the frozen training
     statistics and updates nothing; ``with weighting.frozen():`` makes it explicit anyway.
-    ``denominators`` needs the batch (tokens, extras), not only the labels: see
-    :func:`weighting_denominators`.
     """
 
     name = "critic_td"
-    needs_batch = True
 
     def __init__(
         self,
@@ -436,8 +433,6 @@ class CriticTD:
         return w
 
     def denominators(self, batch: Any, n_heads: int) -> Tensor:
-        if isinstance(batch, Tensor):
-            raise TypeError("CriticTD.denominators needs the batch; use weighting_denominators")
         adv, mask = self.advantages(batch)
         generator = control_generator(self.seed, self.step, self._micro, stream=0)
         self._micro += 1
@@ -521,14 +516,6 @@ class CriticTD:
             self.ema.load_state_dict(state["ema"])
         self.step = state.get("step", 0)
         self._cache.clear()
-
-
-def weighting_denominators(weighting: Weighting, batch: Any, n_heads: int) -> Tensor:
-    """``weighting.denominators`` with the whole batch for weightings that need it (CriticTD
-    computes its weights, hence its weight-sum normaliser, from tokens and extras)."""
-    if getattr(weighting, "needs_batch", False):
-        return weighting.denominators(batch, n_heads)
-    return weighting.denominators(batch.labels, n_heads)
 
 
 def critic_values_for(
