@@ -149,6 +149,9 @@ class CheckpointConfig(Section):
     every: int = Field(default=500, ge=1)
     keep_last: int = Field(default=2, ge=1)
     resume: bool = False
+    best_metric: str | None = None
+    """Also keep ``best/``: the checkpoint with the best value of this validation metric."""
+    best_mode: Literal["min", "max"] = "min"
 
 
 class LogConfig(Section):

@@ -72,6 +72,10 @@ def test_local_config_trains_three_steps(trained, name):
         assert manifest["mode"] == "length_balanced_pairs"
         info = json.loads((final / "wmtp_checkpoint.json").read_text())
         assert info["value_head"]["head_type"] == "mlp" and info["value_head"]["hidden_size"] == 64
+        diagnostics = json.loads((run_dir / "critic_diagnostics.json").read_text())
+        assert diagnostics["pairs"] > 0 and 0 <= diagnostics["length_only_accuracy"] <= 1
+        assert {"pair_accuracy", "by_length_bin", "by_difficulty"} <= set(diagnostics)
+        assert (run_dir / "best" / "wmtp_checkpoint.json").is_file()
         return
     heads = 1 if name in ("ntp", "ref_tuning") else 4
     assert {f"ce/head{k}" for k in range(1, heads + 1)} <= set(steps[0])

@@ -60,6 +60,8 @@ class ExampleSet:
     examples: list[EncodedExample]
     line_indices: list[int]
     manifest: dict[str, Any] = field(default_factory=dict)
+    problem_ids: list[str] = field(default_factory=list)
+    difficulty: dict[str, int | None] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -92,7 +94,7 @@ def build_examples(
         records = dict(zip(lines, reader.read(lines), strict=True))
     finally:
         reader.close()
-    examples, kept, dropped = [], [], 0
+    examples, kept, problem_ids, dropped = [], [], [], 0
     for item in mine:
         prompt = records[item.correct_idx]  # a pair shares the correct side's prompt
         encoded = [
@@ -105,6 +107,7 @@ def build_examples(
             continue
         examples.append(tuple(encoded) if paired else encoded[0])
         kept.append(list(_lines_of(item, paired)) if paired else item.correct_idx)
+        problem_ids.append(item.problem_id)
     manifest = {
         "file": str(files.jsonl),
         "mode": sampling.mode,
@@ -115,7 +118,11 @@ def build_examples(
         "dropped_too_long": dropped,
         "line_indices": kept,
     }
-    return ExampleSet(examples, kept, manifest)
+    difficulty = {
+        pid: problem_index["problem_index_map"].get(pid, {}).get("difficulty")
+        for pid in set(problem_ids)
+    }
+    return ExampleSet(examples, kept, manifest, problem_ids, difficulty)
 
 
 def _lines_of(item: Any, paired: bool) -> tuple[int, ...]:

@@ -141,6 +141,7 @@ class Trainer:
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.run_dir / "manifest_train.json", train.manifest)
+        self.val_stream = streams[1] if len(streams) > 1 else None
         return streams[0], streams[1].all_batches() if len(streams) > 1 else []
 
     def coefficients(self) -> list[float] | None:
@@ -220,7 +221,7 @@ class Trainer:
     # ---- checkpoints ----
 
     def save(self, name: str) -> Path:
-        self.state.extra = {"weighting": self.recipe.objective.weighting.state_dict()}
+        self.state.extra["weighting"] = self.recipe.objective.weighting.state_dict()
         path = checkpoint.save(
             self.run_dir, name, self.model, self.optimizer, self.scheduler, self.state,
             self.recipe.lora_config, self.info.is_main,
@@ -298,19 +299,36 @@ class Trainer:
                 if self.state.step % config.log.every == 0 or self.state.step == 1:
                     logger.log(metrics, self.state.step)
                 if self.val_batches and self.state.step % config.log.val_every == 0:
-                    logger.log(self.validate(), self.state.step)
+                    self.after_validation(self.validate(), logger)
                 if (
                     self.state.step % config.checkpoint.every == 0
                     and self.state.step < self.total_steps
                 ):
                     self.save(f"step_{self.state.step:08d}")
-        if self.val_batches:
-            logger.log(self.validate(), self.state.step)
+        if self.val_batches and self.state.step % config.log.val_every != 0:
+            self.after_validation(self.validate(), logger)
         final = self.save("final")
+        if self.recipe.on_finish is not None and info.is_main:
+            self.recipe.on_finish(self.model, self.val_stream, self.run_dir, self.device)
         logger.close()
         if info.is_main:
             print(f"final checkpoint: {final}", flush=True)
         return final
+
+    def after_validation(self, metrics: dict[str, float], logger: MetricLogger) -> None:
+        """Log validation metrics; keep ``best/`` when the chosen metric improves."""
+        logger.log(metrics, self.state.step)
+        name, mode = self.config.checkpoint.best_metric, self.config.checkpoint.best_mode
+        if name is None:
+            return
+        if name not in metrics:
+            raise ValueError(
+                f"checkpoint.best_metric {name!r} is not a validation metric: {sorted(metrics)}"
+            )
+        value, best = metrics[name], self.state.extra.get("best")
+        if best is None or (value < best if mode == "min" else value > best):
+            self.state.extra["best"] = value
+            self.save("best")
 
     def _mlflow_uri(self) -> str | None:
         if not self.config.log.mlflow:

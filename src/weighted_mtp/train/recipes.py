@@ -20,7 +20,7 @@ from weighted_mtp.data.dataset import BatchStream
 from weighted_mtp.models.checkpoints import DTYPES, load_pretrained
 from weighted_mtp.models.tokenizer import Tokenizer
 from weighted_mtp.models.transformer import Transformer
-from weighted_mtp.storage.io import StorageError
+from weighted_mtp.storage.io import StorageError, write_json_atomic
 from weighted_mtp.storage.layout import StorageLayout
 from weighted_mtp.train.objectives import mtp_forward_backward, valid_rows
 from weighted_mtp.train.weighting import (
@@ -197,6 +197,8 @@ class Recipe:
     frozen: list[nn.Module] = field(default_factory=list)
     param_groups: Callable[[nn.Module], list[dict]] | None = None
     prepare: Callable[[list[BatchStream], torch.device, int], None] | None = None
+    on_finish: Callable[[nn.Module, BatchStream | None, Path, torch.device], None] | None = None
+    """Runs once on rank 0 after the final checkpoint (e.g. the critic's diagnostics)."""
     checkpoint_info: dict = field(default_factory=dict)
     """Extra entries of ``wmtp_checkpoint.json`` (e.g. the value head's type and sizes)."""
     """Runs once on the train and validation streams before training (precomputation)."""
@@ -323,7 +325,25 @@ def critic(config: Config, layout: StorageLayout, device: torch.device) -> Recip
 
     return Recipe("critic", model.train(), tokenizer_for(layout, model_dir), objective,
                   config.model.path, lora, param_groups=param_groups,
-                  checkpoint_info={"value_head": model.head_config})  # fmt: skip
+                  checkpoint_info={"value_head": model.head_config},
+                  on_finish=write_critic_diagnostics)  # fmt: skip
+
+
+def write_critic_diagnostics(
+    model: nn.Module, val: BatchStream | None, run_dir: Path, device: torch.device
+) -> None:
+    """``critic_diagnostics.json``: is the critic more than a length detector?"""
+    from weighted_mtp.train.value_objectives import critic_diagnostics
+
+    if val is None:
+        return
+    report = critic_diagnostics(model, val, device)
+    write_json_atomic(run_dir / "critic_diagnostics.json", report)
+    print(
+        f"critic: pair accuracy {report['pair_accuracy']:.3f}, length-only predictor "
+        f"{report['length_only_accuracy']:.3f} on {report['pairs']} validation pairs",
+        flush=True,
+    )
 
 
 def load_critic(

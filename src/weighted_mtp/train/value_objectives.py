@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -320,3 +321,63 @@ class CriticObjective:
             token_var=ratio("token_var", "sequences"),
         )
         return metrics
+
+
+@torch.no_grad()
+def critic_diagnostics(
+    model: torch.nn.Module, stream: Any, device: torch.device, batch_size: int = 8
+) -> dict[str, Any]:
+    """Pairwise accuracy overall, by length bucket and by difficulty, next to the accuracy
+    of a length-only predictor ("the shorter solution is the correct one") on the same pairs.
+    A critic that does no better than that predictor has learnt length, not correctness."""
+    from weighted_mtp.data.sampling import length_bin_label
+
+    was_training = model.training
+    model.eval()
+    rows: list[tuple[bool, float, int, int, str]] = []
+    for start in range(0, len(stream.data.examples), batch_size):
+        chosen = list(range(start, min(start + batch_size, len(stream.data.examples))))
+        batch = stream.collate(chosen).to(device)
+        stacked = batch.stacked()
+        values = model(stacked.tokens).float()
+        mask = (stacked.labels != -100).float()
+        means = (values * mask).sum(1) / mask.sum(1).clamp(min=1)
+        lengths = mask.sum(1).long().tolist()
+        p = len(chosen)
+        for row, i in enumerate(chosen):
+            shorter = (
+                1.0
+                if lengths[row] < lengths[p + row]
+                else 0.5
+                if lengths[row] == lengths[p + row]
+                else 0.0
+            )
+            pid = stream.data.problem_ids[i] if stream.data.problem_ids else ""
+            rows.append(
+                (bool(means[row] > means[p + row]), shorter, lengths[row], lengths[p + row], pid)
+            )
+    model.train(was_training)
+
+    def accuracy(selected: list) -> dict[str, float]:
+        return {
+            "pairs": len(selected),
+            "accuracy": sum(r[0] for r in selected) / max(1, len(selected)),
+        }
+
+    by_length: dict[str, list] = {}
+    by_difficulty: dict[str, list] = {}
+    bins = [0, 100, 150, 200, 300, 500, 1000, 2000]
+    for row in rows:
+        by_length.setdefault(length_bin_label((row[2] + row[3]) // 2, bins), []).append(row)
+        difficulty = stream.data.difficulty.get(row[4]) if stream.data.difficulty else None
+        by_difficulty.setdefault(str(difficulty), []).append(row)
+    n = max(1, len(rows))
+    return {
+        "pairs": len(rows),
+        "pair_accuracy": sum(r[0] for r in rows) / n,
+        "length_only_accuracy": sum(r[1] for r in rows) / n,
+        "mean_length_correct": sum(r[2] for r in rows) / n,
+        "mean_length_incorrect": sum(r[3] for r in rows) / n,
+        "by_length_bin": {k: accuracy(v) for k, v in sorted(by_length.items())},
+        "by_difficulty": {k: accuracy(v) for k, v in sorted(by_difficulty.items())},
+    }
