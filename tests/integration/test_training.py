@@ -111,6 +111,16 @@ def test_verifiable_precomputed_values_and_exact_resume(trained):
     )
     pre = [m for m in read_metrics(final.parent / "metrics.jsonl") if "loss" in m]
     assert [m["loss"] for m in pre] == pytest.approx([m["loss"] for m in online], abs=1e-4)
+    cached = list((layout.root / "cache/critic_values").glob("*.safetensors"))
+    assert len(cached) == 2  # train and validation sets
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    again = train(
+        config_for("verifiable", "run_name=ver-pre2", "weighting.precompute_critic=true"), layout
+    )
+    assert [m["loss"] for m in read_metrics(again.parent / "metrics.jsonl") if "loss" in m] == [
+        m["loss"] for m in pre
+    ]
+    assert [p.stat().st_mtime_ns for p in cached] == stamps  # read from the cache, not recomputed
     # resume from the step-2 checkpoint: the EMA of the advantages must come back exactly
     run = finals["verifiable"].parent
     resumed_dir = run.parent / "ver-resumed"
@@ -177,13 +187,13 @@ def test_every_head_block_is_trained_and_reloads(trained):
         assert not torch.allclose(base(tokens)[:, :, 3], got[:, :, 3], atol=1e-6)
 
 
-def _run_cli(storage, *args, wait=True):
+def _run_cli(storage, *args, wait=True, recipe="baseline"):
     cmd = [
         sys.executable,
         "-m",
         "weighted_mtp",
         "train",
-        str(REPO / "configs/local/baseline.yaml"),
+        str(REPO / f"configs/local/{recipe}.yaml"),
         "--storage",
         str(storage),
         *FAST[1:],
@@ -198,12 +208,14 @@ def _run_cli(storage, *args, wait=True):
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_is_bitwise_exact(tiny_storage):
+@pytest.mark.parametrize("recipe", ["baseline", "verifiable"])
+def test_sigkill_and_resume_is_bitwise_exact(trained, tiny_storage, recipe):
+    """Verifiable also checks that the EMA of the critic's advantages comes back exactly."""
     common = ["train.max_steps=6", "checkpoint.every=2", "lora.dropout=0.1"]
-    full = _run_cli(tiny_storage, *common, "run_name=uninterrupted")
+    full = _run_cli(tiny_storage, *common, "run_name=uninterrupted", recipe=recipe)
     assert full.returncode == 0, full.stderr[-2000:]
-    run_dir = tiny_storage / "checkpoints/baseline/killed"
-    proc = _run_cli(tiny_storage, *common, "run_name=killed", wait=False)
+    run_dir = tiny_storage / f"checkpoints/{recipe}/killed"
+    proc = _run_cli(tiny_storage, *common, "run_name=killed", wait=False, recipe=recipe)
     deadline = time.time() + 300
     while not (run_dir / "step_00000004").is_dir():
         assert proc.poll() is None and time.time() < deadline, "run ended before its 2nd checkpoint"
@@ -211,13 +223,18 @@ def test_sigkill_and_resume_is_bitwise_exact(tiny_storage):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "final").exists()
-    resumed = _run_cli(tiny_storage, *common, "run_name=killed", "checkpoint.resume=true")
+    resumed = _run_cli(
+        tiny_storage, *common, "run_name=killed", "checkpoint.resume=true", recipe=recipe
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
-    a = checkpoint.load_tensors(tiny_storage / "checkpoints/baseline/uninterrupted/final")
+    a = checkpoint.load_tensors(tiny_storage / f"checkpoints/{recipe}/uninterrupted/final")
     b = checkpoint.load_tensors(run_dir / "final")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    states = [torch.load(d / "final/train_state.pt", weights_only=True)["extra"]["weighting"]
+              for d in (run_dir, run_dir.parent / "uninterrupted")]  # fmt: skip
+    assert states[0] == states[1]
 
 
 def test_bad_config_is_one_line(tiny_storage, tmp_path):
@@ -289,3 +306,19 @@ def test_metrics_reach_mlflow_without_secrets(tiny_storage, monkeypatch):
     assert runs[0].data.params["train.recipe"] == "baseline"
     dumped = json.dumps(runs[0].data.params) + (final.parent / "metrics.jsonl").read_text()
     assert "hf_do_not_log_me" not in dumped
+
+
+@pytest.mark.parametrize("control", ["shuffled", "random_matched"])
+def test_control_arms_move_the_same_amount_of_weight(trained, control):
+    layout, finals = trained
+    plain = [m for m in read_metrics(finals["rho1"].parent / "metrics.jsonl") if "loss" in m]
+    final = train(
+        config_for("rho1", f"run_name=rho1-{control}", f"weighting.control={control}"), layout
+    )
+    steps = [m for m in read_metrics(final.parent / "metrics.jsonl") if "loss" in m]
+    if control == "shuffled":  # each sequence keeps its number of selected tokens
+        assert [m["weight_mean/head1"] for m in steps] == pytest.approx(
+            [m["weight_mean/head1"] for m in plain], abs=1e-6
+        )
+    assert all(0.4 <= m["weight_mean/head1"] <= 0.8 for m in steps)
+    assert [m["loss"] for m in steps] != pytest.approx([m["loss"] for m in plain], abs=1e-6)

@@ -6,6 +6,7 @@ trains, which frozen models it needs, and how tokens are weighted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -129,6 +130,40 @@ def resolve_checkpoint(layout: StorageLayout, path: str) -> Path:
     if not finals:
         raise StorageError(f"{candidate}: no finished training checkpoint (run that recipe first)")
     return finals[-1]
+
+
+def checkpoint_fingerprint(ckpt_dir: Path) -> str:
+    """SHA-256 over a checkpoint's tensors and info: a cache key part that changes with it."""
+    digest = hashlib.sha256()
+    for name in ("wmtp_checkpoint.json", "adapter_model.safetensors", "extra.safetensors",
+                 "model.safetensors"):  # fmt: skip
+        if (ckpt_dir / name).is_file():
+            digest.update(name.encode() + (ckpt_dir / name).read_bytes())
+    return digest.hexdigest()
+
+
+def cached_per_example(
+    layout: StorageLayout, kind: str, key: dict, stream: BatchStream, compute: Callable[[], list]
+) -> list[torch.Tensor]:
+    """Per-example 1-D signals of ``stream`` from ``storage/cache/<kind>/<key>.safetensors``,
+    computed by ``compute()`` and stored on a miss. The key covers the frozen model's
+    checkpoint and the exact data (file, sampled lines, length cap), so a stale cache is
+    never read."""
+    from safetensors.torch import load_file, save_file
+
+    from weighted_mtp.storage.io import atomic_path
+
+    payload = {**key, "file": stream.data.manifest.get("file"), "lines": stream.data.line_indices}
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    path = layout.root / "cache" / kind / f"{digest[:32]}.safetensors"
+    if path.is_file():
+        data = load_file(path)
+        return list(torch.split(data["values"], data["lengths"].tolist()))
+    values = compute()
+    lengths = torch.tensor([v.numel() for v in values], dtype=torch.long)
+    with atomic_path(path) as tmp:
+        save_file({"values": torch.cat(values).float().contiguous(), "lengths": lengths}, tmp)
+    return values
 
 
 # ---- objective ----
@@ -265,25 +300,33 @@ def ref_tuning(config: Config, layout: StorageLayout, device: torch.device) -> R
 def rho1(config: Config, layout: StorageLayout, device: torch.device) -> Recipe:
     if not config.weighting.reference:
         raise ValueError("rho1 needs weighting.reference (a ref_tuning checkpoint)")
+    ref_ckpt = resolve_checkpoint(layout, config.weighting.reference)
     reference = load_trained(
-        resolve_checkpoint(layout, config.weighting.reference),
+        ref_ckpt,
         layout,
         dtype=DTYPES[config.model.dtype],
         device=device,
     )
     reference.requires_grad_(False)
     weighting = Rho1(
-        reference, config.weighting.k_percent, config.weighting.score, config.train.normalization
+        reference,
+        config.weighting.k_percent,
+        config.weighting.score,
+        config.train.normalization,
+        config.weighting.control,
+        config.train.seed,
     )
     recipe = _policy_recipe(config, layout, device, weighting)
     recipe.frozen.append(reference)
     if config.weighting.precompute_reference:
+        key = {"reference": checkpoint_fingerprint(ref_ckpt), "max_length": config.data.max_length}
 
         def prepare(streams: list[BatchStream], device: torch.device, batch_size: int) -> None:
             for stream in streams:
-                stream.extras["ref_ce"] = precompute_reference_ce(
-                    reference, stream, device, batch_size
-                )
+                stream.extras["ref_ce"] = cached_per_example(
+                    layout, "reference_ce", key, stream,
+                    lambda s=stream: precompute_reference_ce(reference, s, device, batch_size),
+                )  # fmt: skip
             weighting.reference = None  # every batch now carries its reference CE
             recipe.frozen.clear()
 
@@ -372,22 +415,30 @@ def load_critic(
 
 
 def verifiable(config: Config, layout: StorageLayout, device: torch.device) -> Recipe:
-    """The MTP policy with TD weights from a frozen critic (GAE -> EMA whitening -> exp)."""
+    """The MTP policy with TD weights from a frozen critic (GAE -> EMA whitening -> exp).
+
+    With ``weighting.precompute_critic`` the critic's values of every example are computed
+    once (or read from ``storage/cache/critic_values/``) before training, and the critic is
+    not kept in memory.
+    """
     if not config.weighting.critic_checkpoint:
         raise ValueError("verifiable needs weighting.critic_checkpoint (a critic run)")
-    critic_model = load_critic(resolve_checkpoint(layout, config.weighting.critic_checkpoint),
-                               layout, DTYPES[config.model.dtype], device)  # fmt: skip
+    ckpt = resolve_checkpoint(layout, config.weighting.critic_checkpoint)
+    dtype = DTYPES[config.model.dtype]
+    critic_model = load_critic(ckpt, layout, dtype, device)
     weighting = CriticTD(critic_model, config.weighting, config.train.normalization,
                          control=config.weighting.control, seed=config.train.seed)  # fmt: skip
     recipe = _policy_recipe(config, layout, device, weighting)
     recipe.frozen.append(critic_model)
     if config.weighting.precompute_critic:
+        key = {"critic": checkpoint_fingerprint(ckpt), "max_length": config.data.max_length}
 
         def prepare(streams: list[BatchStream], device: torch.device, batch_size: int) -> None:
             for stream in streams:
-                stream.extras["values"] = critic_values_for(
-                    stream, critic_model, device, batch_size
-                )
+                stream.extras["values"] = cached_per_example(
+                    layout, "critic_values", key, stream,
+                    lambda s=stream: critic_values_for(s, critic_model, device, batch_size),
+                )  # fmt: skip
             weighting.critic = None  # every batch now carries the critic's values
             recipe.frozen.clear()
 

@@ -109,11 +109,17 @@ class Rho1:
         k_percent: float,
         score: str = "signed",
         normalization: str = "weight_sum",
+        control: str = "none",
+        seed: int = 0,
     ):
         self.reference = reference
         self.k_percent = k_percent
         self.score = score
         self.normalization = normalization
+        self.control = control
+        self.seed = seed
+        self.step = 0
+        self._micro = 0
         self._selected_sum = 0.0
         self._valid_sum = 0.0
 
@@ -141,6 +147,13 @@ class Rho1:
             if head == 0:
                 chosen = select_top(self._score(ce, ref_ce[batch_idx, target_pos]), self.k_percent)
                 selected[batch_idx, target_pos] = chosen
+                if self.control != "none":  # same count of selected tokens, other places
+                    valid = torch.zeros_like(selected)
+                    valid[batch_idx, target_pos] = 1.0
+                    generator = control_generator(self.seed, self.step, self._micro, stream=1)
+                    selected.copy_(apply_control(selected, valid, self.control, generator))
+                    self._micro += 1
+                    chosen = selected[batch_idx, target_pos]
                 self._selected_sum += float(chosen.sum())
                 self._valid_sum += chosen.numel()
                 return chosen
@@ -149,7 +162,8 @@ class Rho1:
         return fn
 
     def on_step_end(self) -> None:
-        pass
+        self.step += 1
+        self._micro = 0
 
     def metrics(self) -> dict[str, float]:
         if not self._valid_sum:
@@ -159,10 +173,10 @@ class Rho1:
         return {"rho1/selected_fraction": fraction}
 
     def state_dict(self) -> dict:
-        return {}
+        return {"step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        self.step = state.get("step", 0)
 
 
 def precompute_reference_ce(
