@@ -14,11 +14,14 @@ $(BIN)/wmtp: pyproject.toml
 
 setup: $(BIN)/wmtp
 
-# The main job until the quickstart lands: build the micro models (tokenizer included) offline on CPU.
+# The main job until the quickstart lands, offline on CPU: micro models (tokenizer included),
+# the four datasets from the bundled sources, verification, and a short baseline run.
 micro: setup
 	$(BIN)/wmtp storage models --create-micro --micro-type mtp --micro-init random
 	$(BIN)/wmtp storage models --create-micro --micro-type reference --micro-init random
-	$(BIN)/wmtp storage verify --check models
+	HF_HUB_OFFLINE=1 $(BIN)/wmtp storage datasets --datasets all --steps all
+	$(BIN)/wmtp storage verify --check all --include-small
+	$(BIN)/wmtp train configs/local/baseline.yaml log.mlflow=false
 
 test: setup
 	$(BIN)/ruff check .
