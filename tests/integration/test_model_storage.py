@@ -363,3 +363,23 @@ def test_download_uses_the_hub_client(tmp_path, monkeypatch, small_tokenizer):
     with pytest.raises(model_storage.StorageError) as err:
         model_storage.download(spec, model_storage.StorageLayout(tmp_path / "s2").model(spec.name))
     assert "accept its licence" in str(err.value) and "hf_secret_value" not in str(err.value)
+
+
+def test_hf_weights_in_meta_layout_convert_to_the_same_logits(tmp_path, small_tokenizer):
+    """transformers' logits == ours from a Meta raw folder converted by the seed command."""
+    from tests.unit.test_checkpoints import TOKENS as HF_TOKENS
+    from tests.unit.test_checkpoints import hf_state_in_meta_names, tiny_hf
+
+    hf = tiny_hf(n_kv_heads=2)
+    raw = tmp_path / "models/meta-llama-mtp/raw"
+    (raw / "7B_1T_4").mkdir(parents=True)
+    torch.save(hf_state_in_meta_names(hf), raw / "7B_1T_4/consolidated.pth")
+    params = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": -1,
+              "multiple_of": 32, "ffn_dim_multiplier": 0.57, "norm_eps": 1e-5}  # fmt: skip
+    (raw / "7B_1T_4/params.json").write_text(json.dumps(params))
+    shutil.copy(small_tokenizer, raw / "tokenizer.model")
+    result = run(SETUP, tmp_path, "--model", "meta-llama-mtp", "--steps", "convert,config,verify")
+    assert result.returncode == 0, result.stderr + result.stdout
+    ours = load_pretrained(tmp_path / "models/meta-llama-mtp", dtype=torch.float32)
+    with torch.no_grad():
+        assert (ours(HF_TOKENS)[:, :, 0] - hf(HF_TOKENS).logits).abs().max() <= 1e-4
