@@ -15,6 +15,7 @@ Verdicts: ``passed``, ``failed``, ``timeout``, ``memory``, ``syntax_error``, ``e
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -229,10 +230,31 @@ def _slots() -> queue.Queue[_Slot]:
         if _SLOTS is None:
             _SLOTS = queue.Queue()
             root = _uid_switch_available()
+            base = SLOT_UID_BASE + NUM_SLOTS * _claim_uid_block() if root else None
             for i in range(NUM_SLOTS):
-                uid = SLOT_UID_BASE + i if root else None
+                uid = base + i if base is not None else None
                 _SLOTS.put(_Slot(i, uid, uid))
         return _SLOTS
+
+
+_BLOCK_LOCK: Any = None
+
+
+def _claim_uid_block(blocks: int = 64) -> int:
+    """Claim a block of slot uids for this process, machine-wide (an flock held until exit):
+    two supervisors (e.g. parallel test workers) must never share a uid, because a slot's
+    clean-up kills every process of its uid."""
+    global _BLOCK_LOCK
+    for block in range(blocks):
+        handle = open(f"/tmp/.wmtp-sandbox-uids-{block}.lock", "a+")  # noqa: SIM115
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        _BLOCK_LOCK = handle
+        return block
+    raise RuntimeError("no free sandbox uid block (64 supervisors already running)")
 
 
 def isolation_report() -> dict[str, Any]:
