@@ -166,6 +166,26 @@ def cached_per_example(
     return values
 
 
+def precompute_hook(
+    recipe: Recipe, layout: StorageLayout, kind: str, extra: str, key: dict, config: Config,
+    compute: Callable[[BatchStream, torch.device, int], list[torch.Tensor]],
+    release: Callable[[], None],
+) -> Callable[[list[BatchStream], torch.device, int], None]:  # fmt: skip
+    """A ``Recipe.prepare`` that fills ``batch.extras[extra]`` of every stream from the cache
+    (or ``compute``), then drops the frozen model: training no longer needs it in memory."""
+    key = {**key, "max_length": config.data.max_length}
+
+    def prepare(streams: list[BatchStream], device: torch.device, batch_size: int) -> None:
+        for stream in streams:
+            stream.extras[extra] = cached_per_example(
+                layout, kind, key, stream, lambda s=stream: compute(s, device, batch_size)
+            )
+        release()
+        recipe.frozen.clear()
+
+    return prepare
+
+
 # ---- objective ----
 
 
@@ -319,18 +339,15 @@ def rho1(config: Config, layout: StorageLayout, device: torch.device) -> Recipe:
     recipe = _policy_recipe(config, layout, device, weighting)
     recipe.frozen.append(reference)
     if config.weighting.precompute_reference:
-        key = {"reference": checkpoint_fingerprint(ref_ckpt), "max_length": config.data.max_length}
 
-        def prepare(streams: list[BatchStream], device: torch.device, batch_size: int) -> None:
-            for stream in streams:
-                stream.extras["ref_ce"] = cached_per_example(
-                    layout, "reference_ce", key, stream,
-                    lambda s=stream: precompute_reference_ce(reference, s, device, batch_size),
-                )  # fmt: skip
+        def release() -> None:
             weighting.reference = None  # every batch now carries its reference CE
-            recipe.frozen.clear()
 
-        recipe.prepare = prepare
+        recipe.prepare = precompute_hook(
+            recipe, layout, "reference_ce", "ref_ce",
+            {"reference": checkpoint_fingerprint(ref_ckpt)}, config,
+            lambda stream, dev, bs: precompute_reference_ce(reference, stream, dev, bs), release,
+        )  # fmt: skip
     return recipe
 
 
@@ -431,18 +448,15 @@ def verifiable(config: Config, layout: StorageLayout, device: torch.device) -> R
     recipe = _policy_recipe(config, layout, device, weighting)
     recipe.frozen.append(critic_model)
     if config.weighting.precompute_critic:
-        key = {"critic": checkpoint_fingerprint(ckpt), "max_length": config.data.max_length}
 
-        def prepare(streams: list[BatchStream], device: torch.device, batch_size: int) -> None:
-            for stream in streams:
-                stream.extras["values"] = cached_per_example(
-                    layout, "critic_values", key, stream,
-                    lambda s=stream: critic_values_for(s, critic_model, device, batch_size),
-                )  # fmt: skip
+        def release() -> None:
             weighting.critic = None  # every batch now carries the critic's values
-            recipe.frozen.clear()
 
-        recipe.prepare = prepare
+        recipe.prepare = precompute_hook(
+            recipe, layout, "critic_values", "values",
+            {"critic": checkpoint_fingerprint(ckpt)}, config,
+            lambda stream, dev, bs: critic_values_for(stream, critic_model, dev, bs), release,
+        )  # fmt: skip
     return recipe
 
 
