@@ -222,6 +222,61 @@ def run_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_evaluate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint", required=True, help="a training checkpoint folder, or a storage model"
+    )
+    parser.add_argument(
+        "--dataset", required=True, choices=("humaneval", "mbpp", "codecontests", "gsm8k")
+    )
+    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--max-tasks", type=int, default=None, help="the first N tasks (recorded)")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument(
+        "--speculative", action="store_true", help="self-speculative decoding with the extra heads"
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("compat", "alpaca"),
+        default=None,
+        help="prompt format (default: alpaca for trained checkpoints, compat for base models)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2, help="sandbox processes at once")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--out", default=None, help="results folder (default: <checkpoint>/eval/<dataset>)"
+    )
+    add_storage_arg(parser)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from weighted_mtp.evaluation.harness import evaluate
+
+    layout = StorageLayout.from_arg(args.storage)
+    checkpoint = Path(args.checkpoint)
+    out = (
+        Path(args.out)
+        if args.out
+        else (checkpoint if checkpoint.is_dir() else layout.root / "evaluations" / args.checkpoint)
+        / "eval"
+        / args.dataset
+    )
+    summary = evaluate(
+        layout, args.checkpoint, args.dataset, out, num_samples=args.num_samples,
+        temperature=args.temperature, top_p=args.top_p, max_tasks=args.max_tasks,
+        max_new_tokens=args.max_new_tokens, speculative=args.speculative, mode=args.mode,
+        seed=args.seed, workers=args.workers, device=args.device,
+    )  # fmt: skip
+    print(json.dumps({k: summary[k] for k in summary if k != "settings"}))
+    print(f"results: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wmtp", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -235,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_verify_args(storage_cmds.add_parser("verify", help="check integrity and schemas"))
     add_train_args(commands.add_parser("train", help="train a recipe from a config file"))
     add_score_args(commands.add_parser("score", help="score pre-generated samples in the sandbox"))
+    add_evaluate_args(
+        commands.add_parser("evaluate", help="generate and score a checkpoint on a benchmark")
+    )
     return parser
 
 
@@ -244,6 +302,7 @@ HANDLERS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
     ("storage", "verify"): run_verify,
     ("train", None): run_train,
     ("score", None): run_score,
+    ("evaluate", None): run_evaluate,
 }
 
 

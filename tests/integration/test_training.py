@@ -322,3 +322,28 @@ def test_control_arms_move_the_same_amount_of_weight(trained, control):
         )
     assert all(0.4 <= m["weight_mean/head1"] <= 0.8 for m in steps)
     assert [m["loss"] for m in steps] != pytest.approx([m["loss"] for m in plain], abs=1e-6)
+
+
+def test_evaluate_a_trained_checkpoint_with_and_without_speculation(trained, tmp_path):
+    from weighted_mtp.evaluation.harness import evaluate
+
+    layout, finals = trained
+    common = {"max_tasks": 2, "max_new_tokens": 16, "workers": 2}
+    plain = evaluate(layout, str(finals["baseline"]), "humaneval", tmp_path / "plain", **common)
+    spec = evaluate(layout, str(finals["baseline"]), "humaneval", tmp_path / "spec",
+                    speculative=True, **common)  # fmt: skip
+    for out in ("plain", "spec"):
+        assert {p.name for p in (tmp_path / out).iterdir()} == {
+            "samples.jsonl",
+            "results.jsonl",
+            "summary.json",
+        }
+    assert (tmp_path / "plain/samples.jsonl").read_text() == (
+        tmp_path / "spec/samples.jsonl"
+    ).read_text()
+    assert plain["settings"]["prompt_mode"] == "alpaca" and plain["settings"]["task_ids"] == [
+        "HumanEval/0",
+        "HumanEval/1",
+    ]
+    assert plain["problems"] == 2 and sum(plain["verdicts"].values()) == 2
+    assert len(spec["decoding"]["acceptance"]) == 3 and spec["decoding"]["tokens_per_step"] >= 1.0

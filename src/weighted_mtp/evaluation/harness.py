@@ -144,3 +144,128 @@ def summarize(rows: list[Record], task_name: str) -> dict[str, Any]:
         summary["pass_at_k"] = {f"pass@{k}": {"mean": m, "stderr": s}
                                 for k, (m, s) in mean_pass_at_k(results).items()}  # fmt: skip
     return summary
+
+
+def load_for_evaluation(
+    layout: StorageLayout, checkpoint: str, device: str
+) -> tuple[Any, Any, str]:
+    """(model, tokenizer, default prompt mode): a training checkpoint (adapter merged, Alpaca
+    prompts as in training) or a storage/base model folder (published ``compat`` prompts)."""
+    from weighted_mtp.models.checkpoints import load_pretrained
+    from weighted_mtp.train.recipes import (
+        CHECKPOINT_INFO,
+        load_trained,
+        resolve_model_path,
+        tokenizer_for,
+    )
+
+    path = Path(checkpoint)
+    if (path / CHECKPOINT_INFO).is_file():
+        info = json.loads((path / CHECKPOINT_INFO).read_text())
+        model = load_trained(path, layout, device=device)
+        return (
+            model,
+            tokenizer_for(layout, resolve_model_path(layout, info["base_model"])),
+            "alpaca",
+        )
+    model_dir = resolve_model_path(layout, checkpoint)
+    return (
+        load_pretrained(model_dir, dtype="float32", device=device),
+        tokenizer_for(layout, model_dir),
+        "compat",
+    )
+
+
+def generate_completions(
+    model: Any, tokenizer: Any, prompts: list[str], stops: list[str], *, num_samples: int,
+    max_new_tokens: int, temperature: float, top_p: float, seed: int, speculative: bool,
+    batch_size: int = 8,
+) -> tuple[list[list[str]], dict[str, Any]]:  # fmt: skip
+    """``num_samples`` continuations per prompt (text, stop strings not yet cut) and decoding
+    statistics (speculative: tokens per step and acceptance per head position)."""
+    from weighted_mtp.evaluation.generate import generate, speculative_generate
+
+    def stop(ids: list[int]) -> bool:
+        text = tokenizer.decode(ids[-64:])  # stop strings are short: the tail is enough
+        return any(s in text for s in stops)
+
+    encoded = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(num_samples)]
+    out: list[list[str]] = [[] for _ in prompts]
+    stats: dict[str, Any] = {"tokens": 0}
+    kwargs = {"temperature": temperature, "top_p": top_p, "eos_id": tokenizer.eos_id, "stop": stop}
+    if speculative:
+        stats.update(steps=0, proposed=[], accepted=[])
+        for i, j in jobs:
+            ids, spec = speculative_generate(
+                model, encoded[i], max_new_tokens, seed=seed + j, **kwargs
+            )
+            out[i].append(tokenizer.decode(ids))
+            stats["tokens"] += spec.tokens
+            stats["steps"] += spec.steps
+            stats["proposed"] = _add(stats["proposed"], spec.draft_proposed)
+            stats["accepted"] = _add(stats["accepted"], spec.draft_accepted)
+        stats["tokens_per_step"] = stats["tokens"] / max(1, stats["steps"])
+        stats["acceptance"] = [
+            a / max(1, p) for a, p in zip(stats["accepted"], stats["proposed"], strict=True)
+        ]
+        return out, stats
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        ids = generate(
+            model, [encoded[i] for i, _ in chunk], max_new_tokens, seed=seed + start, **kwargs
+        )
+        for (i, _), row in zip(chunk, ids, strict=True):
+            out[i].append(tokenizer.decode(row))
+            stats["tokens"] += len(row)
+    return out, stats
+
+
+def _add(a: list[int], b: list[int]) -> list[int]:
+    return [x + y for x, y in zip(a, b, strict=True)] if a else list(b)
+
+
+def evaluate(
+    layout: StorageLayout, checkpoint: str, dataset: str, out_dir: Path, *, num_samples: int = 1,
+    temperature: float = 0.0, top_p: float = 0.95, max_tasks: int | None = None,
+    max_new_tokens: int = 512, speculative: bool = False, mode: str | None = None,
+    seed: int = 0, workers: int = 2, device: str = "cpu",
+) -> dict[str, Any]:  # fmt: skip
+    """Generate, score, and write ``samples.jsonl``, ``results.jsonl`` and ``summary.json``."""
+    import time
+
+    from weighted_mtp.storage.io import write_json_atomic, write_text_atomic
+
+    model, tokenizer, default_mode = load_for_evaluation(layout, checkpoint, device)
+    mode = mode or default_mode
+    task = TASKS[dataset]
+    problems = load_problems(layout, dataset, None)
+    task_ids = list(problems)[:max_tasks] if max_tasks else list(problems)
+    prompts = [task.prompt(problems[t], mode) for t in task_ids]
+    eos_text = [tokenizer.id_to_piece(tokenizer.eos_id)]
+    started = time.perf_counter()
+    texts, stats = generate_completions(
+        model, tokenizer, prompts, task.stop_sequences(mode, eos_text), num_samples=num_samples,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        speculative=speculative,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    samples = [{"task_id": t, "completion": task.postprocess(text, mode, eos_text)}
+               for t, group in zip(task_ids, texts, strict=True) for text in group]  # fmt: skip
+    rows = score_samples(samples, {t: problems[t] for t in task_ids}, dataset, workers)
+    summary = summarize(rows, dataset)
+    summary["settings"] = {
+        "checkpoint": str(checkpoint), "prompt_mode": mode, "num_samples": num_samples,
+        "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
+        "seed": seed, "speculative": speculative, "max_tasks": max_tasks,
+        "task_ids": task_ids if max_tasks else "all",
+    }  # fmt: skip
+    summary["decoding"] = {
+        **stats,
+        "seconds": seconds,
+        "tokens_per_s": stats["tokens"] / max(seconds, 1e-9),
+    }
+    write_text_atomic(out_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+    write_text_atomic(out_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_json_atomic(out_dir / "summary.json", summary)
+    return summary
