@@ -10,7 +10,6 @@ validation with the same objective, checkpoints that resume exactly.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import resource
 import time
@@ -346,11 +345,3 @@ def train(config: Config, layout: StorageLayout) -> Path:
         return trainer.fit()
     finally:
         distributed.destroy()
-
-
-def load_run_config(run_dir: Path) -> dict:
-    return yaml.safe_load((run_dir / "config.yaml").read_text())
-
-
-def read_manifest(run_dir: Path) -> dict:
-    return json.loads((run_dir / "manifest_train.json").read_text())
