@@ -160,6 +160,9 @@ class LogConfig(Section):
     mlflow: bool = True
     mlflow_tracking_uri: str | None = None
     """Default: a sqlite store under the storage root."""
+    token_weights: int = Field(default=3, ge=0)
+    """Validation examples whose per-token, per-head weights go to ``token_weights.jsonl`` at
+    every validation (the report's heat maps); 0 turns it off."""
 
 
 class Config(Section):

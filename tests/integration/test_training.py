@@ -88,6 +88,19 @@ def test_local_config_trains_three_steps(trained, name):
     if name == "rho1":
         fractions = [m["rho1/selected_fraction"] for m in steps]
         assert all(0.55 <= f <= 0.75 for f in fractions), fractions
+    snapshots = [json.loads(line) for line in (run_dir / "token_weights.jsonl").open()]
+    assert {s["step"] for s in snapshots} == {2, 3} and all(s["recipe"] == name for s in snapshots)
+    for snap in snapshots:
+        assert len(snap["weights"]) == heads
+        assert all(len(head) == len(snap["pieces"]) for head in snap["weights"])
+        values = [w for head in snap["weights"] for w in head if w is not None]
+        assert values and snap["weights"][0][0] is None  # BOS is never a target
+        if name == "rho1":
+            assert set(values) <= {0.0, 1.0} and 0 < sum(values) < len(values)
+        elif name == "verifiable":
+            assert all(0.1 - 1e-6 <= w <= 3.0 + 1e-6 for w in values)
+        else:
+            assert set(values) == {1.0}
 
 
 def test_rho1_precomputed_reference_matches_online(trained):

@@ -20,6 +20,15 @@ def test_round_trip_keeps_indentation_and_specials(small_tokenizer):
     assert tok.sp.piece_to_id("<0x0A>") == 13  # newline byte as in LLaMA-2
 
 
+def test_token_texts_concatenate_to_the_text(small_tokenizer):
+    tok = Tokenizer(small_tokenizer)
+    text = CODE + "中文 ✓"  # multi-byte characters fall back to byte pieces
+    ids = tok.encode(text, bos=True, eos=True)
+    texts = tok.token_texts(ids)
+    assert len(texts) == len(ids) and texts[0] == texts[-1] == ""  # BOS, EOS
+    assert "".join(texts).lstrip(" ") == text  # sentencepiece's dummy prefix is a space
+
+
 def test_offsets_are_character_positions(small_tokenizer):
     tok = Tokenizer(small_tokenizer)
     text = "é = 'ü'\n  x"

@@ -66,6 +66,35 @@ class Tokenizer:
     def id_to_piece(self, token_id: int) -> str:
         return self.sp.id_to_piece(token_id)
 
+    def token_texts(self, ids: Iterable[int]) -> list[str]:
+        """The text each token contributes, one string per id (for rendering tokens in place).
+
+        ``▁`` becomes a space; byte-fallback pieces (``<0x0A>``) are gathered until they form
+        valid UTF-8, whose text goes to the last byte of the character (the others get "");
+        control tokens (BOS, EOS, padding) contribute "".
+        """
+        texts: list[str] = []
+        pending = bytearray()
+        for token_id in ids:
+            token_id = int(token_id)
+            if self.sp.is_control(token_id):
+                texts.append("")
+                continue
+            piece = self.sp.id_to_piece(token_id)
+            if self.sp.is_byte(token_id):
+                pending.append(int(piece[3:-1], 16))
+                try:
+                    texts.append(pending.decode("utf-8"))
+                    pending.clear()
+                except UnicodeDecodeError:
+                    texts.append("" if len(pending) < 4 else pending.decode("utf-8", "replace"))
+                    if len(pending) >= 4:
+                        pending.clear()
+                continue
+            pending.clear()
+            texts.append(piece.replace("\u2581", " "))
+        return texts
+
 
 @dataclass(frozen=True)
 class TrainedTokenizer:

@@ -10,6 +10,7 @@ validation with the same objective, checkpoints that resume exactly.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 import resource
 import time
@@ -211,11 +212,38 @@ class Trainer:
             with self.autocast:
                 _, part = objective(self.model, batch, None, backward=False)
             stats = stats + part
+        self.write_token_weights()
         self.model.train()
         if isinstance(stats, int):
             return {}
         stats = distributed.all_reduce_sum(stats)
         return {f"val/{k}": v for k, v in objective.summarize(stats).items()}
+
+    def write_token_weights(self) -> None:
+        """Append the first validation examples' per-head token weights to
+        ``token_weights.jsonl`` (tokens as text, weights NaN -> null where a head has no
+        target): what the report's heat maps show."""
+        count, objective = self.config.log.token_weights, self.recipe.objective
+        if not count or not self.val_batches or not hasattr(objective, "token_weights"):
+            return
+        batch = self.val_batches[0].to(self.device)
+        with self.autocast:
+            weights = objective.token_weights(self.model, batch).float().cpu()
+        if not self.info.is_main:
+            return
+        lines = []
+        for row in range(min(count, len(batch))):
+            n = int(batch.attention_mask[row].sum())
+            w = weights[row, :n].T  # [heads, n]
+            lines.append(json.dumps({
+                "step": self.state.step, "split": "val", "example": row,
+                "recipe": self.recipe.name,
+                "pieces": self.recipe.tokenizer.token_texts(batch.tokens[row, :n].tolist()),
+                "weights": [[None if math.isnan(v) else round(v, 5) for v in head.tolist()]
+                            for head in w],
+            }) + "\n")  # fmt: skip
+        with open(self.run_dir / "token_weights.jsonl", "a", encoding="utf-8") as handle:
+            handle.writelines(lines)
 
     # ---- checkpoints ----
 

@@ -95,7 +95,7 @@ def _denominator_list(denominators: Denominators, n_heads: int) -> list[float]:
     return values
 
 
-def _head_weight_fn(weight_fn: WeightFn | Sequence[WeightFn | None] | None, head: int):
+def head_weight_fn(weight_fn: WeightFn | Sequence[WeightFn | None] | None, head: int):
     if weight_fn is None or callable(weight_fn):
         return weight_fn
     return weight_fn[head]
@@ -169,7 +169,7 @@ def mtp_forward_backward(
         for head in range(n_heads):
             head_loss = _run_head(
                 model, z_leaf, labels, dense_w, head, dens[head], coefficients[head],
-                chunk_rows, backward, _head_weight_fn(weight_fn, head), eps, stats,
+                chunk_rows, backward, head_weight_fn(weight_fn, head), eps, stats,
                 n_chunks[head] if n_chunks is not None else None,
             )  # fmt: skip
             loss = loss + head_loss

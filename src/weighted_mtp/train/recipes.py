@@ -23,7 +23,12 @@ from weighted_mtp.models.tokenizer import Tokenizer
 from weighted_mtp.models.transformer import Transformer
 from weighted_mtp.storage.io import StorageError, write_json_atomic
 from weighted_mtp.storage.layout import StorageLayout
-from weighted_mtp.train.objectives import mtp_forward_backward, valid_rows
+from weighted_mtp.train.objectives import (
+    head_weight_fn,
+    mtp_forward_backward,
+    target_weights,
+    valid_rows,
+)
 from weighted_mtp.train.weighting import (
     CriticTD,
     Rho1,
@@ -214,6 +219,34 @@ class MTPObjective:
         )  # fmt: skip
         stats = torch.stack([out.weighted_ce_sum, out.ce_sum, out.n_tokens, out.weight_sum])
         return out.loss, stats
+
+    @torch.no_grad()
+    def token_weights(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The weight each head puts on each target token of ``batch``, ``[B, L, n]`` fp32,
+        NaN where that head has no target (prompt, padding, the first k tokens): exactly the
+        weights of a validation pass, for heat maps. Under FSDP every rank must call it."""
+        n = self.n_heads
+        weights = target_weights(batch.labels, self.weighting.dense_weights(batch, n), n)
+        fn = self.weighting.weight_fn(batch)
+        if fn is not None:
+            recorded = weights.clone()
+
+            def record(head: int, ce, batch_idx, target_pos):
+                head_fn = head_weight_fn(fn, head)
+                if head_fn is None:  # this head keeps its dense weights
+                    return weights[batch_idx, target_pos, head]
+                w = head_fn(head, ce, batch_idx, target_pos)
+                recorded[batch_idx, target_pos, head] = w.float()
+                return w
+
+            mtp_forward_backward(
+                model, batch.tokens, batch.labels, None, None, [1.0] * n,
+                chunk_rows=self.chunk_rows, backward=False, weight_fn=record, n_heads=n,
+                n_chunks=self._global_chunks(batch.labels),
+            )  # fmt: skip
+            weights = recorded
+        valid = target_weights(batch.labels, None, n) > 0
+        return torch.where(valid, weights, torch.full_like(weights, float("nan")))
 
     def _global_chunks(self, labels: torch.Tensor) -> list[int] | None:
         """Under FSDP, chunk counts from the largest row count of any rank (see objectives)."""
