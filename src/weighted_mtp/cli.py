@@ -249,6 +249,12 @@ def add_evaluate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", default=None, help="results folder (default: <checkpoint>/eval/<dataset>)"
     )
+    parser.add_argument(
+        "--mlflow-uri",
+        default=None,
+        help="MLflow tracking URI (default: sqlite store mlflow.db under the storage root)",
+    )
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     add_storage_arg(parser)
 
 
@@ -271,7 +277,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_p=args.top_p, max_tasks=args.max_tasks,
         max_new_tokens=args.max_new_tokens, speculative=args.speculative, mode=args.mode,
         seed=args.seed, workers=args.workers, device=args.device,
+        mlflow_uri=None if args.no_mlflow else args.mlflow_uri or layout.mlflow_uri(),
     )  # fmt: skip
+    if summary is None:  # a torchrun rank other than 0: rank 0 scores and writes
+        return 0
     print(json.dumps({k: summary[k] for k in summary if k != "settings"}))
     print(f"results: {out}")
     return 0

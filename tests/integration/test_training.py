@@ -360,3 +360,40 @@ def test_evaluate_a_trained_checkpoint_with_and_without_speculation(trained, tmp
     ]
     assert plain["problems"] == 2 and sum(plain["verdicts"].values()) == 2
     assert len(spec["decoding"]["acceptance"]) == 3 and spec["decoding"]["tokens_per_step"] >= 1.0
+
+
+@pytest.mark.distributed
+def test_evaluate_under_torchrun_writes_what_one_process_writes(trained, tmp_path):
+    layout, finals = trained
+    args = [
+        "-m", "weighted_mtp", "evaluate", "--checkpoint", str(finals["baseline"]),
+        "--dataset", "humaneval", "--max-tasks", "3", "--num-samples", "3",
+        "--temperature", "0.8", "--max-new-tokens", "8", "--storage", str(layout.root),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for name, launcher, extra in (
+        ("one", [sys.executable], ["--mlflow-uri", uri]),
+        ("two", torchrun, ["--no-mlflow"]),
+    ):
+        result = subprocess.run(
+            [*launcher, *args, "--out", str(tmp_path / name), *extra],
+            capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+    for file in ("samples.jsonl", "results.jsonl"):
+        assert (tmp_path / "one" / file).read_text() == (tmp_path / "two" / file).read_text()
+    one = json.loads((tmp_path / "one/summary.json").read_text())
+    two = json.loads((tmp_path / "two/summary.json").read_text())
+    assert two["settings"]["ranks"] == 2 and one["pass_at_k"] == two["pass_at_k"]
+    assert one["decoding"]["tokens"] == two["decoding"]["tokens"]
+    samples = [json.loads(line) for line in (tmp_path / "one/samples.jsonl").open()]
+    assert [s["task_id"] for s in samples] == [f"HumanEval/{i}" for i in range(3) for _ in "abc"]
+
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    (run,) = mlflow.search_runs(experiment_names=["evaluation"], output_format="list")
+    assert run.data.metrics["pass_at_1"] == pytest.approx(one["pass_at_k"]["pass@1"]["mean"])
+    assert run.data.params["num_samples"] == "3" and run.data.params["dataset"] == "humaneval"

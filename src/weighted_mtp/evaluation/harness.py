@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import importlib.resources
 import json
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -179,10 +180,16 @@ def load_for_evaluation(
 def generate_completions(
     model: Any, tokenizer: Any, prompts: list[str], stops: list[str], *, num_samples: int,
     max_new_tokens: int, temperature: float, top_p: float, seed: int, speculative: bool,
-    batch_size: int = 8,
-) -> tuple[list[list[str]], dict[str, Any]]:  # fmt: skip
-    """``num_samples`` continuations per prompt (text, stop strings not yet cut) and decoding
-    statistics (speculative: tokens per step and acceptance per head position)."""
+    batch_size: int = 8, rank: int = 0, world: int = 1,
+) -> tuple[dict[tuple[int, int], str], dict[str, Any]]:  # fmt: skip
+    """Continuations (text, stop strings not yet cut) keyed by ``(prompt, sample)``, and
+    decoding statistics (speculative: tokens per step, proposals and acceptances per head
+    position).
+
+    Jobs are cut into fixed batches (one job each when speculative) seeded by their position,
+    and rank ``rank`` of ``world`` takes every ``world``-th batch, so the union over ranks is
+    exactly what one process generates.
+    """
     from weighted_mtp.evaluation.generate import generate, speculative_generate
 
     def stop(ids: list[int]) -> bool:
@@ -191,51 +198,86 @@ def generate_completions(
 
     encoded = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
     jobs = [(i, j) for i in range(len(prompts)) for j in range(num_samples)]
-    out: list[list[str]] = [[] for _ in prompts]
+    size = 1 if speculative else batch_size
+    mine = [start for start in range(0, len(jobs), size) if (start // size) % world == rank]
+    out: dict[tuple[int, int], str] = {}
     stats: dict[str, Any] = {"tokens": 0}
-    kwargs = {"temperature": temperature, "top_p": top_p, "eos_id": tokenizer.eos_id, "stop": stop}
     if speculative:
         stats.update(steps=0, proposed=[], accepted=[])
-        for i, j in jobs:
+    kwargs = {"temperature": temperature, "top_p": top_p, "eos_id": tokenizer.eos_id, "stop": stop}
+    for start in _progress(mine, "generating"):
+        chunk = jobs[start : start + size]
+        if speculative:
+            ((i, j),) = chunk
             ids, spec = speculative_generate(
                 model, encoded[i], max_new_tokens, seed=seed + j, **kwargs
             )
-            out[i].append(tokenizer.decode(ids))
-            stats["tokens"] += spec.tokens
+            rows = [ids]
             stats["steps"] += spec.steps
             stats["proposed"] = _add(stats["proposed"], spec.draft_proposed)
             stats["accepted"] = _add(stats["accepted"], spec.draft_accepted)
-        stats["tokens_per_step"] = stats["tokens"] / max(1, stats["steps"])
-        stats["acceptance"] = [
-            a / max(1, p) for a, p in zip(stats["accepted"], stats["proposed"], strict=True)
-        ]
-        return out, stats
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        ids = generate(
-            model, [encoded[i] for i, _ in chunk], max_new_tokens, seed=seed + start, **kwargs
-        )
-        for (i, _), row in zip(chunk, ids, strict=True):
-            out[i].append(tokenizer.decode(row))
+        else:
+            rows = generate(
+                model, [encoded[i] for i, _ in chunk], max_new_tokens, seed=seed + start, **kwargs
+            )
+        for job, row in zip(chunk, rows, strict=True):
+            out[job] = tokenizer.decode(row)
             stats["tokens"] += len(row)
     return out, stats
 
 
+def merge_decoding_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum the counts of several ranks' statistics and derive the rates from the sums."""
+    merged: dict[str, Any] = {"tokens": sum(p["tokens"] for p in parts)}
+    if "steps" in parts[0]:
+        merged["steps"] = sum(p["steps"] for p in parts)
+        merged["proposed"] = merged["accepted"] = []
+        for part in parts:
+            merged["proposed"] = _add(merged["proposed"], part["proposed"])
+            merged["accepted"] = _add(merged["accepted"], part["accepted"])
+        merged["tokens_per_step"] = merged["tokens"] / max(1, merged["steps"])
+        merged["acceptance"] = [
+            a / max(1, p) for a, p in zip(merged["accepted"], merged["proposed"], strict=True)
+        ]
+    return merged
+
+
+def _progress(items: list[int], what: str):
+    from rich.progress import track
+
+    return track(items, description=what, transient=True, disable=not items)
+
+
 def _add(a: list[int], b: list[int]) -> list[int]:
-    return [x + y for x, y in zip(a, b, strict=True)] if a else list(b)
+    if not a or not b:
+        return list(a or b)
+    return [x + y for x, y in zip(a, b, strict=True)]
 
 
 def evaluate(
     layout: StorageLayout, checkpoint: str, dataset: str, out_dir: Path, *, num_samples: int = 1,
     temperature: float = 0.0, top_p: float = 0.95, max_tasks: int | None = None,
     max_new_tokens: int = 512, speculative: bool = False, mode: str | None = None,
-    seed: int = 0, workers: int = 2, device: str = "cpu",
-) -> dict[str, Any]:  # fmt: skip
-    """Generate, score, and write ``samples.jsonl``, ``results.jsonl`` and ``summary.json``."""
+    seed: int = 0, workers: int = 2, device: str = "cpu", mlflow_uri: str | None = None,
+) -> dict[str, Any] | None:  # fmt: skip
+    """Generate, score, and write ``samples.jsonl``, ``results.jsonl`` and ``summary.json``
+    (and log the summary to MLflow when ``mlflow_uri`` is given).
+
+    Under ``torchrun`` every rank generates its share of the samples, rank 0 gathers them,
+    scores them in the sandbox and writes the same files one process writes; other ranks
+    return None.
+    """
     import time
 
-    from weighted_mtp.storage.io import write_json_atomic, write_text_atomic
+    import torch
+    import torch.distributed as dist
 
+    from weighted_mtp.storage.io import write_json_atomic, write_text_atomic
+    from weighted_mtp.train import distributed
+
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    info = distributed.init(torch.device("cuda" if cuda else "cpu"))
+    device = str(distributed.resolve_device(device, info))
     model, tokenizer, default_mode = load_for_evaluation(layout, checkpoint, device)
     mode = mode or default_mode
     task = TASKS[dataset]
@@ -247,18 +289,27 @@ def evaluate(
     texts, stats = generate_completions(
         model, tokenizer, prompts, task.stop_sequences(mode, eos_text), num_samples=num_samples,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-        speculative=speculative,
+        speculative=speculative, rank=info.rank, world=info.world,
     )  # fmt: skip
     seconds = time.perf_counter() - started
-    samples = [{"task_id": t, "completion": task.postprocess(text, mode, eos_text)}
-               for t, group in zip(task_ids, texts, strict=True) for text in group]  # fmt: skip
+    if info.enabled:
+        gathered: list[Any] = [None] * info.world
+        dist.all_gather_object(gathered, (texts, stats, seconds))
+        distributed.destroy()
+        if not info.is_main:
+            return None
+        texts = {job: text for part in gathered for job, text in part[0].items()}
+        seconds = max(part[2] for part in gathered)
+    stats = merge_decoding_stats([part[1] for part in gathered] if info.enabled else [stats])
+    samples = [{"task_id": t, "completion": task.postprocess(texts[i, j], mode, eos_text)}
+               for i, t in enumerate(task_ids) for j in range(num_samples)]  # fmt: skip
     rows = score_samples(samples, {t: problems[t] for t in task_ids}, dataset, workers)
     summary = summarize(rows, dataset)
     summary["settings"] = {
         "checkpoint": str(checkpoint), "prompt_mode": mode, "num_samples": num_samples,
         "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
         "seed": seed, "speculative": speculative, "max_tasks": max_tasks,
-        "task_ids": task_ids if max_tasks else "all",
+        "task_ids": task_ids if max_tasks else "all", "ranks": info.world,
     }  # fmt: skip
     summary["decoding"] = {
         **stats,
@@ -268,4 +319,36 @@ def evaluate(
     write_text_atomic(out_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
     write_text_atomic(out_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     write_json_atomic(out_dir / "summary.json", summary)
+    if mlflow_uri:
+        log_summary(summary, mlflow_uri, run_name=f"eval-{dataset}-{Path(checkpoint).name}")
     return summary
+
+
+def log_summary(summary: dict[str, Any], mlflow_uri: str, run_name: str) -> None:
+    """One MLflow run in the ``evaluation`` experiment: settings as params, pass@k (or
+    accuracy) with standard errors and decoding rates as metrics."""
+    from weighted_mtp.train.tracking import MetricLogger
+
+    metrics: dict[str, float] = {}
+    for name, value in {**summary.get("pass_at_k", {}), **(
+        {"accuracy": summary["accuracy"]} if "accuracy" in summary else {}
+    )}.items():  # fmt: skip
+        metrics[name] = value["mean"]
+        metrics[f"{name}_stderr"] = value["stderr"]
+    decoding = summary.get("decoding", {})
+    for key in ("tokens_per_s", "tokens_per_step"):
+        if key in decoding:
+            metrics[f"decode/{key}"] = decoding[key]
+    for k, rate in enumerate(decoding.get("acceptance", []), start=2):
+        metrics[f"decode/acceptance_head{k}"] = rate
+    settings = {k: v for k, v in summary.get("settings", {}).items() if k != "task_ids"}
+    params = {"dataset": summary.get("dataset"), "problems": summary.get("problems"), **settings}
+    with tempfile.TemporaryDirectory() as scratch:  # the logger's JSONL copy is not needed
+        logger = MetricLogger(
+            Path(scratch), mlflow_uri=mlflow_uri, experiment="evaluation",
+            run_name=run_name, params=params,
+        )  # fmt: skip
+        try:
+            logger.log(metrics, step=0)
+        finally:
+            logger.close()

@@ -186,6 +186,10 @@ class StorageLayout:
     def checkpoint(self, experiment: str) -> Path:
         return self.checkpoints_dir / experiment
 
+    def mlflow_uri(self) -> str:
+        """The default MLflow tracking store: a sqlite file at the storage root."""
+        return f"sqlite:///{(self.root / 'mlflow.db').resolve()}"
+
 
 def training_tokenizer_path(layout: StorageLayout) -> Path | None:
     """The tokenizer data is measured with: the real model's, else a micro model's."""

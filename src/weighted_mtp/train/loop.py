@@ -360,10 +360,7 @@ class Trainer:
     def _mlflow_uri(self) -> str | None:
         if not self.config.log.mlflow:
             return None
-        return (
-            self.config.log.mlflow_tracking_uri
-            or f"sqlite:///{(self.layout.root / 'mlflow.db').resolve()}"
-        )
+        return self.config.log.mlflow_tracking_uri or self.layout.mlflow_uri()
 
 
 def train(config: Config, layout: StorageLayout) -> Path:
