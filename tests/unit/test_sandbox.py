@@ -25,7 +25,7 @@ def _run(program: str, timeout_s: float = 2.0, **kwargs: object) -> ExecResult:
 
 
 def _slot_pids(result: ExecResult) -> list[int]:
-    return sandbox._uid_pids(sandbox.SLOT_UID_BASE + result.detail["slot"])
+    return sandbox._uid_pids(result.detail["uid"])
 
 
 def test_pass_and_fail_basics() -> None:
@@ -209,3 +209,91 @@ def test_isolation_report_keys() -> None:
     for key in ("netns", "uid_switch", "rlimits", "session"):
         assert isinstance(report[key], bool)
     assert report["uid_switch"] == IS_ROOT
+
+
+def test_samples_start_by_fork_from_the_zygote() -> None:
+    results = run_many([ADD_OK] * 6, workers=2, timeout_s=2.0)
+    assert [r.verdict for r in results] == ["passed"] * 6
+    assert {r.detail["start"] for r in results} == {"fork"}
+    assert max(r.duration_s for r in results[1:]) < 0.5  # no interpreter start per sample
+
+
+def test_spawn_fallback_keeps_the_same_isolation() -> None:
+    sandbox.set_start_method("spawn")
+    try:
+        programs = [ADD_OK, ADD_BAD + CHECK, ADD_BAD + "import os\nos._exit(0)\n" + CHECK]
+        results = run_many(programs, workers=2, timeout_s=3.0)
+        assert [r.verdict for r in results] == ["passed", "failed", "no_result"]
+        assert {r.detail["start"] for r in results} == {"spawn"}
+        probe = _run(f"import os\nprint(os.getuid(), os.path.exists({__file__!r}))\n")
+        assert probe.verdict == "passed"
+        if IS_ROOT:
+            assert probe.stdout.split()[0] != "0"
+    finally:
+        sandbox.set_start_method("zygote")
+
+
+@needs_root
+def test_private_tmp_and_shm(tmp_path: Path) -> None:
+    if not isolation_report()["mount_ns"]:
+        pytest.skip("mount namespaces unavailable")
+    canary = Path("/tmp") / f"wmtp-test-canary-{os.getpid()}"
+    canary.write_text("host")
+    leak = Path("/tmp") / f"wmtp-test-leak-{os.getpid()}"
+    try:
+        program = (
+            "import os\n"
+            f"assert not os.path.exists({str(canary)!r})\n"
+            f"open({str(leak)!r}, 'w').write('x')\n"
+            "open('/dev/shm/x', 'w').write('x')\n"
+            "assert open('/tmp/' + os.listdir('/tmp')[0]) is not None\n" + ADD_OK
+        )
+        result = _run(program)
+        assert result.verdict == "passed", result.stderr
+        assert not leak.exists()
+        assert not Path("/dev/shm/x").exists()
+        assert canary.read_text() == "host"
+    finally:
+        canary.unlink()
+        if leak.exists():
+            leak.unlink()
+
+
+def test_require_isolation(monkeypatch: pytest.MonkeyPatch) -> None:
+    report = sandbox.require_isolation()
+    assert report["summary"].startswith("sandbox isolation: ")
+    if IS_ROOT:
+        assert report["level"] == "full" and report["missing"] == []
+        assert report["zygote"] and report["private_tmp_mount"] and report["netns"]
+    weak = {**report, "netns": False, "missing": ["netns"], "level": "below-minimum"}
+    monkeypatch.setattr(sandbox, "isolation_report", lambda: weak)
+    with pytest.raises(sandbox.IsolationError, match="netns"):
+        sandbox.require_isolation()
+    assert sandbox.require_isolation(unsafe=True)["missing"] == ["netns"]
+
+
+def test_reruns_are_sequential_and_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+
+    def fake(program: str, **_: object) -> ExecResult:
+        calls.append(program)
+        first = calls.count(program) == 1
+        verdict = {"t": "timeout" if first else "passed", "h": "harness_error", "p": "passed"}
+        return ExecResult(verdict[program], verdict[program] == "passed")
+
+    monkeypatch.setattr(sandbox, "run_program", fake)
+    plain = run_many(["t", "h", "p"], workers=2)
+    assert [r.verdict for r in plain] == ["timeout", "harness_error", "passed"]
+    assert plain[1].detail["first_verdict"] == "harness_error"  # harness errors: always re-run
+    calls.clear()
+    again = run_many(["t", "h", "p"], workers=2, rerun_timeouts=True)
+    assert [r.verdict for r in again] == ["passed", "harness_error", "passed"]
+    assert calls[3:] == ["t", "h"]  # the re-runs come last, in input order
+    assert sandbox.rerun_flips(again) == {"rerun": 2, "flipped": 1}
+
+
+def test_real_timeout_rerun_stays_timeout() -> None:
+    results = run_many(
+        ["import time\ntime.sleep(9)\n"], workers=1, timeout_s=0.5, rerun_timeouts=True
+    )
+    assert results[0].verdict == "timeout" and results[0].detail["first_verdict"] == "timeout"
