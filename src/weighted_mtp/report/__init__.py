@@ -1,1 +1,9 @@
-"""report."""
+"""HTML report over training run folders: curves, evaluation tables, token-weight heat maps.
+
+``build_report(run_dirs, out_dir)`` writes ``out_dir/index.html`` (self-contained, works offline)
+and ``out_dir/figures/*.png``.
+"""
+
+from weighted_mtp.report.page import build_report
+
+__all__ = ["build_report"]

@@ -1,0 +1,285 @@
+"""The HTML report: run folders read back, curves, the pass@k table, token-weight heat maps,
+and a page that needs no network."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from weighted_mtp.report import build_report
+from weighted_mtp.report.heatmap import WeightScale, scale_for, token_spans
+from weighted_mtp.report.runs import load_run, read_series, read_token_weights
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PROMPT = ["", "Below", " is", " a", " task", ".", "\n", "###", " Response", ":", "\n"]
+CODE = [
+    "def", " f", "(", "a", ",", " b", "):", "\n", "    ", "if", " a", " <", " b", " and", " b",
+    " >", " 0", ":", "\n", "        ", "return", " a", " &", " b", "\n", "    ", "return",
+    ' "', "<", "none", ">", '"', "\n",
+]  # fmt: skip
+SUMMARY = {
+    "dataset": "humaneval",
+    "problems": 164,
+    "samples": 1640,
+    "verdicts": {"passed": 681, "failed": 902, "timeout": 57},
+    "pass_at_k": {
+        "pass@1": {"mean": 0.4152, "stderr": 0.0321},
+        "pass@5": {"mean": 0.5823, "stderr": 0.0347},
+        "pass@10": {"mean": 0.6341, "stderr": 0.0363},
+    },
+    "settings": {
+        "checkpoint": "final", "prompt_mode": "alpaca", "num_samples": 10, "temperature": 0.8,
+        "top_p": 0.95, "max_new_tokens": 512, "seed": 0, "speculative": True,
+        "max_tasks": None, "task_ids": "all",
+    },
+    "decoding": {
+        "tokens": 81234, "steps": 33120, "proposed": [33000, 26000, 17000],
+        "accepted": [26730, 17160, 8330], "tokens_per_step": 2.4527,
+        "acceptance": [0.81, 0.66, 0.49], "seconds": 812.3, "tokens_per_s": 100.0,
+    },
+}  # fmt: skip
+
+
+def fixture_weights(recipe: str, n: int, rng: random.Random) -> list[float]:
+    if recipe == "rho1":
+        return [float(rng.random() < 0.6) for _ in range(n)]
+    if recipe == "verifiable":
+        return [round(min(3.0, max(0.1, math.exp(rng.gauss(0, 0.8)))), 5) for _ in range(n)]
+    return [1.0] * n
+
+
+def token_weight_records(recipe: str, step: int, examples: int = 2, heads: int = 4) -> list[dict]:
+    """Records in the ``token_weights.jsonl`` format: the prompt has no target for any head,
+    head k+1 has none on the first k completion tokens."""
+    rng = random.Random(step)
+    pieces = PROMPT + CODE
+    records = []
+    for example in range(examples):
+        weights = []
+        for k in range(heads):
+            values = fixture_weights(recipe, len(CODE), rng)
+            weights.append([None] * (len(PROMPT) + k) + values[k:])
+        records.append({"step": step, "split": "val", "example": example, "problem_id":
+                        f"cc/{example}", "pieces": pieces, "weights": weights})  # fmt: skip
+    return records
+
+
+def metric_records(recipe: str, steps: int, heads: int = 4) -> list[dict]:
+    rng = random.Random(recipe)
+    lines = []
+    for step in range(1, steps + 1):
+        ce = 10.4 - 0.05 * step + rng.uniform(-0.01, 0.01)
+        if recipe == "critic":
+            train = {"loss": 0.69 - 0.01 * step, "pair_accuracy": min(1.0, 0.5 + 0.05 * step),
+                     "margin": 0.01 * step, "value_pos": 0.02 * step, "value_neg": -0.01 * step,
+                     "spikiness": 3.0, "position_corr": 0.1, "token_var": 1e-6}  # fmt: skip
+        else:
+            mean = {"baseline": 1.0, "rho1": 0.6, "verifiable": 1.3}[recipe]
+            train = {"loss": ce + 0.02, "ce": ce, "lr": 1e-4, "grad_norm": 0.3,
+                     "tokens_per_s": 400.0}  # fmt: skip
+            for k in range(1, heads + 1):
+                train |= {f"ce/head{k}": ce + 0.01 * k, f"wce/head{k}": ce + 0.02 * k,
+                          f"weight_mean/head{k}": mean}  # fmt: skip
+            if recipe == "verifiable":
+                train |= {"td/weight_mean": mean, "td/weight_std": 0.9, "td/clip_low_frac": 0.01,
+                          "td/clip_high_frac": 0.15, "td/adv_mean": 1e-3, "td/adv_std": 1e-3,
+                          "td/weight_entropy_norm": 0.94}  # fmt: skip
+            if recipe == "rho1":
+                train["rho1/selected_fraction"] = 0.6
+        lines.append({"step": step, "time": 1.0e9 + step, **train})
+        if step % 4 == 0:
+            lines.append({"step": step, "time": 1.0e9 + step,
+                          **{f"val/{k}": v for k, v in train.items() if k != "lr"}})  # fmt: skip
+    return lines
+
+
+def write_run(
+    root: Path, recipe: str, steps: int = 8, *, evals: bool = True, weights: bool = True
+) -> Path:
+    """A run folder like ``wmtp train`` leaves, plus an evaluation of ``final``."""
+    run = root / recipe / "20261126-000000"
+    (run / "final").mkdir(parents=True)
+    config = {"experiment": recipe, "run_name": f"{recipe}-fixture",
+              "model": {"path": "micro-mtp"}, "train": {"recipe": recipe, "max_steps": steps},
+              "weighting": {"clip_min": 0.1, "clip_max": 3.0, "k_percent": 0.6}}  # fmt: skip
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in metric_records(recipe, steps))
+    )
+    info = {"recipe": recipe, "base_model": "micro-mtp", "n_heads": 4, "step": steps,
+            "experiment": recipe, "run": run.name}  # fmt: skip
+    (run / "final" / "wmtp_checkpoint.json").write_text(json.dumps(info))
+    if recipe == "critic":
+        diagnostics = {"pairs": 4, "pair_accuracy": 0.75, "length_only_accuracy": 0.25,
+                       "by_length_bin": {"0-100": {"pairs": 4, "accuracy": 0.75}}}  # fmt: skip
+        (run / "critic_diagnostics.json").write_text(json.dumps(diagnostics))
+    elif weights:
+        records = token_weight_records(recipe, 4) + token_weight_records(recipe, steps)
+        (run / "token_weights.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if evals and recipe != "critic":
+        folder = run / "final" / "eval" / "humaneval"
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps(SUMMARY))
+    return run
+
+
+def write_runs(root: Path) -> list[Path]:
+    return [write_run(root, r) for r in ("baseline", "verifiable", "rho1", "critic")]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    root = tmp_path_factory.mktemp("runs")
+    index = build_report(write_runs(root), root / "report")
+    return index, index.read_text(encoding="utf-8")
+
+
+def test_runs_are_read_back(tmp_path: Path) -> None:
+    run = load_run(write_run(tmp_path, "verifiable"))
+    assert (run.experiment, run.recipe, run.run_name, run.base_model, run.steps) == (
+        "verifiable",
+        "verifiable",
+        "verifiable-fixture",
+        "micro-mtp",
+        8,
+    )
+    assert [s for s, _ in run.train["td/weight_mean"]] == list(range(1, 9))
+    assert [s for s, _ in run.val["ce"]] == [4, 8]
+    assert "val/ce" not in run.train
+    assert [e.checkpoint for e in run.evals] == ["final"]
+    assert {ex.step for ex in run.token_weights} == {8}
+    assert len(run.token_weights[0].weights) == 4
+
+
+def test_reading_tolerates_bad_input(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0, "note": "x", "nan": NaN}\nnot json\n{"step": 2, "lo')
+    train, val = read_series(path)
+    assert train == {"loss": [(1, 2.0)]} and val == {}
+    assert read_token_weights(tmp_path / "missing.jsonl") == []
+    bare = load_run(tmp_path / "nothing-here")
+    assert bare.train == {} and bare.evals == [] and bare.token_weights == []
+
+
+def test_token_step_can_be_chosen(tmp_path: Path) -> None:
+    run = write_run(tmp_path, "rho1")
+    assert {ex.step for ex in read_token_weights(run / "token_weights.jsonl", step=4)} == {4}
+
+
+def test_weight_scales() -> None:
+    scale = WeightScale("continuous", 0.1, 3.0)
+    assert scale.position(1.0) == 0.5
+    assert scale.position(0.1) == 0.0 and scale.position(3.0) == 1.0 and scale.position(9) == 1.0
+    assert scale.position(0.5) < 0.5 < scale.position(2.0)
+    assert scale.color(1.0) != scale.color(3.0) != scale.color(0.1)
+
+
+def test_scale_follows_the_recipe(tmp_path: Path) -> None:
+    assert scale_for(load_run(write_run(tmp_path / "a", "rho1"))).mode == "selection"
+    verifiable = scale_for(load_run(write_run(tmp_path / "b", "verifiable")))
+    assert (verifiable.mode, verifiable.low, verifiable.high) == ("continuous", 0.1, 3.0)
+
+
+def test_token_spans_escape_code_and_carry_exact_weights(tmp_path: Path) -> None:
+    example = load_run(write_run(tmp_path, "verifiable")).token_weights[0]
+    spans = token_spans(example, 0, WeightScale("continuous", 0.1, 3.0), len(PROMPT))
+    assert "&lt;" in spans and "&gt;" in spans and "&amp;" in spans and "&quot;" in spans
+    assert "<none>" not in spans and " & " not in spans
+    text = re.sub(r"<[^>]+>", "", spans)
+    assert text.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", '"').replace(
+        "&amp;", "&"
+    ) == "".join(CODE)
+    weight = example.weights[0][len(PROMPT)]
+    assert f"weight {weight:.4f}" in spans
+
+
+def test_page_lists_runs_and_curves(report: tuple[Path, str]) -> None:
+    _, page = report
+    for label in ("baseline/baseline-fixture", "verifiable/verifiable-fixture",
+                  "rho1/rho1-fixture", "critic/critic-fixture"):  # fmt: skip
+        assert label in page
+    assert "micro-mtp" in page and "Generated " in page
+    for figure in ("loss", "ce_heads", "weights", "critic", "optimisation"):
+        assert f'id="fig-{figure}"' in page
+    assert page.count('src="data:image/png;base64,') == 5
+    assert "Critic diagnostics" in page and "length_only_accuracy" in page
+
+
+def test_page_has_the_pass_at_k_table(report: tuple[Path, str]) -> None:
+    _, page = report
+    table = page[page.index("<table class='eval'>") :]
+    table = table[: table.index("</table>")]
+    assert table.count("<tr>") == 4  # header + baseline, verifiable, rho1
+    for text in (
+        "pass@1",
+        "pass@5",
+        "pass@10",
+        "41.5%",
+        "± 3.2",
+        "58.2%",
+        "63.4%",
+        ">164<",
+        ">10<",
+        ">0.8<",
+        "alpaca",
+        "2.453",
+        "h2 0.81 · h3 0.66 · h4 0.49",
+        "humaneval",
+    ):
+        assert text in table, text  # fmt: skip
+
+
+def test_page_has_heat_maps_with_legends(report: tuple[Path, str]) -> None:
+    _, page = report
+    section = page[page.index('<section id="token-weights">') :]
+    assert section.count('class="tw"') == 6  # 2 examples x 3 policy runs
+    assert 'class="cbar"' in section and "linear-gradient" in section
+    assert "selected (weight 1)" in section and 'class="t w drop"' in section
+    assert re.search(r'<span class="t w" style="background:#[0-9a-f]{6};color:#\w+" '
+                     r'title="token \d+ [^"]*weight \d\.\d{4}">', section)  # fmt: skip
+    assert ">&lt;</span>" in section and "> &amp;</span>" in section and ">none</span>" in section
+    for head in range(1, 5):
+        assert f'data-head="{head}"' in section
+    assert "function showHead" in page
+
+
+def test_figures_are_valid_pngs(report: tuple[Path, str]) -> None:
+    index, _ = report
+    names = sorted(p.name for p in (index.parent / "figures").glob("*.png"))
+    assert names == ["ce_heads.png", "critic.png", "loss.png", "optimisation.png",
+                     "token_weights.png", "weights.png"]  # fmt: skip
+    for path in (index.parent / "figures").glob("*.png"):
+        assert path.read_bytes()[:8] == PNG_MAGIC
+        with Image.open(path) as image:
+            image.verify()
+
+
+def test_page_needs_no_network(report: tuple[Path, str]) -> None:
+    _, page = report
+    assert "http://" not in page and "https://" not in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?//""", page)
+    assert "@import" not in page and "url(" not in page
+    assert not re.search(r"<(link|iframe|object|embed)\b", page)
+    assert not re.search(r"<script[^>]*\bsrc=", page)
+
+
+def test_single_run_without_eval_or_weights(tmp_path: Path) -> None:
+    run = write_run(tmp_path, "baseline", steps=3, evals=False, weights=False)
+    page = build_report([run], tmp_path / "out").read_text(encoding="utf-8")
+    assert "baseline/baseline-fixture" in page and "Config differences" not in page
+    assert "Nothing to show: no &lt;checkpoint&gt;/eval" in page
+    assert "Nothing to show: no token_weights.jsonl" in page
+    assert not (tmp_path / "out" / "figures" / "token_weights.png").exists()
+
+
+def test_empty_run_folder_still_gives_a_page(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    page = build_report([tmp_path / "run"], tmp_path / "out").read_text(encoding="utf-8")
+    assert "Nothing to show: no metrics.jsonl" in page
