@@ -161,7 +161,7 @@ def generate(
     done = [False] * batch
     model.setup_caches(batch, total, n_heads=1)
     try:
-        logits = model.forward_cached(tokens[:, :min_len], 0, n_heads=1)[:, -1, 0]
+        logits = model.forward_cached(tokens[:, :min_len], 0, n_heads=1, last_only=True)[:, -1, 0]
         for pos in range(min_len, total):
             sampled = draw(sample_probs(logits, temperature, top_p), generator, greedy)
             tokens[:, pos] = torch.where(in_prompt[:, pos], tokens[:, pos], sampled)
@@ -182,12 +182,12 @@ def _verify(
 ) -> tuple[list[int], int]:
     """Accepted tokens of one step and the row (fed position) of the last accepted input.
 
-    ``probs`` ``[n, n, V]`` are the distributions at the n fed positions (row i holds the
+    ``probs`` ``[n, V]`` are head 1's distributions at the n fed positions (row i holds the
     last accepted token for i = 0, else draft i - 1); head 1 at row i judges draft i.
     """
     n = probs.shape[0]
     accepted, replacement = speculative_accept(
-        probs[: n - 1, 0], draft_probs, drafts, generator, greedy
+        probs[: n - 1], draft_probs, drafts, generator, greedy
     )
     new: list[int] = []
     for i, (ok, draft, fix) in enumerate(
@@ -199,7 +199,7 @@ def _verify(
         stats.draft_accepted[i] += 1
         new.append(draft)
     # Every draft accepted: head 1 at the last fed position gives one bonus token.
-    bonus = int(draw(probs[n - 1, 0][None], generator, greedy)[0])
+    bonus = int(draw(probs[n - 1][None], generator, greedy)[0])
     return [*new, bonus], n - 1
 
 
@@ -236,7 +236,8 @@ def speculative_generate(
     model.setup_caches(1, len(prompt) + max_new_tokens + n, n_heads=n)
     try:
         feed = torch.tensor([prompt], device=device)
-        probs = sample_probs(model.forward_cached(feed, 0, n_heads=n)[0, -1], temperature, top_p)
+        logits = model.forward_cached(feed, 0, n_heads=n, last_only=True)[0, -1]
+        probs = sample_probs(logits, temperature, top_p)
         stats.steps, pos = 1, len(prompt)
         new = [int(draw(probs[:1], generator, greedy)[0])]
         last = probs  # [n, V]: distributions at the last accepted fed position
@@ -244,11 +245,16 @@ def speculative_generate(
             draft_probs = last[1:]
             drafts = draw(draft_probs, generator, greedy)
             feed = torch.cat([torch.tensor([new[-1]], device=device), drafts])[None]
-            logits = model.forward_cached(feed, pos, n_heads=n)[0]  # [n, n, V]
-            probs = sample_probs(logits, temperature, top_p)
+            # One output projection for all n x n rows: reading the [V, dim] matrix once
+            # costs about what one row costs, four separate reads cost four times as much.
+            logits = model.forward_cached(feed, pos, n_heads=n)[0]  # [n fed, n heads, V]
+            # Head 1 at every fed position judges the drafts; the other heads matter only at
+            # the last accepted position (the next drafts).
+            head1 = sample_probs(logits[:, 0], temperature, top_p)
             stats.steps += 1
-            new, row = _verify(probs, drafts, draft_probs, generator, greedy, stats)
-            last, pos = probs[row], pos + len(new)
+            new, row = _verify(head1, drafts, draft_probs, generator, greedy, stats)
+            rest = sample_probs(logits[row, 1:], temperature, top_p)
+            last, pos = torch.cat([head1[row : row + 1], rest]), pos + len(new)
     finally:
         model.clear_caches()
     stats.tokens = len(out)

@@ -312,13 +312,16 @@ class Transformer(nn.Module):
             block.attention.cache = None
 
     @torch.no_grad()
-    def forward_cached(self, tokens: Tensor, start_pos: int, n_heads: int = 1) -> Tensor:
+    def forward_cached(
+        self, tokens: Tensor, start_pos: int, n_heads: int = 1, last_only: bool = False
+    ) -> Tensor:
         """Logits ``[B, T, n_heads, vocab]`` for ``tokens`` placed at ``start_pos``, extending
-        the caches. Earlier positions must already be in the caches of the heads used."""
+        the caches. Earlier positions must already be in the caches of the heads used.
+        ``last_only``: logits of the last position only (``T`` = 1), e.g. after a prompt."""
         h = self.trunk(tokens, start_pos)
-        return torch.stack(
-            [self.unembed(self.head_hidden(h, k, start_pos)) for k in range(n_heads)], dim=2
-        )
+        hidden = torch.stack([self.head_hidden(h, k, start_pos) for k in range(n_heads)], dim=2)
+        # One call for every head: the output matrix is read once, not once per head.
+        return self.unembed(hidden[:, -1:] if last_only else hidden)
 
 
 def init_weights(model: Transformer, seed: int = 42) -> None:
