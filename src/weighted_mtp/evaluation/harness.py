@@ -23,7 +23,15 @@ from weighted_mtp.storage.io import StorageError
 from weighted_mtp.storage.layout import StorageLayout
 
 EVAL_FILES = {"humaneval": "test", "mbpp": "test", "gsm8k": "test", "codecontests": "test_eval"}
+# The small subsets are whole problems of the full test split (CodeContests' small split holds
+# training-style solution records, not the problem-level evaluation file, so it is not here).
+EVAL_DATASETS = (*EVAL_FILES, "humaneval_small", "mbpp_small", "gsm8k_small")
 Record = dict[str, Any]
+
+
+def benchmark_of(dataset: str) -> str:
+    """The benchmark a dataset name evaluates: ``humaneval_small`` -> ``humaneval``."""
+    return dataset.removesuffix("_small")
 
 
 def humaneval_from_package() -> dict[str, Record]:
@@ -49,8 +57,16 @@ def load_problems(
             r["task_id"]: humaneval_record({"canonical_solution": "", **r}, f"{problems}:{i + 1}")
             for i, r in enumerate(iter_jsonl(problems))
         }
-    if dataset not in EVAL_FILES:
-        raise StorageError(f"unknown --dataset {dataset!r}; choose from {', '.join(EVAL_FILES)}")
+    if dataset not in EVAL_DATASETS:
+        raise StorageError(f"unknown --dataset {dataset!r}; choose from {', '.join(EVAL_DATASETS)}")
+    if dataset.endswith("_small"):  # the seed-42 subset under datasets_local_small/
+        base = benchmark_of(dataset)
+        path = layout.dataset(base).small_split(EVAL_FILES[base])
+        if not path.is_file():
+            raise StorageError(
+                f"{path}: missing; build it with `wmtp storage datasets --datasets {base}`"
+            )
+        return {r["task_id"]: r for r in iter_jsonl(path)}
     path = layout.dataset(dataset).processed / f"{EVAL_FILES[dataset]}.jsonl"
     if not path.is_file():
         if dataset == "humaneval":
@@ -92,6 +108,7 @@ def score_samples(
 ) -> list[Record]:  # fmt: skip
     """One result per sample: ``task_id``, ``sample`` (index within its task), ``verdict``,
     ``passed``. GSM8K is checked by answer extraction, everything else in the sandbox."""
+    task_name = benchmark_of(task_name)
     counters: dict[str, int] = defaultdict(int)
     indexed = []
     for sample in samples:
@@ -137,7 +154,7 @@ def summarize(rows: list[Record], task_name: str) -> dict[str, Any]:
         verdicts[row["verdict"]] += 1
     summary: dict[str, Any] = {"dataset": task_name, "problems": len(by_task),
                                "samples": len(rows), "verdicts": dict(verdicts)}  # fmt: skip
-    if task_name == "gsm8k":
+    if benchmark_of(task_name) == "gsm8k":
         mean, stderr = accuracy([row["passed"] for row in rows])
         summary["accuracy"] = {"mean": mean, "stderr": stderr}
     else:
@@ -280,7 +297,7 @@ def evaluate(
     device = str(distributed.resolve_device(device, info))
     model, tokenizer, default_mode = load_for_evaluation(layout, checkpoint, device)
     mode = mode or default_mode
-    task = TASKS[dataset]
+    task = TASKS[benchmark_of(dataset)]
     problems = load_problems(layout, dataset, None)
     task_ids = list(problems)[:max_tasks] if max_tasks else list(problems)
     prompts = [task.prompt(problems[t], mode) for t in task_ids]
