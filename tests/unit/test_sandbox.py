@@ -71,6 +71,22 @@ def test_timeouts_are_enforced_externally(program: str, verdict: str) -> None:
         ("x = bytearray(6 << 30)\n", "memory"),
         ("def f():\n    return f()\nf()\n", "error:RecursionError"),
         ("input()\n", "error:EOFError"),
+        (
+            ADD_BAD + "import sys, threading\nsys.settrace(lambda *a: None)\n"
+            "sys.setprofile(lambda *a: None)\nthreading.settrace(lambda *a: None)\n" + CHECK,
+            "failed",
+        ),
+        (
+            ADD_OK
+            + "import threading, time\nthreading.Thread(target=time.sleep, args=(60,)).start()\n",
+            "passed",
+        ),
+        (
+            ADD_BAD
+            + "import threading, time\nthreading.Thread(target=time.sleep, args=(60,)).start()\n"
+            + CHECK,
+            "failed",
+        ),
     ],
     ids=[
         "os-exit",
@@ -84,12 +100,17 @@ def test_timeouts_are_enforced_externally(program: str, verdict: str) -> None:
         "memory",
         "recursion",
         "stdin-devnull",
+        "trace-hooks",
+        "thread-left-running-pass",
+        "thread-left-running-fail",
     ],
 )
 def test_verdict_categories(program: str, verdict: str) -> None:
+    start = time.monotonic()
     result = _run(program)
     assert result.verdict == verdict, result.stderr
-    assert not result.passed
+    assert result.passed == (verdict == "passed")
+    assert time.monotonic() - start < 1.95  # none of these waits for the 2 s deadline
 
 
 def test_output_flood_is_cut_fast() -> None:
