@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup quickstart micro test lint format clean
+.PHONY: setup quickstart test lint format clean
 
 $(BIN)/wmtp: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -14,14 +14,10 @@ $(BIN)/wmtp: pyproject.toml
 
 setup: $(BIN)/wmtp
 
-# The main job until the quickstart lands, offline on CPU: micro models (tokenizer included),
-# the four datasets from the bundled sources, verification, and a short baseline run.
-micro: setup
-	$(BIN)/wmtp storage models --create-micro --micro-type mtp --micro-init random
-	$(BIN)/wmtp storage models --create-micro --micro-type reference --micro-init random
-	HF_HUB_OFFLINE=1 $(BIN)/wmtp storage datasets --datasets all --steps all
-	$(BIN)/wmtp storage verify --check all --include-small
-	$(BIN)/wmtp train configs/local/baseline.yaml log.mlflow=false
+# The main job, offline on CPU: micro models, the four datasets, critic -> verifiable,
+# baseline, ref_tuning -> rho1, evaluation with self-speculative decoding, the report.
+quickstart: setup
+	$(BIN)/wmtp quickstart
 
 test: setup
 	$(BIN)/ruff check .

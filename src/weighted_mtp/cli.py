@@ -317,13 +317,14 @@ def add_quickstart_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--configs", default=None, help="folder of the local configs (default: configs/local)"
     )
+    add_unsafe_arg(parser)
     add_storage_arg(parser)
 
 
 def run_quickstart(args: argparse.Namespace) -> int:
     from weighted_mtp.quickstart import quickstart
 
-    quickstart(args.storage, args.configs)
+    quickstart(args.storage, args.configs, args.unsafe)
     return 0
 
 

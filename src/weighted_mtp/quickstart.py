@@ -49,6 +49,7 @@ class Stage:
     what: str
     done: Callable[[], bool]
     run: Callable[[], None]
+    runs_generated_code: bool = False
 
 
 @dataclass
@@ -82,12 +83,15 @@ class Quickstart:
         console: Console | None = None,
         max_new_tokens: int = MAX_NEW_TOKENS,
         workers: int = 2,
+        unsafe: bool = False,
     ):
         self.layout = layout
         self.configs = configs or default_configs()
-        self.console = console or Console(highlight=False)
+        self.console = console or Console(highlight=False, soft_wrap=True)
         self.max_new_tokens = max_new_tokens
         self.workers = workers
+        self.unsafe = unsafe
+        self._sandbox_ok: bool | None = None
 
     # ---- where each stage's outputs live ----
 
@@ -121,7 +125,7 @@ class Quickstart:
         for policy in POLICIES:
             stages.append(
                 Stage(f"eval-{policy}", f"{EVAL_DATASET}, self-speculative decoding of {policy}",
-                      self._evaluated(policy), self._evaluator(policy))
+                      self._evaluated(policy), self._evaluator(policy), runs_generated_code=True)
             )  # fmt: skip
         stages.append(
             Stage("report", "curves, weight statistics, pass@k and token-weight heat maps",
@@ -223,6 +227,20 @@ class Quickstart:
 
     # ---- running ----
 
+    def sandbox_ok(self) -> bool:
+        """Probe the sandbox once; below its minimum isolation (and without ``unsafe``) the
+        evaluation stages are skipped, with the reason, and the rest of the pipeline goes on."""
+        if self._sandbox_ok is None:
+            from weighted_mtp.evaluation.sandbox import IsolationError, require_isolation
+
+            try:
+                self.console.print(require_isolation(unsafe=self.unsafe)["summary"], markup=False)
+                self._sandbox_ok = True
+            except IsolationError as err:
+                self.console.print(f"[yellow]{err}[/yellow]")
+                self._sandbox_ok = False
+        return self._sandbox_ok
+
     def run(self) -> list[StageResult]:
         stages, results = self.stages(), []
         started = time.perf_counter()
@@ -233,6 +251,12 @@ class Quickstart:
             if stage.done():
                 self.console.print(f"{head} [dim](done already, skipped)[/dim]")
                 results.append(StageResult(stage.name, True, time.perf_counter() - t0))
+                continue
+            if stage.runs_generated_code and not self.sandbox_ok():
+                self.console.print(
+                    f"{head} [yellow](skipped: the sandbox is not safe here)[/yellow]"
+                )
+                results.append(StageResult(stage.name, True, 0.0))
                 continue
             self.console.print(head)
             stage.run()
@@ -246,7 +270,7 @@ class Quickstart:
         self.console.print(
             f"\n[bold]Finished in {total:.0f} s.[/bold] Report: {self.report_dir / 'index.html'}"
         )
-        self.console.print(NEXT_STEPS.format(root=self.layout.root))
+        self.console.print(NEXT_STEPS.format(root=self.layout.root), markup=False)
         return results
 
 
@@ -264,7 +288,9 @@ Real models and data (Hugging Face token and licence acceptance for the 7B MTP m
 """
 
 
-def quickstart(storage: str | None = None, configs: str | None = None) -> list[StageResult]:
+def quickstart(
+    storage: str | None = None, configs: str | None = None, unsafe: bool = False
+) -> list[StageResult]:
     """Run every missing stage of the quickstart under ``storage``."""
     layout = StorageLayout.from_arg(storage)
-    return Quickstart(layout, Path(configs) if configs else None).run()
+    return Quickstart(layout, Path(configs) if configs else None, unsafe=unsafe).run()

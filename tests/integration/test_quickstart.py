@@ -1,0 +1,62 @@
+"""`wmtp quickstart`: every stage on a fresh storage root, then a second run that skips them all."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+from weighted_mtp.quickstart import POLICIES, RUN_NAME, TRAINED
+from weighted_mtp.storage.layout import DATASET_NAMES, StorageLayout
+from weighted_mtp.storage.models import verify_models
+
+
+def _quickstart(storage) -> tuple[str, float]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "weighted_mtp", "quickstart", "--storage", str(storage)],
+        capture_output=True, text=True, timeout=1500, cwd=REPO, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout, time.perf_counter() - started
+
+
+@pytest.mark.slow
+def test_quickstart_builds_everything_then_skips_everything(tmp_path):
+    storage = tmp_path / "storage"
+    first, _ = _quickstart(storage)
+    layout = StorageLayout(storage)
+    assert all(c.ok for c in verify_models(layout, ["micro-mtp", "micro-reference"]))
+    for name in DATASET_NAMES:
+        assert layout.dataset(name).manifest.is_file()
+    assert layout.dataset("humaneval").small_split("test").is_file()
+    for experiment in TRAINED:
+        run = layout.checkpoint(experiment) / RUN_NAME
+        assert (run / "final" / "wmtp_checkpoint.json").is_file(), experiment
+        assert (run / "metrics.jsonl").is_file()
+    for policy in POLICIES:
+        run = layout.checkpoint(policy) / RUN_NAME
+        assert (run / "token_weights.jsonl").is_file()
+        summary = json.loads((run / "final/eval/humaneval_small/summary.json").read_text())
+        assert summary["problems"] == 32 and summary["settings"]["speculative"] is True
+        assert 0.0 <= summary["pass_at_k"]["pass@1"]["mean"] <= 1.0
+        assert len(summary["decoding"]["acceptance"]) == 3
+        assert summary["decoding"]["tokens_per_step"] >= 1.0
+    page = layout.reports_dir / RUN_NAME / "index.html"
+    html = page.read_text()
+    assert all(f"{p}/{RUN_NAME}" in html for p in (*POLICIES, "critic"))
+    assert "humaneval_small" in html and html.count('<span class="t w') > 100
+    assert not re.search(r"https?://", html)
+    assert (layout.reports_dir / RUN_NAME / "figures/token_weights.png").is_file()
+    assert first.count("done in") == 11 and "skipped" not in first
+
+    second, seconds = _quickstart(storage)
+    assert second.count("(done already, skipped)") == 11 and "done in" not in second
+    assert seconds < 60, f"second run took {seconds:.0f} s"
