@@ -97,6 +97,16 @@ def is_offline() -> bool:
     return False
 
 
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """Print a notice once per process (every dataset resolves its origin)."""
+    if message not in _SAID:
+        _SAID.add(message)
+        print(message, flush=True)
+
+
 def resolve_origin(storage_root: Path, source: Path | None) -> Origin:
     """``--source`` if given; the bundled sources when offline; the Hub otherwise."""
     if source is not None:
@@ -104,10 +114,9 @@ def resolve_origin(storage_root: Path, source: Path | None) -> Origin:
             raise StorageError(f"--source {source}: not a folder")
         return Origin("local", Path(source))
     if is_offline():
-        print(
+        _say_once(
             "offline: using the bundled sample sources (written for this project, not the real "
-            "datasets); pass --source DIR to read real local copies",
-            flush=True,
+            "datasets); pass --source DIR to read real local copies"
         )
         return Origin("bundled", materialise_bundled(storage_root / "sources"))
     return Origin("hub")
