@@ -52,6 +52,16 @@ def test_dom_has_heat_maps_and_loaded_figures(page: Path, tmp_path: Path) -> Non
     assert 'class="cbar"' in dom and "head 4" in dom
 
 
+def test_head_tabs_switch_in_the_browser(page: Path, tmp_path: Path) -> None:
+    """The tab script runs in the page: ``#head=3`` opens head 3 of every heat map."""
+    views = re.compile(r'<div class="headview" data-head="(\w+)"( hidden(?:="")?)?>')
+    default = views.findall(chromium(tmp_path, "--dump-dom", page.as_uri()).stdout)
+    chosen = views.findall(chromium(tmp_path, "--dump-dom", page.as_uri() + "#head=3").stdout)
+    shown = lambda found: {head for head, hidden in found if not hidden}  # noqa: E731
+    assert default and shown(default) == {"1"}
+    assert shown(chosen) == {"3"} and len(chosen) == len(default)
+
+
 def test_screenshot_shows_curves_and_coloured_tokens(page: Path, tmp_path: Path) -> None:
     shot = tmp_path / "shot.png"
     chromium(tmp_path, "--window-size=1400,8000", f"--screenshot={shot}", page.as_uri())

@@ -73,6 +73,9 @@ window.addEventListener('load', () => {
   const images = [...document.images];
   const loaded = images.filter(i => i.naturalWidth > 0).length;
   document.body.dataset.images = loaded + '/' + images.length;
+  // index.html#head=3 (or #head=all) opens that tab in every heat map: a link to a view.
+  const head = new URLSearchParams(location.hash.slice(1)).get('head');
+  if (head) document.querySelectorAll(`.tab[data-head="${head}"]`).forEach(showHead);
 });
 function showHead(button) {
   const box = button.closest('.tw'), head = button.dataset.head;
