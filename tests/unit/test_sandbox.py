@@ -318,3 +318,9 @@ def test_real_timeout_rerun_stays_timeout() -> None:
         ["import time\ntime.sleep(9)\n"], workers=1, timeout_s=0.5, rerun_timeouts=True
     )
     assert results[0].verdict == "timeout" and results[0].detail["first_verdict"] == "timeout"
+
+
+def test_run_many_reports_each_finished_program() -> None:
+    ticks: list[int] = []
+    results = run_many([ADD_OK, ADD_BAD + CHECK, ADD_OK], 2, on_done=lambda: ticks.append(1))
+    assert [r.verdict for r in results] == ["passed", "failed", "passed"] and len(ticks) == 3

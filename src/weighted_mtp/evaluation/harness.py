@@ -128,7 +128,11 @@ def score_samples(
             jobs.append(job)
             owners.append(n)
     expected = [job.pop("expected", None) for job in jobs]
-    results = run_many(jobs, workers)
+    from rich.progress import Progress
+
+    with Progress(transient=True, disable=not jobs) as progress:
+        bar = progress.add_task(f"scoring {len(jobs)} programs", total=len(jobs))
+        results = run_many(jobs, workers, on_done=lambda: progress.advance(bar))
     per_sample: dict[int, tuple[list, list]] = defaultdict(lambda: ([], []))
     for owner, result, want in zip(owners, results, expected, strict=True):
         per_sample[owner][0].append(result)

@@ -57,7 +57,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -1093,9 +1093,11 @@ def run_many(
     *,
     timeout_s: float = 3.0,
     rerun_timeouts: bool = False,
+    on_done: Callable[[], None] | None = None,
     **kwargs: Any,
 ) -> list[ExecResult]:
-    """Run programs concurrently; results keep the input order.
+    """Run programs concurrently; results keep the input order. ``on_done`` is called (from a
+    worker thread) after each program of the parallel pass, e.g. to advance a progress bar.
 
     Each item is program source, or a dict of ``run_program`` keyword arguments with a
     ``program`` key. ``workers`` is capped at the slot count; prefer the number of cores,
@@ -1112,9 +1114,15 @@ def run_many(
         args = {"timeout_s": timeout_s, **kwargs, **job}
         return run_program(args.pop("program"), **args)
 
+    def _counted(job: dict[str, Any]) -> ExecResult:
+        result = _one(job)
+        if on_done is not None:
+            on_done()
+        return result
+
     workers = max(1, min(workers, NUM_SLOTS))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(_one, jobs))
+        results = list(pool.map(_counted, jobs))
     again = {"harness_error", "timeout"} if rerun_timeouts else {"harness_error"}
     for i, first in enumerate(results):
         if first.verdict in again:
