@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -290,7 +291,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from weighted_mtp.evaluation.harness import evaluate
 
     layout = StorageLayout.from_arg(args.storage)
-    check_sandbox(args.unsafe)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 runs generated code
+        check_sandbox(args.unsafe)
     checkpoint = Path(args.checkpoint)
     out = (
         Path(args.out)

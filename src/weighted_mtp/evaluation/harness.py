@@ -316,6 +316,8 @@ def evaluate(
     if info.enabled:
         gathered: list[Any] = [None] * info.world
         dist.all_gather_object(gathered, (texts, stats, seconds))
+        # Every rank past the collective before any tears the group down (as training ends).
+        distributed.barrier()
         distributed.destroy()
         if not info.is_main:
             return None
