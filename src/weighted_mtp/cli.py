@@ -12,11 +12,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from weighted_mtp.storage.layout import DATASET_NAMES, StorageLayout
+from weighted_mtp.storage.layout import DATASET_NAMES, EVAL_DATASETS, StorageLayout
 
-# The evaluation datasets (kept here so ``--help`` does not import the harness).
-EVAL_DATASETS = ("humaneval", "mbpp", "gsm8k", "codecontests", "humaneval_small", "mbpp_small",
-                 "gsm8k_small")  # fmt: skip
 MODEL_STEPS = ("download", "convert", "config", "verify")
 DATASET_STEPS = ("process", "metadata", "small", "stats", "eval", "tests")
 

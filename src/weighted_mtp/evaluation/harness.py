@@ -10,22 +10,19 @@ from __future__ import annotations
 import gzip
 import importlib.resources
 import json
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from rich.progress import Progress, track
 
 from weighted_mtp.data.jsonl import iter_jsonl
 from weighted_mtp.evaluation.metrics import accuracy, mean_pass_at_k
 from weighted_mtp.evaluation.sandbox import ExecResult, run_many
 from weighted_mtp.evaluation.tasks import TASKS, compare_output, extract_answer, is_correct
 from weighted_mtp.storage.io import StorageError
-from weighted_mtp.storage.layout import StorageLayout
+from weighted_mtp.storage.layout import EVAL_DATASETS, EVAL_FILES, StorageLayout
 
-EVAL_FILES = {"humaneval": "test", "mbpp": "test", "gsm8k": "test", "codecontests": "test_eval"}
-# The small subsets are whole problems of the full test split (CodeContests' small split holds
-# training-style solution records, not the problem-level evaluation file, so it is not here).
-EVAL_DATASETS = (*EVAL_FILES, "humaneval_small", "mbpp_small", "gsm8k_small")
 Record = dict[str, Any]
 
 
@@ -128,8 +125,6 @@ def score_samples(
             jobs.append(job)
             owners.append(n)
     expected = [job.pop("expected", None) for job in jobs]
-    from rich.progress import Progress
-
     with Progress(transient=True, disable=not jobs) as progress:
         bar = progress.add_task(f"scoring {len(jobs)} programs", total=len(jobs))
         results = run_many(jobs, workers, on_done=lambda: progress.advance(bar))
@@ -264,8 +259,6 @@ def merge_decoding_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _progress(items: list[int], what: str):
-    from rich.progress import track
-
     return track(items, description=what, transient=True, disable=not items)
 
 
@@ -312,18 +305,18 @@ def evaluate(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
         speculative=speculative, rank=info.rank, world=info.world,
     )  # fmt: skip
-    seconds = time.perf_counter() - started
+    parts: list[Any] = [(texts, stats, time.perf_counter() - started)]
     if info.enabled:
-        gathered: list[Any] = [None] * info.world
-        dist.all_gather_object(gathered, (texts, stats, seconds))
+        parts = [None] * info.world
+        dist.all_gather_object(parts, (texts, stats, time.perf_counter() - started))
         # Every rank past the collective before any tears the group down (as training ends).
         distributed.barrier()
         distributed.destroy()
         if not info.is_main:
             return None
-        texts = {job: text for part in gathered for job, text in part[0].items()}
-        seconds = max(part[2] for part in gathered)
-    stats = merge_decoding_stats([part[1] for part in gathered] if info.enabled else [stats])
+    texts = {job: text for part in parts for job, text in part[0].items()}
+    stats = merge_decoding_stats([part[1] for part in parts])
+    seconds = max(part[2] for part in parts)
     samples = [{"task_id": t, "completion": task.postprocess(texts[i, j], mode, eos_text)}
                for i, t in enumerate(task_ids) for j in range(num_samples)]  # fmt: skip
     rows = score_samples(samples, {t: problems[t] for t in task_ids}, dataset, workers)
@@ -366,12 +359,10 @@ def log_summary(summary: dict[str, Any], mlflow_uri: str, run_name: str) -> None
         metrics[f"decode/acceptance_head{k}"] = rate
     settings = {k: v for k, v in summary.get("settings", {}).items() if k != "task_ids"}
     params = {"dataset": summary.get("dataset"), "problems": summary.get("problems"), **settings}
-    with tempfile.TemporaryDirectory() as scratch:  # the logger's JSONL copy is not needed
-        logger = MetricLogger(
-            Path(scratch), mlflow_uri=mlflow_uri, experiment="evaluation",
-            run_name=run_name, params=params,
-        )  # fmt: skip
-        try:
-            logger.log(metrics, step=0)
-        finally:
-            logger.close()
+    logger = MetricLogger(
+        None, mlflow_uri=mlflow_uri, experiment="evaluation", run_name=run_name, params=params
+    )
+    try:
+        logger.log(metrics, step=0)
+    finally:
+        logger.close()

@@ -13,6 +13,11 @@ from pathlib import Path
 
 MODEL_NAMES = ("meta-llama-mtp", "ref-sheared-llama-2.7b", "micro-mtp", "micro-reference")
 DATASET_NAMES = ("codecontests", "mbpp", "humaneval", "gsm8k")
+# The split each benchmark is evaluated on (CodeContests: the problem-level file with its tests).
+EVAL_FILES = {"humaneval": "test", "mbpp": "test", "gsm8k": "test", "codecontests": "test_eval"}
+# Evaluation datasets: the benchmarks and the small subsets of their test splits (CodeContests'
+# small split holds training-style solution records, not the evaluation file, so it is not one).
+EVAL_DATASETS = (*EVAL_FILES, "humaneval_small", "mbpp_small", "gsm8k_small")
 
 # Split names per dataset, as the seed lists them.
 DATASET_SPLITS: dict[str, tuple[str, ...]] = {

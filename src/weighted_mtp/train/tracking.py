@@ -30,7 +30,7 @@ def scrub(data: Any) -> Any:
 class MetricLogger:
     def __init__(
         self,
-        run_dir: Path,
+        run_dir: Path | None,
         enabled: bool = True,
         mlflow_uri: str | None = None,
         experiment: str = "wmtp",
@@ -40,11 +40,13 @@ class MetricLogger:
     ):
         self.enabled = enabled
         self.console = console
-        self.path = run_dir / "metrics.jsonl"
+        # ``run_dir`` None: MLflow (and the console) only, e.g. one evaluation summary.
+        self.path = run_dir / "metrics.jsonl" if run_dir is not None else None
         self._mlflow = None
         if not enabled:
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
         if mlflow_uri:
             self._mlflow = _start_mlflow(mlflow_uri, experiment, run_name, scrub(params or {}))
 
@@ -54,9 +56,10 @@ class MetricLogger:
         clean = {
             k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))
         }
-        record = {"step": step, "time": round(time.time(), 3), **clean}
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        if self.path is not None:
+            record = {"step": step, "time": round(time.time(), 3), **clean}
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
         if self.console is not None:
             self.console(
                 f"step {step}: " + "  ".join(_short(k, v) for k, v in clean.items() if _shown(k))
