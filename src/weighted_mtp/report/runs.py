@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from weighted_mtp.train.tracking import read_metrics
+
 CHECKPOINT_INFO = "wmtp_checkpoint.json"
 DIAGNOSTICS = "critic_diagnostics.json"
 TOKEN_WEIGHTS = "token_weights.jsonl"
@@ -107,7 +109,7 @@ def read_series(path: Path) -> tuple[dict[str, Series], dict[str, Series]]:
     (validation names lose their ``val/`` prefix). Bad lines and non-numbers are skipped."""
     train: dict[str, Series] = {}
     val: dict[str, Series] = {}
-    for record in _read_jsonl(path):
+    for record in read_metrics(path):
         step = record.get("step")
         if not isinstance(step, int | float):
             continue
@@ -140,7 +142,7 @@ def read_token_weights(path: Path, step: int | None = None) -> list[TokenWeights
     """The examples logged at ``step`` (default: the last logged step), validation first."""
     chosen: list[TokenWeights] = []
     best_step = -1
-    for record in _read_jsonl(path):
+    for record in read_metrics(path):
         example = _token_weights(record)
         if example is None:
             continue
@@ -206,22 +208,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a run killed mid-write leaves a partial last line
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def _get(data: dict[str, Any], *keys: str) -> Any:

@@ -118,7 +118,19 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """Read back ``metrics.jsonl`` (used by the report and the tests)."""
-    if not path.is_file():
+    """Read back an appended JSON-lines log of a run (``metrics.jsonl``,
+    ``token_weights.jsonl``): one dict per line, ``[]`` when the file is missing. A line that
+    does not parse to an object is skipped: a run killed mid-write leaves a partial last line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
