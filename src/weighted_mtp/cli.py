@@ -185,6 +185,17 @@ def add_unsafe_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_scoring_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--scoring",
+        choices=("strict", "compat"),
+        default="strict",
+        help="strict: HumanEval/MBPP tests run in a trusted process that calls the candidate "
+        "over a plain-data channel; compat: asserts inside the candidate's process, as "
+        "published harnesses do (not robust to adversarial code)",
+    )
+
+
 def check_sandbox(unsafe: bool) -> None:
     """Probe the sandbox once, print the isolation level, refuse to go on below the minimum."""
     from weighted_mtp.evaluation.sandbox import IsolationError, require_isolation
@@ -209,7 +220,10 @@ def add_score_args(parser: argparse.ArgumentParser) -> None:
         "--out", default=None, help="results JSONL (default: <samples>_results.jsonl)"
     )
     parser.add_argument("--workers", type=int, default=2, help="sandbox processes at once")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per program")
+    parser.add_argument(
+        "--timeout", type=float, default=5.0, help="CPU seconds per program (wall: twice that)"
+    )
+    add_scoring_arg(parser)
     add_unsafe_arg(parser)
     add_storage_arg(parser)
 
@@ -231,12 +245,14 @@ def run_score(args: argparse.Namespace) -> int:
     task = args.dataset or "humaneval"
     samples = list(iter_jsonl(samples_path))
     check_sandbox(args.unsafe)
-    rows = harness.score_samples(samples, problems, task, args.workers, args.timeout)
+    rows = harness.score_samples(
+        samples, problems, task, args.workers, args.timeout, scoring=args.scoring
+    )
     out = (
         Path(args.out) if args.out else samples_path.with_name(samples_path.stem + "_results.jsonl")
     )
     write_text_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
-    summary = harness.summarize(rows, task)
+    summary = harness.summarize(rows, task, args.scoring)
     write_json_atomic(out.with_suffix(".summary.json"), summary)
     print(json.dumps(summary))
     return 0
@@ -278,6 +294,7 @@ def add_evaluate_args(parser: argparse.ArgumentParser) -> None:
         help="MLflow tracking URI (default: sqlite store mlflow.db under the storage root)",
     )
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    add_scoring_arg(parser)
     add_unsafe_arg(parser)
     add_storage_arg(parser)
 
@@ -304,6 +321,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, speculative=args.speculative, mode=args.mode,
         seed=args.seed, workers=args.workers, device=args.device,
         mlflow_uri=None if args.no_mlflow else args.mlflow_uri or layout.mlflow_uri(),
+        scoring=args.scoring,
     )  # fmt: skip
     if summary is None:  # a torchrun rank other than 0: rank 0 scores and writes
         return 0

@@ -1,4 +1,5 @@
-"""Tests for the code-execution sandbox (EVALUATION.md sections 3 and 4)."""
+"""The sandbox's verdicts, limits and isolation (docs/EVALUATION.md §4); attacks in
+test_sandbox_attacks.py."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ from pathlib import Path
 import pytest
 
 from weighted_mtp.evaluation import sandbox
+from weighted_mtp.evaluation.sandbox import supervisor
 from weighted_mtp.evaluation.sandbox import ExecResult, isolation_report, run_many, run_program
 
-IS_ROOT = os.geteuid() == 0
-needs_root = pytest.mark.skipif(not IS_ROOT, reason="uid switch needs root")
 
 ADD_OK = "def add(a, b):\n    return a + b\n\nassert add(1, 2) == 3\n"
 ADD_BAD = "def add(a, b):\n    return a - b\n"
@@ -24,8 +24,18 @@ def _run(program: str, timeout_s: float = 2.0, **kwargs: object) -> ExecResult:
     return run_program(program, timeout_s=timeout_s, **kwargs)  # type: ignore[arg-type]
 
 
-def _slot_pids(result: ExecResult) -> list[int]:
-    return sandbox._uid_pids(result.detail["uid"])
+def _ps_count(needle: str) -> int:
+    """Live processes on the host whose command line contains ``needle``."""
+    count = 0
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != os.getpid():
+            try:
+                cmd = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ")
+                state = Path(f"/proc/{name}/stat").read_text().rpartition(")")[2].split()[0]
+            except OSError:
+                continue
+            count += needle.encode() in cmd and state != "Z"
+    return count
 
 
 def test_pass_and_fail_basics() -> None:
@@ -128,20 +138,18 @@ def test_stdin_and_stdio_mode() -> None:
     assert result.stdout.strip() == "6"
 
 
-@needs_root
 def test_fork_bomb_is_bounded_and_reaped() -> None:
     program = (
         "import os, time\n"
-        "for _ in range(200):\n"
+        "for _ in range(400):\n"
         "    try:\n        os.fork()\n    except OSError:\n        break\n"
         "time.sleep(5)\n"
     )
     result = _run(program, timeout_s=1.5)
     assert result.verdict in {"timeout", "no_result", "passed"}
-    assert _slot_pids(result) == []
+    assert _ps_count("time.sleep(5)") == 0
 
 
-@needs_root
 def test_daemon_children_are_killed() -> None:
     program = (
         "import os, subprocess\n"
@@ -150,23 +158,20 @@ def test_daemon_children_are_killed() -> None:
     )
     result = _run(program)
     assert result.verdict == "passed"
-    assert result.detail["tree_killed"]
-    assert _slot_pids(result) == []
+    assert _ps_count("sleep 61") == 0 and _ps_count("sleep 60") == 0
 
 
-@needs_root
-def test_writes_outside_workdir_fail(tmp_path: Path) -> None:
+def test_writes_outside_the_sample_fail(tmp_path: Path) -> None:
     victim_dir = tmp_path / "victim"
-    victim_dir.mkdir(mode=0o755)
+    victim_dir.mkdir(mode=0o777)
     os.chmod(tmp_path, 0o755)
     canary = victim_dir / "canary.txt"
     canary.write_text("original")
     program = (
-        f"paths = [{str(canary)!r}, {str(victim_dir / 'new.txt')!r}]\n"
+        f"paths = [{str(canary)!r}, {str(victim_dir / 'new.txt')!r}, '/etc_pwned', '/usr/x']\n"
         "for p in paths:\n"
         "    try:\n        open(p, 'w').write('pwned')\n    except OSError:\n        pass\n"
-        "import os\nos.chdir('/')\n"
-        "try:\n    open('etc_pwned', 'w')\nexcept OSError:\n    pass\n" + ADD_OK
+        + ADD_OK
     )
     assert _run(program).verdict == "passed"
     assert canary.read_text() == "original"
@@ -175,8 +180,6 @@ def test_writes_outside_workdir_fail(tmp_path: Path) -> None:
 
 
 def test_no_network_to_loopback() -> None:
-    if not isolation_report()["netns"]:
-        pytest.skip("network namespaces unavailable")
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(4)
@@ -187,8 +190,8 @@ def test_no_network_to_loopback() -> None:
             f"s.connect(('127.0.0.1', {port}))\n"
         )
         result = _run(program)
-        assert result.verdict == "error:OSError"
-        assert "unreachable" in result.stderr or "refused" in result.stderr
+        # The jail's own loopback: nothing listens there, and the host's is out of reach.
+        assert result.verdict in ("error:OSError", "error:ConnectionRefusedError")
         with pytest.raises(TimeoutError):
             listener.accept()
 
@@ -201,13 +204,12 @@ def test_environment_is_scrubbed(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "hf_secret_value" not in result.stdout
 
 
-def test_workdir_is_private_and_removed() -> None:
+def test_workdir_is_a_private_tmpfs_that_does_not_outlive_the_sample() -> None:
     program = "import os\nprint(os.getcwd())\nopen('f.txt', 'w').write('x')\nos.mkdir('d', 0)\n"
-    result = _run(program)
-    assert result.verdict == "passed"
-    workdir = result.stdout.strip()
-    assert workdir.startswith("/") and workdir != os.getcwd()
-    assert not os.path.exists(workdir)
+    first = run_many([program, "import os\nprint(sorted(os.listdir('.')))\n"], workers=1)
+    assert [r.verdict for r in first] == ["passed", "passed"]
+    assert first[0].stdout.strip() == "/tmp/work"
+    assert first[1].stdout.strip() == "[]"  # the next sample of the same jail starts empty
 
 
 def test_run_many_is_deterministic() -> None:
@@ -227,70 +229,27 @@ def test_run_many_is_deterministic() -> None:
 
 def test_isolation_report_keys() -> None:
     report = isolation_report()
-    for key in ("netns", "uid_switch", "rlimits", "session"):
-        assert isinstance(report[key], bool)
-    assert report["uid_switch"] == IS_ROOT
+    for key in sandbox.MINIMUM_LEVEL:
+        assert report[key] is True, (key, report)
+    assert report["level"] == "full" and report["summary"].startswith("sandbox isolation: full")
 
 
-def test_samples_start_by_fork_from_the_zygote() -> None:
+def test_samples_of_a_slot_share_one_warm_jail() -> None:
     results = run_many([ADD_OK] * 6, workers=2, timeout_s=2.0)
     assert [r.verdict for r in results] == ["passed"] * 6
-    assert {r.detail["start"] for r in results} == {"fork"}
-    assert max(r.duration_s for r in results[1:]) < 0.5  # no interpreter start per sample
-
-
-def test_spawn_fallback_keeps_the_same_isolation() -> None:
-    sandbox.set_start_method("spawn")
-    try:
-        programs = [ADD_OK, ADD_BAD + CHECK, ADD_BAD + "import os\nos._exit(0)\n" + CHECK]
-        results = run_many(programs, workers=2, timeout_s=3.0)
-        assert [r.verdict for r in results] == ["passed", "failed", "no_result"]
-        assert {r.detail["start"] for r in results} == {"spawn"}
-        probe = _run(f"import os\nprint(os.getuid(), os.path.exists({__file__!r}))\n")
-        assert probe.verdict == "passed"
-        if IS_ROOT:
-            assert probe.stdout.split()[0] != "0"
-    finally:
-        sandbox.set_start_method("zygote")
-
-
-@needs_root
-def test_private_tmp_and_shm(tmp_path: Path) -> None:
-    if not isolation_report()["mount_ns"]:
-        pytest.skip("mount namespaces unavailable")
-    canary = Path("/tmp") / f"wmtp-test-canary-{os.getpid()}"
-    canary.write_text("host")
-    leak = Path("/tmp") / f"wmtp-test-leak-{os.getpid()}"
-    try:
-        program = (
-            "import os\n"
-            f"assert not os.path.exists({str(canary)!r})\n"
-            f"open({str(leak)!r}, 'w').write('x')\n"
-            "open('/dev/shm/x', 'w').write('x')\n"
-            "assert open('/tmp/' + os.listdir('/tmp')[0]) is not None\n" + ADD_OK
-        )
-        result = _run(program)
-        assert result.verdict == "passed", result.stderr
-        assert not leak.exists()
-        assert not Path("/dev/shm/x").exists()
-        assert canary.read_text() == "host"
-    finally:
-        canary.unlink()
-        if leak.exists():
-            leak.unlink()
+    assert max(r.duration_s for r in results[1:]) < 0.5  # no jail or interpreter start
 
 
 def test_require_isolation(monkeypatch: pytest.MonkeyPatch) -> None:
     report = sandbox.require_isolation()
     assert report["summary"].startswith("sandbox isolation: ")
-    if IS_ROOT:
-        assert report["level"] == "full" and report["missing"] == []
-        assert report["zygote"] and report["private_tmp_mount"] and report["netns"]
-    weak = {**report, "netns": False, "missing": ["netns"], "level": "below-minimum"}
+    assert report["level"] == "full" and report["missing"] == []
+    weak = {**report, "net_ns": False, "missing": ["net_ns"], "level": "below-minimum"}
     monkeypatch.setattr(sandbox, "isolation_report", lambda: weak)
-    with pytest.raises(sandbox.IsolationError, match="netns"):
+    with pytest.raises(sandbox.IsolationError, match="net_ns"):
         sandbox.require_isolation()
-    assert sandbox.require_isolation(unsafe=True)["missing"] == ["netns"]
+    assert sandbox.require_isolation(unsafe=True)["missing"] == ["net_ns"]
+    sandbox.set_unsafe(False)
 
 
 def test_reruns_are_sequential_and_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -302,7 +261,7 @@ def test_reruns_are_sequential_and_recorded(monkeypatch: pytest.MonkeyPatch) -> 
         verdict = {"t": "timeout" if first else "passed", "h": "harness_error", "p": "passed"}
         return ExecResult(verdict[program], verdict[program] == "passed")
 
-    monkeypatch.setattr(sandbox, "run_program", fake)
+    monkeypatch.setattr(supervisor, "run_program", fake)
     plain = run_many(["t", "h", "p"], workers=2)
     assert [r.verdict for r in plain] == ["timeout", "harness_error", "passed"]
     assert plain[1].detail["first_verdict"] == "harness_error"  # harness errors: always re-run

@@ -74,10 +74,21 @@ def load_problems(
     return {r["task_id"]: r for r in iter_jsonl(path)}
 
 
-def _sample_jobs(task_name: str, record: Record, completion: str, timeout_s: float) -> list[dict]:
+SCORING_MODES = ("strict", "compat")
+COMPAT_WARNING = (
+    "compat scoring runs the asserts inside the candidate's own process, as published harnesses "
+    "do: it is not robust to adversarial code"
+)
+
+
+def _sample_jobs(
+    task_name: str, record: Record, completion: str, timeout_s: float, scoring: str = "strict"
+) -> list[dict]:
     """Sandbox jobs of one sample: one program, or one run per CodeContests test."""
     task = TASKS[task_name]
     if task_name != "codecontests":
+        if scoring == "strict":
+            return [{**task.strict_job(record, completion), "timeout_s": timeout_s}]  # type: ignore[attr-defined]
         return [{"program": task.program(record, completion), "timeout_s": timeout_s}]
     limits = task.limits(record)
     program = task.program(record, completion)
@@ -101,10 +112,15 @@ def _sample_verdict(results: list[ExecResult], expected: list[str | None]) -> st
 
 def score_samples(
     samples: list[Record], problems: dict[str, Record], task_name: str, workers: int = 2,
-    timeout_s: float = 5.0,
+    timeout_s: float = 5.0, scoring: str = "strict",
 ) -> list[Record]:  # fmt: skip
     """One result per sample: ``task_id``, ``sample`` (index within its task), ``verdict``,
-    ``passed``. GSM8K is checked by answer extraction, everything else in the sandbox."""
+    ``passed``. GSM8K is checked by answer extraction, everything else in the sandbox.
+
+    ``scoring``: ``strict`` (HumanEval/MBPP tests run in a trusted process that calls the
+    candidate over a plain-data channel) or ``compat`` (asserts in the candidate's process)."""
+    if scoring not in SCORING_MODES:
+        raise ValueError(f"unknown scoring mode {scoring!r}; expected strict or compat")
     task_name = benchmark_of(task_name)
     counters: dict[str, int] = defaultdict(int)
     indexed = []
@@ -120,7 +136,7 @@ def score_samples(
     jobs, owners = [], []
     for n, (sample, _) in enumerate(indexed):
         for job in _sample_jobs(
-            task_name, problems[sample["task_id"]], sample["completion"], timeout_s
+            task_name, problems[sample["task_id"]], sample["completion"], timeout_s, scoring
         ):
             jobs.append(job)
             owners.append(n)
@@ -144,8 +160,9 @@ def _row(sample: Record, index: int, verdict: str) -> Record:
     }
 
 
-def summarize(rows: list[Record], task_name: str) -> dict[str, Any]:
-    """pass@k (mean and standard error over problems), or accuracy for GSM8K; verdict counts."""
+def summarize(rows: list[Record], task_name: str, scoring: str = "strict") -> dict[str, Any]:
+    """pass@k (mean and standard error over problems), or accuracy for GSM8K; verdict counts;
+    the scoring mode (compat carries its warning)."""
     by_task: dict[str, list[bool]] = defaultdict(list)
     verdicts: dict[str, int] = defaultdict(int)
     for row in rows:
@@ -153,6 +170,10 @@ def summarize(rows: list[Record], task_name: str) -> dict[str, Any]:
         verdicts[row["verdict"]] += 1
     summary: dict[str, Any] = {"dataset": task_name, "problems": len(by_task),
                                "samples": len(rows), "verdicts": dict(verdicts)}  # fmt: skip
+    if benchmark_of(task_name) in ("humaneval", "mbpp"):
+        summary["scoring"] = scoring
+        if scoring == "compat":
+            summary["scoring_warning"] = COMPAT_WARNING
     if benchmark_of(task_name) == "gsm8k":
         mean, stderr = accuracy([row["passed"] for row in rows])
         summary["accuracy"] = {"mean": mean, "stderr": stderr}
@@ -273,6 +294,7 @@ def evaluate(
     temperature: float = 0.0, top_p: float = 0.95, max_tasks: int | None = None,
     max_new_tokens: int = 512, speculative: bool = False, mode: str | None = None,
     seed: int = 0, workers: int = 2, device: str = "cpu", mlflow_uri: str | None = None,
+    scoring: str = "strict",
 ) -> dict[str, Any] | None:  # fmt: skip
     """Generate, score, and write ``samples.jsonl``, ``results.jsonl`` and ``summary.json``
     (and log the summary to MLflow when ``mlflow_uri`` is given).
@@ -319,8 +341,10 @@ def evaluate(
     seconds = max(part[2] for part in parts)
     samples = [{"task_id": t, "completion": task.postprocess(texts[i, j], mode, eos_text)}
                for i, t in enumerate(task_ids) for j in range(num_samples)]  # fmt: skip
-    rows = score_samples(samples, {t: problems[t] for t in task_ids}, dataset, workers)
-    summary = summarize(rows, dataset)
+    rows = score_samples(
+        samples, {t: problems[t] for t in task_ids}, dataset, workers, scoring=scoring
+    )
+    summary = summarize(rows, dataset, scoring)
     summary["settings"] = {
         "checkpoint": str(checkpoint), "prompt_mode": mode, "num_samples": num_samples,
         "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,

@@ -13,6 +13,7 @@ runs. Records are the processed records of ``weighted_mtp.storage.dataset_record
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -132,6 +133,18 @@ class HumanEval(Task):
         meta = record["metadata"]
         return f"{meta['prompt']}{completion}\n{meta['test']}\ncheck({meta['entry_point']})\n"
 
+    def strict_job(self, record: Record, completion: str) -> dict[str, Any]:
+        """Strict scoring: the sandbox runs ``prompt + completion`` only; the trusted tester
+        runs the prompt (for its helper functions), the test and ``check(entry_point)``, and
+        calls the candidate's functions over the plain-data channel."""
+        meta = record["metadata"]
+        tests = {
+            "setup": meta["prompt"],
+            "test": f"{meta['test']}\ncheck({meta['entry_point']})\n",
+            "entry_point": meta["entry_point"],
+        }
+        return {"program": f"{meta['prompt']}{completion}\n", "check": "function", "tests": tests}
+
 
 # --- MBPP (EVALUATION 1.2) ---------------------------------------------------------------------
 
@@ -183,6 +196,18 @@ class MBPP(Task):
             return f"{completion}\n{tests}\n"
         return f"{meta.get('test_setup_code') or ''}\n{completion}\n\n{tests}\n"
 
+    def strict_job(self, record: Record, completion: str) -> dict[str, Any]:
+        """Strict scoring: the sandbox runs setup code + code; the trusted tester runs the setup
+        code and the asserts, calling the candidate's names over the plain-data channel."""
+        meta = record["metadata"]
+        setup = meta.get("test_setup_code") or ""
+        tests = {
+            "setup": setup,
+            "test": "\n".join(meta["test_list"]) + "\n",
+            "entry_point": meta.get("entry_point") or "",
+        }
+        return {"program": f"{setup}\n{completion}\n", "check": "function", "tests": tests}
+
     @staticmethod
     def has_setup_code(record: Record) -> bool:
         return bool((record["metadata"].get("test_setup_code") or "").strip())
@@ -195,8 +220,9 @@ CODECONTESTS_INSTRUCTION = (
     "output. Put the whole program in one ```python code block."
 )
 TEST_SETS = ("public_tests", "private_tests", "generated_tests")
-_INT = re.compile(r"[+-]?\d+")
-_FLOAT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?|[+-]?(?:nan|inf|infinity)")
+# ASCII digits only (``\d`` would take "١٢" for 12, which CodeContests' checker does not).
+_INT = re.compile(r"[+-]?[0-9]+")
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[+-]?[0-9]+)?|[+-]?(?:nan|inf|infinity)")
 INT32 = (-(2**31), 2**31 - 1)
 
 
@@ -238,6 +264,8 @@ def _tokens_match_default(expected: str, actual: str, tol: float) -> bool:
         return expected == actual
     if fe == fa:  # equal infinities ("inf" vs "1e400"), where fa - fe is nan
         return True
+    if not (math.isfinite(fe) and math.isfinite(fa)):
+        return False  # an infinite bound would accept any number
     return abs(fa - fe) <= tol * max(1.0, abs(fe))
 
 
@@ -321,8 +349,9 @@ class CodeContests(Task):
 
 # --- GSM8K (EVALUATION 1.4) --------------------------------------------------------------------
 
-# A number: optional sign and $, thousands commas, decimals ("42." keeps its period outside).
-_NUM = r"-?\$?\d(?:[\d,]*\d)?(?:\.\d+)?"
+# A number: optional sign and $, thousands commas, decimals ("42." keeps its period outside),
+# or a leading-dot decimal (".5"); ASCII digits only.
+_NUM = r"-?\$?(?:[0-9](?:[0-9,]*[0-9])?(?:\.[0-9]+)?|\.[0-9]+)"
 # Our default extraction: ALGORITHMS 8.4's priority list, each pattern taking its *last* match,
 # because models that recite few-shot answers make the first match wrong (lm-eval#3438).
 _GSM8K_PATTERNS = tuple(

@@ -1,0 +1,784 @@
+"""The code that runs inside a worker's jail (docs/EVALUATION.md §4).
+
+Standard library only, and no import from this package: the supervisor starts it as
+``python -I -S -c <this file's source> zygote FD`` inside bubblewrap, where nothing of the
+project is mounted. Tests import it as an ordinary module (the codec, the seccomp filter).
+
+Roles, all forked from one pre-warmed process per jail, the *zygote*:
+
+* **sample** (``_sample``): enters fresh PID, IPC and mount namespaces and forks the sample's
+  *init* (PID 1 there), which mounts the sample's own ``/proc`` and one size-capped tmpfs (its
+  ``/tmp``, also bound on ``/var/tmp`` and ``/dev/shm``), drops every capability and forks the
+  *runner*, which sets rlimits, ``no_new_privs``, a seccomp filter and a scrubbed environment and
+  runs the candidate. When init dies the kernel kills everything left in its PID namespace; the
+  tmpfs and IPC objects go with the namespaces.
+* **tester** (``_tester``, strict function tasks): runs the trusted test code and calls the
+  candidate's functions through a socket that carries plain data only (``encode``/``decode``).
+  It lives outside the sample's PID namespace, so the candidate can neither see nor signal it.
+* **zygote** (``zygote``): receives one sample at a time from the supervisor (the payloads as
+  file descriptors it never reads), forks the roles, enforces the CPU-time limit of the sample's
+  processes, and reports exit status, the verdict line and CPU time back.
+"""
+
+# ruff: noqa: SIM105  (the driver binds what it needs before the candidate runs; no contextlib)
+from __future__ import annotations
+
+import builtins
+import ctypes
+import json
+import os
+import platform
+import resource
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+from typing import Any
+
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWUSER = 0x20000, 0x08000000, 0x20000000, 0x10000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS = 1, 4, 22, 38
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+HARNESS_EXIT = 120
+PREWARM = (
+    "json", "random", "traceback", "typing", "re", "collections", "math", "itertools",
+    "functools", "string", "heapq", "bisect", "hashlib", "copy", "operator", "fractions",
+    "decimal", "statistics", "datetime",
+)  # fmt: skip
+
+# --- plain-data channel (strict mode) --------------------------------------------------------
+
+MAX_MESSAGE = 16 << 20
+MAX_DEPTH = 100
+
+
+class ProtocolError(Exception):
+    """A message on the channel that is not well-formed plain data."""
+
+
+class Handle:
+    """An opaque reference to an object that stays inside the sandbox (a candidate's class
+    instance, say): it can be passed back, called, or asked for an attribute, nothing else."""
+
+    __slots__ = ("_ref", "_remote")
+
+    def __init__(self, ref: int, remote: Any) -> None:
+        self._ref, self._remote = ref, remote
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._remote.call(["h", self._ref], args, kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self._remote.getattr(self._ref, name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Handle) and other._ref == self._ref
+
+    def __hash__(self) -> int:
+        return hash(("handle", self._ref))
+
+    def __repr__(self) -> str:
+        return f"<sandboxed object {self._ref}>"
+
+
+def encode(value: Any, handle_of: Any = None, depth: int = 0) -> Any:
+    """A JSON-able form of plain data with exact types: None, bool, int, float, str, bytes, list,
+    tuple, dict, set, frozenset. Anything else becomes ``["h", ref]`` through ``handle_of``
+    (the candidate's side), or raises TypeError (the trusted side passes no other objects)."""
+    if depth > MAX_DEPTH:
+        raise ProtocolError("value nested too deeply")
+    kind = type(value)
+    if value is None or kind is bool or kind is str:
+        return value
+    if kind is int:
+        return ["i", format(value, "x")]
+    if kind is float:
+        return ["f", value.hex()]
+    if kind is bytes:
+        return ["b", value.hex()]
+    if kind in (list, tuple, set, frozenset):
+        tag = {list: "l", tuple: "t", set: "s", frozenset: "F"}[kind]
+        return [tag, [encode(v, handle_of, depth + 1) for v in value]]
+    if kind is dict:
+        return ["d", [[encode(k, handle_of, depth + 1), encode(v, handle_of, depth + 1)]
+                      for k, v in value.items()]]  # fmt: skip
+    if kind is Handle:
+        return ["h", value._ref]
+    if handle_of is None:
+        raise TypeError(f"cannot pass a {kind.__name__} to the sandboxed candidate")
+    return ["h", handle_of(value)]
+
+
+def decode(obj: Any, handle: Any, depth: int = 0) -> Any:
+    """The inverse of :func:`encode`; validates everything (the peer may be hostile)."""
+    if depth > MAX_DEPTH:
+        raise ProtocolError("value nested too deeply")
+    if obj is None or type(obj) in (bool, str):
+        return obj
+    if type(obj) is not list or len(obj) != 2 or type(obj[0]) is not str:
+        raise ProtocolError("malformed value")
+    tag, body = obj
+    try:
+        if tag == "i" and type(body) is str and len(body) <= (1 << 22):
+            return int(body, 16)
+        if tag == "f" and type(body) is str:
+            return float.fromhex(body)
+        if tag == "b" and type(body) is str:
+            return bytes.fromhex(body)
+        if tag == "h" and type(body) is int:
+            return handle(body)
+        if type(body) is not list:
+            raise ProtocolError("malformed container")
+        if tag == "d":
+            out = {}
+            for pair in body:
+                if type(pair) is not list or len(pair) != 2:
+                    raise ProtocolError("malformed dict item")
+                out[decode(pair[0], handle, depth + 1)] = decode(pair[1], handle, depth + 1)
+            return out
+        items = [decode(v, handle, depth + 1) for v in body]
+        if tag == "l":
+            return items
+        if tag == "t":
+            return tuple(items)
+        if tag == "s":
+            return set(items)
+        if tag == "F":
+            return frozenset(items)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ProtocolError(f"bad {tag!r} value: {type(exc).__name__}") from None
+    raise ProtocolError(f"unknown tag {tag!r}")
+
+
+def send_message(sock: socket.socket, message: Any) -> None:
+    data = json.dumps(message, separators=(",", ":")).encode("utf-8", "surrogatepass")
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError("message too large")
+    sock.sendall(struct.pack(">I", len(data)) + data)
+
+
+def recv_message(sock: socket.socket) -> Any:
+    """One framed message; EOFError when the peer is gone, ProtocolError when it misbehaves."""
+    head = _recv_exact(sock, 4)
+    (size,) = struct.unpack(">I", head)
+    if size > MAX_MESSAGE:
+        raise ProtocolError("message too large")
+    try:
+        return json.loads(_recv_exact(sock, size).decode("utf-8", "surrogatepass"))
+    except (ValueError, RecursionError):
+        raise ProtocolError("message is not JSON") from None
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    chunks, got = [], 0
+    while got < size:
+        chunk = sock.recv(min(size - got, 1 << 20))
+        if not chunk:
+            raise EOFError("channel closed")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+# --- kernel helpers ----------------------------------------------------------------------------
+
+_LIBC: Any = None
+
+
+def _libc() -> Any:
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
+
+
+def _call(name: str, *args: Any) -> None:
+    if getattr(_libc(), name)(*args) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{name}: {os.strerror(errno)}")
+
+
+def _mount(src: bytes, target: bytes, fstype: bytes | None, flags: int, data: bytes | None) -> None:
+    try:
+        _call("mount", src, target, fstype, flags, data)
+    except OSError as exc:
+        raise OSError(exc.errno, f"mount {target.decode()}: {exc.strerror}") from None
+
+
+def _remount_read_only(path: str) -> None:
+    """Bind-remount ``path`` read-only, keeping the flags the kernel locks in a user namespace."""
+    st = os.statvfs(path).f_flag
+    keep = {2: MS_NOSUID, 4: MS_NODEV, 8: MS_NOEXEC, 1024: 1024, 2048: 2048, 4096: 1 << 21}
+    flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+    for st_bit, ms_bit in keep.items():
+        if st & st_bit:
+            flags |= ms_bit
+    _mount(b"none", path.encode(), None, flags, None)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]  # fmt: skip
+
+
+def drop_capabilities() -> None:
+    """Empty the effective, permitted, inheritable and ambient sets; set no_new_privs."""
+    _call("prctl", PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header = _CapHeader(0x20080522, 0)
+    data = (_CapData * 2)()
+    _call("capset", ctypes.byref(header), data)
+    _call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+
+
+# Syscalls a sample never needs that reach state outside it: the kernel keyrings (which outlive
+# processes), tracing and cross-process memory access. Numbers per architecture.
+_DENIED_SYSCALLS = {
+    "x86_64": (0xC000003E, {"add_key": 248, "request_key": 249, "keyctl": 250, "ptrace": 101,
+                            "process_vm_readv": 310, "process_vm_writev": 311}),
+    "aarch64": (0xC00000B7, {"add_key": 217, "request_key": 218, "keyctl": 219, "ptrace": 117,
+                             "process_vm_readv": 270, "process_vm_writev": 271}),
+}  # fmt: skip
+
+
+def seccomp_program(machine: str | None = None) -> bytes | None:
+    """A classic-BPF seccomp filter: EPERM for the denied syscalls (and x32 on x86-64), kill on
+    a foreign architecture, allow the rest. None on an architecture we have no table for."""
+    arch = _DENIED_SYSCALLS.get(machine or platform.machine())
+    if arch is None:
+        return None
+    audit_arch, numbers = arch
+    ret_allow, ret_eperm, ret_kill = 0x7FFF0000, 0x00050001, 0x80000000
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    nrs = sorted(numbers.values())
+    prog = [(ld, 0, 0, 4), (jeq, 1, 0, audit_arch), (ret, 0, 0, ret_kill), (ld, 0, 0, 0)]
+    if machine in (None, "x86_64") and audit_arch == 0xC000003E:
+        prog.append((jge, len(nrs) + 1, 0, 0x40000000))  # x32 ABI: to the EPERM return
+    for i, nr in enumerate(nrs):
+        prog.append((jeq, len(nrs) - i, 0, nr))  # to the EPERM return
+    prog += [(ret, 0, 0, ret_allow), (ret, 0, 0, ret_eperm)]
+    return b"".join(struct.pack("HBBI", *ins) for ins in prog)
+
+
+def _install_seccomp() -> None:
+    prog = seccomp_program()
+    if prog is None:
+        return
+
+    class Fprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+    _call("prctl", PR_SET_SECCOMP, 2, ctypes.byref(Fprog(len(prog) // 8, prog)), 0, 0)
+
+
+def _arrange(fds: dict[int, int]) -> None:
+    """Make ``fds`` (target -> source) the process's only descriptors, all inheritable."""
+    import fcntl
+
+    moved = {target: fcntl.fcntl(src, fcntl.F_DUPFD, 1000) for target, src in fds.items()}
+    for target, tmp in moved.items():
+        os.dup2(tmp, target)
+    os.closerange(max(fds) + 1, 1 << 20)
+    for target in fds:
+        os.set_inheritable(target, True)
+
+
+def _fatal(exc: BaseException) -> None:
+    try:
+        os.write(2, f"HARNESS_ERROR: {exc!r}\n".encode())
+    finally:
+        os._exit(HARNESS_EXIT)
+
+
+def _read_fd(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
+
+
+# --- the sample: namespaces, init, runner --------------------------------------------------------
+
+
+def _sample(cfg: dict[str, Any]) -> None:
+    """Forked from the zygote with fds 0-2 stdio, 3 program, 4 channel/report. Never returns."""
+    try:
+        os.setsid()
+        if cfg["isolate"]:
+            _call("unshare", CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWNS)
+        init = os.fork()
+    except BaseException as exc:
+        _fatal(exc)
+    if init == 0:
+        _init(cfg)
+    os.write(5, b"%d\n" % init)  # the zygote kills the sample by killing its init
+    os.closerange(0, 6)  # hold nothing open: the tester sees EOF as soon as the sample is gone
+    _, status = os.waitpid(init, 0)
+    code = os.waitstatus_to_exitcode(status)
+    os._exit(code if code >= 0 else 128 - code)
+
+
+def _init(cfg: dict[str, Any]) -> None:
+    """PID 1 of the sample's namespaces: private /proc and tmpfs, then run and reap."""
+    try:
+        os.close(5)
+        _call("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if not cfg["isolate"]:  # --unsafe without a jail: a scratch dir of the same user
+            import tempfile
+
+            cfg["workdir"] = tempfile.mkdtemp(prefix="wmtp-unsafe-")
+            cfg["env"].update(HOME=cfg["workdir"], TMPDIR=cfg["workdir"])
+            drop_capabilities()
+            runner = os.fork()
+            if runner == 0:
+                _runner(cfg)
+            _reap(runner)
+        _mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None)
+        # /dev is the jail's own tmpfs, shared by all its samples: read-only from here on.
+        _remount_read_only("/dev")
+        _mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+        _mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, cfg["tmpfs"].encode())
+        for path in (b"/var/tmp", b"/dev/shm"):
+            _mount(b"/tmp", path, None, MS_BIND, None)
+        os.mkdir("/tmp/work", 0o755)
+        with open("/proc/self/oom_score_adj", "w") as fh:
+            fh.write("1000")  # inherited: under memory pressure the sample goes first
+        _call("prctl", PR_SET_DUMPABLE, 0, 0, 0, 0)  # init cannot be traced or read
+        drop_capabilities()
+        runner = os.fork()
+    except BaseException as exc:
+        _fatal(exc)
+    if runner == 0:
+        _runner(cfg)
+    _reap(runner)
+
+
+def _reap(runner: int) -> None:
+    os.closerange(0, 5)
+    while True:  # reap everything re-parented to us until the runner is done
+        pid, status = os.waitpid(-1, 0)
+        if pid == runner:
+            code = os.waitstatus_to_exitcode(status)
+            os._exit(code if code >= 0 else 128 - code)
+
+
+def _runner(cfg: dict[str, Any]) -> None:
+    try:
+        src = _read_fd(3).decode("utf-8", "surrogateescape")
+        os.dup2(4, 3)
+        os.close(4)
+        _call("prctl", PR_SET_DUMPABLE, 1, 0, 0, 0)  # its own /proc files stay its own
+        for name, value in cfg["limits"].items():
+            res = getattr(resource, name)
+            hard = resource.getrlimit(res)[1]
+            if hard != resource.RLIM_INFINITY:
+                value = min(value, hard)
+            resource.setrlimit(res, (value, value))
+        _install_seccomp()
+        os.chdir(cfg.get("workdir", "/tmp/work"))
+        os.environ.clear()
+        os.environ.update(cfg["env"])
+        sys.argv = [""]
+    except BaseException as exc:
+        _fatal(exc)
+    if cfg["mode"] == "function":
+        _serve(src)
+    else:
+        _run_program(src, cfg["mode"], cfg.get("nonce", ""))
+
+
+def _run_program(src: str, mode: str, nonce: str) -> None:
+    """compat and stdio modes: run the whole program, then write the verdict line to fd 3."""
+    import random
+
+    random.seed(0)
+    getpid, write, exit_ = os.getpid, os.write, os._exit
+    settrace, setprofile = sys.settrace, sys.setprofile
+    pid, verdict = getpid(), "passed"
+    try:
+        exec(
+            compile(src, "<candidate>", "exec"), {"__name__": "__main__", "__builtins__": builtins}
+        )
+    except SystemExit as exc:
+        if mode == "exit_code":
+            verdict = "no_result"
+        elif exc.code not in (None, 0):
+            verdict = "error:SystemExit"
+    except AssertionError:
+        verdict = "failed"
+    except MemoryError:
+        verdict = "memory"
+    except BaseException as exc:
+        try:
+            verdict = "error:" + type(exc).__name__
+            import traceback
+
+            traceback.print_exc()
+        except BaseException:
+            verdict = "error:Exception"
+    settrace(None)
+    setprofile(None)
+    if getpid() != pid:
+        exit_(0)
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    try:
+        write(3, f"{nonce} {verdict}\n".encode())
+    except OSError:
+        pass
+    exit_(0)
+
+
+def _serve(src: str) -> None:
+    """strict mode, the candidate's side: load the program, then answer calls on fd 3."""
+    chan = socket.socket(fileno=3)
+    objects: dict[int, Any] = {}
+
+    def handle_of(value: Any) -> int:
+        objects[id(value)] = value
+        return id(value)
+
+    def resolve(ref: int) -> Any:
+        if ref not in objects:
+            raise ProtocolError("unknown handle")
+        return objects[ref]
+
+    namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+    try:
+        exec(compile(src, "<candidate>", "exec"), namespace)
+        reply: Any = ["ready"]
+    except SystemExit:
+        os._exit(0)
+    except Exception as exc:
+        import traceback
+
+        traceback.print_exc()
+        reply = ["raise", type(exc).__name__]
+    send_message(chan, reply)
+    if reply[0] != "ready":
+        os._exit(0)
+    while True:
+        try:
+            request = recv_message(chan)
+        except EOFError:
+            os._exit(0)
+        op = request[0]
+        try:
+            if op == "has":
+                reply = ["names", {n: callable(namespace.get(n)) for n in request[1]}]
+            elif op == "call":
+                target = request[1]
+                func = resolve(target[1]) if isinstance(target, list) else namespace[target]
+                args = decode(request[2], resolve)
+                kwargs = decode(request[3], resolve)
+                reply = ["ok", encode(func(*args, **kwargs), handle_of)]
+            elif op == "getattr":
+                reply = ["ok", encode(getattr(resolve(request[1]), request[2]), handle_of)]
+            else:
+                raise ProtocolError(f"unknown request {op!r}")
+        except Exception as exc:
+            reply = ["raise", type(exc).__name__]
+        try:
+            send_message(chan, reply)
+        except ProtocolError:
+            send_message(chan, ["too_large"])
+
+
+# --- the tester: trusted test code against the candidate over the channel ------------------------
+
+
+class OutputTooLarge(Exception):
+    """The candidate returned a value over the channel's size cap."""
+
+
+class Remote:
+    """The trusted side of the channel."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def request(self, message: Any) -> Any:
+        send_message(self.sock, message)
+        reply = recv_message(self.sock)
+        if type(reply) is not list or not reply or type(reply[0]) is not str:
+            raise ProtocolError("malformed reply")
+        if reply[0] == "raise" and len(reply) == 2 and type(reply[1]) is str:
+            raise _remote_exception(reply[1])
+        if reply[0] == "too_large":
+            raise OutputTooLarge("the candidate's value is over the channel cap")
+        return reply
+
+    def _value(self, reply: Any) -> Any:
+        if reply[0] != "ok" or len(reply) != 2:
+            raise ProtocolError("malformed reply")
+        return decode(reply[1], lambda ref: Handle(ref, self))
+
+    def call(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        return self._value(self.request(["call", target, encode(list(args)), encode(kwargs)]))
+
+    def getattr(self, ref: int, name: str) -> Any:
+        return self._value(self.request(["getattr", ref, name]))
+
+    def defines(self, names: list[str]) -> set[str]:
+        reply = self.request(["has", names])
+        if reply[0] != "names" or type(reply[1]) is not dict:
+            raise ProtocolError("malformed reply")
+        return {n for n in names if reply[1].get(n) is True}
+
+
+def _remote_exception(name: str) -> BaseException:
+    if not name.isidentifier() or len(name) > 100:
+        return ProtocolError("bad exception name")
+    known = getattr(builtins, name, None)
+    if isinstance(known, type) and issubclass(known, Exception):
+        return known("raised by the candidate")
+    return type(name, (Exception,), {})("raised by the candidate")
+
+
+class CandidateFunction:
+    """A name the test code calls that the candidate defines."""
+
+    def __init__(self, remote: Remote, name: str) -> None:
+        self.remote, self.__name__ = remote, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.remote.call(self.__name__, args, kwargs)
+
+
+def referenced_names(code: Any) -> set[str]:
+    """Every global-or-builtin name a code object (and those nested in it) may load."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= referenced_names(const)
+    return names
+
+
+def run_tests(spec: dict[str, Any], remote: Remote) -> str:
+    """The verdict of the trusted test code with the candidate's names bound to the channel."""
+    first = recv_message(remote.sock)
+    if first == ["ready"]:
+        pass
+    elif type(first) is list and len(first) == 2 and first[0] == "raise" and type(first[1]) is str:
+        exc = _remote_exception(first[1])
+        return _verdict(exc)
+    else:
+        raise ProtocolError("malformed greeting")
+    namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+    exec(compile(spec["setup"], "<trusted setup>", "exec"), namespace)
+    test = compile(spec["test"], "<trusted test>", "exec")
+    wanted = sorted(
+        n for n in referenced_names(test) if n not in namespace and not hasattr(builtins, n)
+    )
+    entry = spec["entry_point"]
+    for name in remote.defines([entry, *wanted] if entry else wanted):
+        namespace[name] = CandidateFunction(remote, name)
+    if entry and not isinstance(namespace.get(entry), CandidateFunction):
+        return "error:NameError"  # as the test's own call would have raised
+    try:
+        exec(test, namespace)
+    except BaseException as exc:
+        return _verdict(exc)
+    return "passed"
+
+
+def _verdict(exc: BaseException) -> str:
+    if isinstance(exc, AssertionError):
+        return "failed"
+    if isinstance(exc, MemoryError):
+        return "memory"
+    if isinstance(exc, EOFError):
+        return "no_result"  # the candidate's process went away
+    if isinstance(exc, OutputTooLarge):
+        return "output_limit"
+    return "error:" + type(exc).__name__
+
+
+def _tester() -> None:
+    """Forked from the zygote with fds 2 stderr, 3 test spec, 4 channel, 5 report."""
+    try:
+        drop_capabilities()
+        spec = json.loads(_read_fd(3))
+        remote = Remote(socket.socket(fileno=4))
+    except BaseException as exc:
+        _fatal(exc)
+    import random
+
+    random.seed(0)
+    try:
+        verdict = run_tests(spec, remote)
+    except EOFError:
+        verdict = "no_result"
+    except ProtocolError:
+        verdict = "error:ProtocolError"
+    except BaseException as exc:
+        verdict = "harness_error"
+        os.write(2, f"HARNESS_ERROR: {exc!r}\n".encode())
+    os.write(5, f"{verdict}\n".encode())
+    os._exit(0)
+
+
+# --- the zygote --------------------------------------------------------------------------------
+
+
+def _cpu_seconds(skip: set[int]) -> float:
+    """CPU time of every process of the jail but ``skip``, with what they already reaped."""
+    ticks = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in skip:
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                fields = fh.read().rpartition(b")")[2].split()
+        except OSError:
+            continue
+        ticks += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _fork(role: Any, fds: dict[int, int], *args: Any) -> int:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _arrange(fds)
+            role(*args)
+        except BaseException as exc:
+            _fatal(exc)
+        os._exit(HARNESS_EXIT)
+    return pid
+
+
+def _kill(pid: int | None) -> None:
+    if pid:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _run_one(sock: socket.socket, cfg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+    program, tests, stdin, out, err = fds
+    function = cfg["mode"] == "function"
+    report_r, report_w = os.pipe()
+    init_r, init_w = os.pipe()
+    tester = None
+    if function:
+        mine, theirs = socket.socketpair()
+        tester = _fork(_tester, {2: err, 3: tests, 4: mine.fileno(), 5: report_w})
+        mine.close()
+        chan = theirs.fileno()
+    else:
+        chan = report_w
+    sample = _fork(_sample, {0: stdin, 1: out, 2: err, 3: program, 4: chan, 5: init_w}, cfg)
+    if function:
+        theirs.close()
+    for fd in (*fds, report_w, init_w):
+        os.close(fd)
+    sock.send(b"started")
+    init = None
+    report = b""
+    timed_out = False
+    skip = {1, os.getpid(), tester or 0}  # bubblewrap's init, the zygote, the tester
+    deadline_tick = time.monotonic()
+    watch = [sock, report_r, init_r]
+    pidfd = os.pidfd_open(sample)
+    watch.append(pidfd)
+    sample_done = report_done = False
+    stopped: bytes | None = None
+    while True:
+        ready = select.select(watch, [], [], 0.02)[0]
+        if init_r in ready:
+            line = os.read(init_r, 64)
+            if line.strip().isdigit():
+                init = int(line)
+            watch.remove(init_r)
+        if report_r in ready:
+            chunk = os.read(report_r, 256)
+            report += chunk
+            if not chunk or len(report) >= 256:
+                watch.remove(report_r)
+                report_done = True
+        if pidfd in ready:
+            watch.remove(pidfd)
+            sample_done = True
+        if sock in ready:
+            stopped = sock.recv(64)  # the supervisor says stop (deadline, output cap) or left
+            break
+        if function and report_done:
+            break  # the trusted side has its verdict
+        if sample_done and (not function or report_done):
+            break
+        now = time.monotonic()
+        if now >= deadline_tick:
+            deadline_tick = now + 0.05
+            if _cpu_seconds(skip) > cfg["cpu_s"]:
+                timed_out = True
+                break
+    _kill(init)
+    _kill(tester)
+    if init is None or not cfg["isolate"]:
+        _kill(sample)
+    if not cfg["isolate"]:
+        try:
+            os.killpg(sample, signal.SIGKILL)  # the session the sample started in
+        except OSError:
+            pass
+    _, status = os.waitpid(sample, 0)
+    if tester:
+        os.waitpid(tester, 0)
+    os.set_blocking(report_r, False)
+    try:
+        while len(report) < 256 and (chunk := os.read(report_r, 256)):
+            report += chunk
+    except BlockingIOError:
+        pass
+    for fd in (report_r, init_r, pidfd):
+        os.close(fd)
+    code = os.waitstatus_to_exitcode(status)
+    return {
+        "rc": 128 - code if code >= 128 else code,  # exit 128+n: the sample died of signal n
+        "report": report[:256].decode("utf-8", "replace"),
+        "cpu_timeout": timed_out,
+        "stopped": stopped,
+    }
+
+
+def zygote(sock_fd: int) -> None:
+    """Serve samples from the supervisor, one at a time, until it closes the socket."""
+    for name in PREWARM:
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+    sock = socket.socket(fileno=sock_fd)
+    _libc()
+    sock.send(b"ready")
+    while True:
+        msg, fds, _, _ = socket.recv_fds(sock, 1 << 16, 8)
+        if not msg:
+            os._exit(0)
+        if len(fds) != 5:
+            for fd in fds:
+                os.close(fd)
+            sock.send(b"error expected 5 descriptors")
+            continue
+        result = _run_one(sock, json.loads(msg), fds)
+        if result.pop("stopped") == b"":
+            os._exit(0)  # the supervisor went away
+        sock.send(b"done " + json.dumps(result).encode())
+
+
+if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "zygote":
+    zygote(int(sys.argv[2]))

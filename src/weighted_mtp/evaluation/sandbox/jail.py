@@ -1,0 +1,287 @@
+"""Isolation set-up: the bubblewrap jail of one worker, its cgroup, its uid (docs/EVALUATION.md §4).
+
+One jail per worker slot, started once and reused for every sample of that slot:
+
+* ``bwrap`` with new user, PID, IPC, UTS, network and cgroup namespaces, ``--disable-userns`` (no
+  nested user namespaces), ``--die-with-parent``, ``--new-session``; a read-only root holding
+  only ``/usr`` (with the ``/bin``, ``/lib*`` links) and the interpreter's prefix, ``/proc`` of
+  its own PID namespace, a minimal ``/dev``, an empty tmpfs ``/tmp``. No storage tree, checkout,
+  home, ``/etc``, ``/run`` or ``/var`` of the host. The only capability kept is CAP_SYS_ADMIN
+  *inside* the jail's user namespace, for the zygote to give every sample fresh PID, IPC and
+  mount namespaces; samples and the tester drop it (see ``inside.py``).
+* As root, the jail runs under a slot uid of its own (never root), in a cgroup of its own
+  (memory, pids, CPU weight); bubblewrap itself then works exactly as for a normal user. Without
+  root the jail runs as the user, and the aggregate bounds are those of rlimits (stated in the
+  isolation report).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+BWRAP_HINT = "install the package `bubblewrap` (Debian, Ubuntu, Fedora, Arch: `bubblewrap`)"
+USERNS_HINT = (
+    "unprivileged user namespaces are disabled: ask for `sysctl user.max_user_namespaces` > 0 "
+    "(and `kernel.unprivileged_userns_clone=1` on Debian kernels, "
+    "`kernel.apparmor_restrict_unprivileged_userns=0` on Ubuntu 24.04)"
+)
+SLOT_UID_BASE = 60000
+NUM_SLOTS = 32
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+JAIL_OVERHEAD_BYTES = 256 << 20  # zygote + tester, on top of the sample's own memory cap
+PIDS_PER_JAIL = 320  # the sample's RLIMIT_NPROC (256) plus the jail's own processes
+INSIDE_SOURCE = Path(__file__).with_name("inside.py")
+
+
+class SandboxUnavailable(RuntimeError):
+    """The jail cannot be built here; the message is one line saying what to install/enable."""
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def find_bwrap() -> str:
+    path = shutil.which("bwrap")
+    if path is None:
+        raise SandboxUnavailable(f"bubblewrap (`bwrap`) was not found: {BWRAP_HINT}")
+    return path
+
+
+def _traversable_by_others(path: str) -> bool:
+    parts = Path(path).resolve().parts
+    return all(os.stat(Path(*parts[:i])).st_mode & 0o005 == 0o005 for i in range(2, len(parts)))
+
+
+def interpreter() -> tuple[str, str]:
+    """(executable, prefix) of the Python that runs inside the jail.
+
+    The project's own interpreter without site-packages (``-I -S``: samples get the standard
+    library only). As root the jail runs under a slot uid, which cannot read an interpreter
+    kept under a private home (say ``/root``, mode 0700); then the system's Python of the same
+    minor version is used, and the isolation report names it.
+    """
+    exe = os.path.realpath(sys.executable)
+    prefix = os.path.realpath(sys.base_prefix)
+    if not is_root() or _traversable_by_others(exe):
+        return exe, prefix
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for candidate in (f"/usr/bin/{version}", f"/usr/local/bin/{version}"):
+        if os.path.isfile(candidate) and _traversable_by_others(candidate):
+            real = os.path.realpath(candidate)
+            return real, str(Path(real).parent.parent)
+    raise SandboxUnavailable(
+        f"the interpreter {exe} is not readable by an unprivileged uid and no system {version} "
+        "exists: install one, or run as a normal user"
+    )
+
+
+def bwrap_command(bwrap: str, exe: str, prefix: str, sock_fd: int) -> list[str]:
+    """The bubblewrap command line of one jail running the zygote on ``sock_fd``."""
+    cmd = [
+        bwrap, "--unshare-user", "--unshare-ipc", "--unshare-pid", "--unshare-net",
+        "--unshare-uts", "--unshare-cgroup-try", "--disable-userns", "--die-with-parent",
+        "--new-session", "--cap-add", "CAP_SYS_ADMIN", "--hostname", "sandbox",
+        "--ro-bind", "/usr", "/usr",
+    ]  # fmt: skip
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            cmd += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            cmd += ["--ro-bind", top, top]
+    if not prefix.startswith("/usr/"):
+        cmd += ["--ro-bind", prefix, prefix]
+    cmd += [
+        "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--dir", "/var/tmp",
+        "--remount-ro", "/", "--chdir", "/", "--clearenv",
+        "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
+        "--", exe, "-I", "-S", "-c", INSIDE_SOURCE.read_text(), "zygote", str(sock_fd),
+    ]  # fmt: skip
+    return cmd
+
+
+# --- cgroups (as root) ---------------------------------------------------------------------------
+
+
+class Cgroup:
+    """The cgroup of one jail: memory cap, pids cap, an equal CPU weight; v2 or v1."""
+
+    def __init__(self, name: str) -> None:
+        self.version = 2 if (CGROUP_ROOT / "cgroup.controllers").is_file() else 1
+        self.dirs: dict[str, Path] = {}
+        if self.version == 2:
+            top = CGROUP_ROOT / "wmtp-sandbox"
+            top.mkdir(exist_ok=True)
+            wanted = "+memory +pids +cpu"
+            for parent in (CGROUP_ROOT, top):
+                (parent / "cgroup.subtree_control").write_text(wanted)
+            path = top / name
+            path.mkdir(exist_ok=True)
+            self.dirs = {"memory": path, "pids": path, "cpu": path}
+            (path / "pids.max").write_text(str(PIDS_PER_JAIL))
+            (path / "memory.swap.max").exists() and (path / "memory.swap.max").write_text("0")
+        else:
+            for ctrl in ("memory", "pids", "cpu"):
+                base = CGROUP_ROOT / ctrl
+                if not (base / "cgroup.procs").is_file():
+                    raise OSError(f"cgroup v1 controller {ctrl} is not mounted")
+                path = base / "wmtp-sandbox" / name
+                path.mkdir(parents=True, exist_ok=True)
+                self.dirs[ctrl] = path
+            (self.dirs["pids"] / "pids.max").write_text(str(PIDS_PER_JAIL))
+        atexit.register(self.remove)
+
+    def procs_files(self) -> list[str]:
+        return sorted({str(path / "cgroup.procs") for path in self.dirs.values()})
+
+    def allow(self, uid: int) -> None:
+        """Let the jail's uid put its own starting process in (it runs the join as that uid)."""
+        for path in self.procs_files():
+            os.chown(path, uid, -1)
+
+    def set_memory(self, limit: int) -> None:
+        mem = self.dirs["memory"]
+        if self.version == 2:
+            (mem / "memory.max").write_text(str(limit))
+        else:
+            (mem / "memory.limit_in_bytes").write_text(str(limit))
+
+    def oom_kills(self) -> int:
+        mem = self.dirs["memory"]
+        try:
+            if self.version == 2:
+                text = (mem / "memory.events").read_text()
+            else:
+                text = (mem / "memory.oom_control").read_text()
+        except OSError:
+            return 0
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return 0
+
+    def remove(self) -> None:
+        for path in set(self.dirs.values()):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
+# --- uids (as root) ------------------------------------------------------------------------------
+
+_BLOCK_LOCK = None
+
+
+def claim_uid_block(blocks: int = 64) -> int:
+    """A machine-wide block of slot uids for this supervisor (an flock held until exit), so two
+    supervisors running at once never share a uid."""
+    global _BLOCK_LOCK
+    for block in range(blocks):
+        path = os.path.join(tempfile.gettempdir(), f".wmtp-sandbox-uids-{block}.lock")
+        handle = open(path, "a+")  # noqa: SIM115
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        _BLOCK_LOCK = handle
+        return block
+    raise SandboxUnavailable("no free sandbox uid block (64 supervisors already running)")
+
+
+# --- one jail ------------------------------------------------------------------------------------
+
+
+@dataclass
+class JailPlan:
+    """What every jail of this supervisor shares."""
+
+    bwrap: str
+    exe: str
+    prefix: str
+    uid_base: int | None  # None: run as the invoking user
+    cgroups: bool
+
+
+_JOIN = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 97; shift; done; shift; exec "$@"'
+
+
+class Jail:
+    """One running jail: the bubblewrap process tree with the zygote inside, and its socket."""
+
+    def __init__(self, plan: JailPlan, index: int, timeout_s: float = 30.0) -> None:
+        self.uid = None if plan.uid_base is None else plan.uid_base + index
+        self.cgroup: Cgroup | None = None
+        if plan.cgroups and self.uid is not None:
+            with contextlib.suppress(OSError):
+                self.cgroup = Cgroup(f"{os.getpid()}-{index}")
+                self.cgroup.allow(self.uid)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        cmd = bwrap_command(plan.bwrap, plan.exe, plan.prefix, theirs.fileno())
+        if self.cgroup is not None:
+            cmd = ["/bin/sh", "-c", _JOIN, "sh", *self.cgroup.procs_files(), "--", *cmd]
+        ids = {} if self.uid is None else {"user": self.uid, "group": self.uid, "extra_groups": []}
+        try:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                pass_fds=(theirs.fileno(),),
+                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                cwd="/",
+                start_new_session=True,
+                **ids,  # type: ignore[arg-type]
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock = ours
+        ours.settimeout(timeout_s)
+        try:
+            msg = ours.recv(4096)
+        except OSError as exc:
+            msg = b""
+            err = repr(exc)
+        else:
+            err = ""
+        if msg != b"ready":
+            self.close()
+            stderr = (self.proc.stderr.read() if self.proc.stderr else b"").decode(errors="replace")
+            raise SandboxUnavailable(
+                "the sandbox jail did not start: "
+                + (stderr.strip().splitlines() or [err or "?"])[-1]
+            )
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
+
+    def close(self) -> None:
+        """Kill the whole jail: bubblewrap's process group; --die-with-parent does the rest."""
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        with contextlib.suppress(OSError):
+            os.killpg(self.proc.pid, 9)
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        self.proc.wait()
+
+
+def plan() -> JailPlan:
+    """Find bubblewrap and the interpreter; as root, claim slot uids and try cgroups."""
+    bwrap = find_bwrap()
+    exe, prefix = interpreter()
+    root = is_root()
+    base = SLOT_UID_BASE + NUM_SLOTS * claim_uid_block() if root else None
+    return JailPlan(bwrap, exe, prefix, base, cgroups=root and CGROUP_ROOT.is_dir())
