@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup quickstart test lint format clean
+.PHONY: setup bwrap quickstart test lint format clean
 
 $(BIN)/wmtp: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -12,7 +12,15 @@ $(BIN)/wmtp: pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0 -e '.[dev]'
 	touch $(BIN)/wmtp
 
-setup: $(BIN)/wmtp
+setup: $(BIN)/wmtp bwrap
+
+# The evaluation sandbox runs every generated program in a bubblewrap jail. As root (a fresh
+# container, CI) it is installed with apt; otherwise a missing bwrap is one line naming the package.
+bwrap:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null); \
+	  else echo "bubblewrap (bwrap) is missing: install the package 'bubblewrap' to evaluate generated code"; fi; }
 
 # The main job, offline on CPU: micro models, the four datasets, critic -> verifiable,
 # baseline, ref_tuning -> rho1, evaluation with self-speculative decoding, the report.

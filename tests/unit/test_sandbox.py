@@ -153,12 +153,13 @@ def test_fork_bomb_is_bounded_and_reaped() -> None:
 def test_daemon_children_are_killed() -> None:
     program = (
         "import os, subprocess\n"
-        "subprocess.Popen(['sleep', '60'], start_new_session=True)\n"
-        "if os.fork() == 0:\n    os.setsid()\n    os.execvp('sleep', ['sleep', '61'])\n" + ADD_OK
+        "subprocess.Popen(['sleep', '60.4242'], start_new_session=True)\n"
+        "if os.fork() == 0:\n    os.setsid()\n    os.execvp('sleep', ['sleep', '61.4242'])\n"
+        + ADD_OK
     )
     result = _run(program)
     assert result.verdict == "passed"
-    assert _ps_count("sleep 61") == 0 and _ps_count("sleep 60") == 0
+    assert _ps_count("sleep 61.4242") == 0 and _ps_count("sleep 60.4242") == 0
 
 
 def test_writes_outside_the_sample_fail(tmp_path: Path) -> None:

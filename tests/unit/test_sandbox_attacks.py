@@ -1,0 +1,488 @@
+"""Attacks on the sandbox, one test per class (docs/EVALUATION.md §4), each run twice: in this
+process (root on CI: jails under slot uids, cgroups) and as an unprivileged user (``nobody``,
+the system Python, ``PYTHONPATH`` at a copy of the sandbox package), which is how someone
+without root on a shared cluster runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from weighted_mtp.evaluation import sandbox
+from weighted_mtp.evaluation.tasks import HumanEval
+
+SRC = Path(sandbox.__file__).resolve().parents[3]
+ADD_RECORD = {
+    "metadata": {
+        "prompt": "def add(a, b):\n    '''Sum.'''\n",
+        "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n"
+        "    assert candidate(5, -5) == 0\n",
+        "entry_point": "add",
+    }
+}
+WRONG = "    return a - b\n"
+TAG = f"wmtp-attack-{os.getpid()}"
+
+_SERVER = r"""
+import json, sys
+from weighted_mtp.evaluation import sandbox
+for line in sys.stdin:
+    req = json.loads(line)
+    if req["op"] == "report":
+        out = sandbox.isolation_report()
+    else:
+        out = [r.__dict__ for r in sandbox.run_many(req["jobs"], req["workers"])]
+    sys.stdout.write(json.dumps(out) + "\n")
+    sys.stdout.flush()
+"""
+
+
+class _InProcess:
+    name = "this-process"
+
+    def many(self, jobs: list[dict[str, Any]], workers: int = 1) -> list[dict[str, Any]]:
+        return [r.__dict__ for r in sandbox.run_many(jobs, workers)]
+
+    def report(self) -> dict[str, Any]:
+        return sandbox.isolation_report()
+
+    def close(self) -> None:
+        pass
+
+
+class _AsNobody:
+    """A server process running the sandbox as uid 65534 under the system Python."""
+
+    name = "nobody"
+
+    def __init__(self, python: str) -> None:
+        self.dir = tempfile.mkdtemp(prefix="wmtp-nobody-")
+        os.chmod(self.dir, 0o755)
+        for rel in ("weighted_mtp/__init__.py", "weighted_mtp/evaluation/__init__.py"):
+            (Path(self.dir) / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(SRC / rel, Path(self.dir) / rel)
+        shutil.copytree(
+            SRC / "weighted_mtp/evaluation/sandbox",
+            Path(self.dir) / "weighted_mtp/evaluation/sandbox",
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
+        for root, dirs, files in os.walk(self.dir):
+            for name in dirs + files:
+                os.chmod(os.path.join(root, name), 0o755 if name in dirs else 0o644)
+        self.proc = subprocess.Popen(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c", _SERVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": self.dir, "LANG": "C.UTF-8"},
+            cwd="/",
+            text=True,
+        )
+
+    def _ask(self, request: dict[str, Any]) -> Any:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, "the unprivileged sandbox server died"
+        return json.loads(line)
+
+    def many(self, jobs: list[dict[str, Any]], workers: int = 1) -> list[dict[str, Any]]:
+        return self._ask({"op": "many", "jobs": jobs, "workers": workers})
+
+    def report(self) -> dict[str, Any]:
+        return self._ask({"op": "report"})
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _system_python() -> str | None:
+    for path in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if os.path.isfile(path):
+            out = subprocess.run([path, "-c", "import sys; print(sys.version_info >= (3, 11))"],
+                                 capture_output=True, text=True, check=False)  # fmt: skip
+            if out.stdout.strip() == "True":
+                return path
+    return None
+
+
+@pytest.fixture(scope="module", params=["this-process", "nobody"])
+def sbx(request: pytest.FixtureRequest) -> Any:
+    if request.param == "this-process":
+        runner: Any = _InProcess()
+    else:
+        python = _system_python()
+        if os.geteuid() != 0 or python is None or shutil.which("setpriv") is None:
+            pytest.skip("the unprivileged run needs root (to drop to nobody) and a system Python")
+        runner = _AsNobody(python)
+    report = runner.report()
+    assert report["level"] == "full", report["summary"]
+    yield runner
+    runner.close()
+
+
+def _strict(completion: str) -> dict[str, Any]:
+    return {**HumanEval().strict_job(ADD_RECORD, completion), "timeout_s": 3.0}
+
+
+def _prog(source: str, **kw: Any) -> dict[str, Any]:
+    return {"program": textwrap.dedent(source), "timeout_s": 3.0, **kw}
+
+
+# --- forged passes ---------------------------------------------------------------------------
+
+FORGERIES = {
+    "eq-override": "    class A:\n        __eq__ = lambda s, o: True\n    return A()\n",
+    "int-subclass": "    class I(int):\n        __eq__ = lambda s, o: True\n    return I(0)\n",
+    "gc-and-frames": textwrap.indent(
+        textwrap.dedent("""\
+        import gc, os, sys
+        found = [o for o in gc.get_objects() if isinstance(o, (str, bytes)) and len(o) < 200]
+        f = sys._getframe()
+        while f is not None:
+            found += [str(v) for v in f.f_locals.values()][:50]
+            f = f.f_back
+        for fd in range(64):
+            for s in found[:2000]:
+                try:
+                    os.write(fd, (str(s) + " passed\\n").encode())
+                except OSError:
+                    break
+        return a - b
+        """),
+        "    ",
+    ),
+    "trace-hooks": textwrap.indent(
+        textwrap.dedent("""\
+        import sys, threading
+        def hook(frame, event, arg):
+            frame.f_globals.update(candidate=lambda *a: 3, check=lambda *a: None)
+            return hook
+        sys.settrace(hook)
+        threading.settrace(hook)
+        sys.setprofile(hook)
+        return a - b
+        """),
+        "    ",
+    ),
+    "forked-writer": textwrap.indent(
+        textwrap.dedent("""\
+        import os, time
+        if os.fork() == 0:
+            end = time.time() + 1.5
+            while time.time() < end:
+                for fd in range(3, 64):
+                    try:
+                        os.write(fd, b"passed\\n")
+                    except OSError:
+                        pass
+            os._exit(0)
+        time.sleep(0.2)
+        return a - b
+        """),
+        "    ",
+    ),
+    "exit-zero": "    import os\n    os._exit(0)\n",
+    "system-exit": "    raise SystemExit(0)\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORGERIES))
+def test_strict_verdicts_cannot_be_forged(sbx: Any, name: str) -> None:
+    (result,) = sbx.many([_strict(FORGERIES[name])])
+    assert result["verdict"] != "passed", (name, result)
+    (control,) = sbx.many([_strict("    return a + b\n")])
+    assert control["verdict"] == "passed", control
+
+
+def test_stdio_program_reads_nothing_but_its_input(sbx: Any, tmp_path: Path) -> None:
+    storage = tmp_path / "storage" / "datasets" / "tests.jsonl"
+    storage.parent.mkdir(parents=True)
+    storage.write_text('{"expected": "secret"}\n')
+    for parent in (tmp_path, storage.parent.parent, storage.parent):
+        os.chmod(parent, 0o755)
+    os.chmod(storage, 0o644)
+    looks = [str(storage), str(SRC), __file__, "/root", "/home", "/run", "/var/lib", "/etc"]
+    program = _prog(
+        f"""\
+        import json, os, sys
+        paths = {looks!r}
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+        cmdlines = [open("/proc/" + p + "/cmdline", "rb").read().decode(errors="replace")
+                    for p in pids]
+        print(json.dumps({{"visible": [p for p in paths if os.path.exists(p)],
+                          "pids": pids, "cmdlines": cmdlines, "input": sys.stdin.read()}}))
+        """,
+        stdin="the input\n",
+        check="stdio",
+    )
+    (result,) = sbx.many([program])
+    assert result["verdict"] == "passed", result
+    seen = json.loads(result["stdout"])
+    assert seen["visible"] == [] and seen["input"] == "the input\n"
+    assert len(seen["pids"]) <= 2  # the sample's init and itself: nobody else's command line
+    assert not any("storage" in c or "pytest" in c for c in seen["cmdlines"])
+
+
+# --- host damage, set-user-id planting, processes outliving the sample -------------------------
+
+
+def test_no_host_damage_from_links_fifos_deep_trees(sbx: Any) -> None:
+    canary_dir = Path(tempfile.mkdtemp(prefix="wmtp-canary-"))
+    os.chmod(canary_dir, 0o755)
+    canary = canary_dir / "keep.txt"
+    canary.write_text("host")
+    os.chmod(canary, 0o644)
+    before = {p: os.stat(p).st_mode for p in (canary_dir, canary)}
+    attack = _prog(f"""\
+        import os
+        for name in ("link", ".result", "out"):
+            for target in ({str(canary_dir)!r}, "/", "/etc", "/proc/1/root"):
+                try:
+                    os.symlink(target, name + str(abs(hash(target))))
+                except OSError:
+                    pass
+        for name in (".result-x", "fifo"):
+            os.mkfifo(name)
+        os.mkfifo("/tmp/fifo2")
+        d = "deep"
+        os.mkdir(d)
+        os.chdir(d)
+        for _ in range(3000):
+            os.mkdir("d")
+            os.chdir("d")
+        os.chdir("/tmp/work")
+        os.mkdir("locked")
+        os.chmod("locked", 0)
+        for path in ({str(canary)!r}, {str(canary_dir)!r}):
+            try:
+                os.chmod(path, 0o777)
+            except OSError:
+                pass
+        """)
+    after = _prog("import os\nprint(sorted(os.listdir('.')), sorted(os.listdir('/tmp')))\n")
+    try:
+        first, second = sbx.many([attack, after])
+        assert first["verdict"] == "passed", first
+        assert second["verdict"] == "passed" and second["stdout"].strip() == "[] ['work']"
+        assert canary.read_text() == "host"
+        assert {p: os.stat(p).st_mode for p in (canary_dir, canary)} == before
+    finally:
+        shutil.rmtree(canary_dir)
+
+
+def test_set_user_id_planting_and_daemons_do_not_outlive_the_sample(sbx: Any) -> None:
+    lock_before = sorted(os.listdir("/run/lock")) if os.path.isdir("/run/lock") else []
+    plant = _prog(f"""\
+        import os, shutil, subprocess, sys
+        planted = []
+        for d in ("/tmp", "/var/tmp", "/dev/shm", "/dev", "/run/lock", "/usr", "/"):
+            try:
+                path = os.path.join(d, "py-suid")
+                shutil.copy(sys.executable, path)
+                os.chmod(path, 0o4755)
+                planted.append(path)
+            except OSError:
+                pass
+        subprocess.Popen(["sleep", "30.{os.getpid()}"], start_new_session=True)
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                os.execvp("sleep", ["sleep", "31.{os.getpid()}"])
+            os._exit(0)
+        print(planted)
+        """)
+    check = _prog("""\
+        import os
+        found = [p for p in ("/tmp/py-suid", "/var/tmp/py-suid", "/dev/shm/py-suid", "/dev/py-suid")
+                 if os.path.exists(p)]
+        print(found)
+        """)
+    first, second = sbx.many([plant, check])
+    assert first["verdict"] == "passed", first
+    assert "/dev/py-suid" not in first["stdout"] and "/usr/" not in first["stdout"]
+    assert second["stdout"].strip() == "[]"
+    assert (sorted(os.listdir("/run/lock")) if os.path.isdir("/run/lock") else []) == lock_before
+    assert _host_processes(f"30.{os.getpid()}") == [] == _host_processes(f"31.{os.getpid()}")
+
+
+def _host_processes(needle: str) -> list[int]:
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                cmd = Path(f"/proc/{name}/cmdline").read_bytes()
+                state = Path(f"/proc/{name}/stat").read_text().rpartition(")")[2].split()[0]
+            except OSError:
+                continue
+            if needle.encode() in cmd and state != "Z" and int(name) != os.getpid():
+                pids.append(int(name))
+    return pids
+
+
+# --- leftovers: SysV IPC, keyrings -------------------------------------------------------------
+
+_IPC = """\
+import ctypes, errno
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+libc.syscall.restype = ctypes.c_long
+KEY = 0x5EED
+"""
+
+
+def _shmem_kib() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("Shmem:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_sysv_ipc_and_keyrings_do_not_persist(sbx: Any) -> None:
+    create = _prog(
+        _IPC
+        + "size = 256 << 20\n"
+        + "shm = libc.shmget(KEY, size, 0o1666)\n"
+        + "ctypes.memset(libc.shmat(shm, None, 0), 1, size)\n"
+        + "q = libc.msgget(KEY, 0o1666)\n"
+        + "key = libc.syscall(248, b'user', b'wmtp', b'x', 1, -4)  # add_key, user keyring\n"
+        + "print(shm >= 0, q >= 0, key, ctypes.get_errno())\n"
+    )
+    look = _prog(
+        _IPC + "print(libc.shmget(KEY, 0, 0), libc.msgget(KEY, 0), libc.syscall(250, 0, -4))\n"
+    )
+    before = _shmem_kib()
+    first, second = sbx.many([create, look])
+    assert first["verdict"] == "passed", first
+    made_shm, made_queue, key, err = first["stdout"].split()
+    assert made_shm == made_queue == "True"  # inside its own IPC namespace it may use them
+    assert key == "-1" and int(err) == 1  # the kernel keyrings are refused (EPERM)
+    assert second["stdout"].split() == ["-1", "-1", "-1"]
+    deadline = time.monotonic() + 10.0  # the kernel frees a dead IPC namespace from a work queue
+    while _shmem_kib() - before >= 128 << 10 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _shmem_kib() - before < 128 << 10  # the 256 MiB segment went with the sample
+
+
+# --- aggregate bounds ----------------------------------------------------------------------------
+
+
+def test_nested_user_namespaces_are_refused(sbx: Any) -> None:
+    (result,) = sbx.many(
+        [_prog("import ctypes\nprint(ctypes.CDLL(None, use_errno=True).unshare(0x10000000))\n")]
+    )
+    assert result["stdout"].strip() == "-1"
+
+
+def test_disk_is_capped_for_the_whole_sample(sbx: Any) -> None:
+    program = _prog("""\
+        import os
+        total = 0
+        for d in ("/tmp/work", "/var/tmp", "/dev/shm"):
+            for i in range(200):
+                try:
+                    with open(os.path.join(d, "f%d" % i), "wb") as fh:
+                        fh.write(b"x" * (1 << 20))
+                    total += 1
+                except OSError:
+                    break
+        print(total)
+        """)
+    (result,) = sbx.many([program])
+    assert result["verdict"] == "passed", result
+    assert 32 <= int(result["stdout"]) <= 64  # MiB, over all writable places together
+
+
+def test_memory_by_fork_is_bounded_for_the_whole_sample(sbx: Any) -> None:
+    report = sbx.report()
+    if not report.get("cgroup"):
+        pytest.skip(f"no cgroup for the jail here: {report['aggregate_bounds']}")
+    program = _prog(
+        """\
+        import os, time
+        r, w = os.pipe()
+        for _ in range(6):
+            if os.fork() == 0:
+                block = bytearray(700 << 20)
+                for i in range(0, len(block), 4096):
+                    block[i] = 1
+                os.write(w, b"x")
+                time.sleep(3)
+                os._exit(0)
+        time.sleep(2.5)
+        os.set_blocking(r, False)
+        try:
+            print(len(os.read(r, 64)))
+        except BlockingIOError:
+            print(0)
+        """,
+        timeout_s=5.0,
+    )
+    (result,) = sbx.many([program])
+    held = int(result["stdout"] or 0) if result["verdict"] == "passed" else 0
+    assert held * 700 <= 2048 + 256 + 700, result  # never 6 x 700 MiB at once
+
+
+def test_cpu_hog_does_not_change_a_neighbours_verdict(sbx: Any) -> None:
+    hog = _prog(
+        """\
+        import os
+        for _ in range(100):
+            if os.fork() == 0:
+                os.setsid()
+                while True:
+                    pass
+        while True:
+            pass
+        """,
+        timeout_s=4.0,
+    )
+    neighbour = _prog(
+        """\
+        import time
+        start = time.process_time()
+        n = 0
+        while time.process_time() - start < 1.0:
+            n += 1
+        assert n > 0
+        """,
+        timeout_s=3.0,
+    )
+    results = sbx.many([hog, neighbour, neighbour], workers=2)
+    assert results[0]["verdict"] == "timeout"
+    assert [r["verdict"] for r in results[1:]] == ["passed", "passed"], results[1:]
+
+
+def test_supervisor_survives_every_sample(sbx: Any) -> None:
+    jobs = [
+        _prog("import os\nos.killpg(0, 9)\n"),
+        _prog("import os, signal\nos.kill(-1, signal.SIGKILL)\n"),
+        _prog("import os\nos.closerange(0, 1 << 16)\nwhile True:\n    pass\n", timeout_s=1.0),
+        _prog("print('x' * (4 << 20))\n"),
+        _strict("    return [0] * (1 << 26)\n"),
+        _strict("    return 10 ** 100000\n"),
+    ]
+    results = sbx.many(jobs, workers=2)
+    assert [r["verdict"] != "passed" for r in results] == [True, True, True, True, True, True]
+    assert results[3]["verdict"] == "output_limit"
+    (control,) = sbx.many([_strict("    return a + b\n")])
+    assert control["verdict"] == "passed"
+
+
+def test_report_names_what_a_missing_bwrap_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from weighted_mtp.evaluation.sandbox import jail
+
+    monkeypatch.setattr(jail.shutil, "which", lambda name: None)
+    with pytest.raises(jail.SandboxUnavailable, match="bubblewrap"):
+        jail.find_bwrap()
