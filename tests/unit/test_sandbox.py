@@ -11,9 +11,13 @@ from pathlib import Path
 import pytest
 
 from weighted_mtp.evaluation import sandbox
-from weighted_mtp.evaluation.sandbox import supervisor
-from weighted_mtp.evaluation.sandbox import ExecResult, isolation_report, run_many, run_program
-
+from weighted_mtp.evaluation.sandbox import (
+    ExecResult,
+    isolation_report,
+    run_many,
+    run_program,
+    supervisor,
+)
 
 ADD_OK = "def add(a, b):\n    return a + b\n\nassert add(1, 2) == 3\n"
 ADD_BAD = "def add(a, b):\n    return a - b\n"
