@@ -435,33 +435,35 @@ def test_memory_by_fork_is_bounded_for_the_whole_sample(sbx: Any) -> None:
 
 
 def test_cpu_hog_does_not_change_a_neighbours_verdict(sbx: Any) -> None:
+    # 200 busy processes, each in its own session, for 6 s; beside it, on the other worker, a
+    # correct program that needs 1 s of CPU within a 2 s limit (4 s wall backstop). Without a
+    # CPU share per sample the neighbour gets 1/100 of a core and times out.
     hog = _prog(
         """\
-        import os
-        for _ in range(100):
+        import os, time
+        end = time.time() + 6.0
+        for _ in range(200):
             if os.fork() == 0:
                 os.setsid()
-                while True:
+                while time.time() < end:
                     pass
-        while True:
+                os._exit(0)
+        while time.time() < end:
             pass
         """,
-        timeout_s=4.0,
+        timeout_s=30.0,
     )
     neighbour = _prog(
         """\
         import time
         start = time.process_time()
-        n = 0
         while time.process_time() - start < 1.0:
-            n += 1
-        assert n > 0
+            pass
         """,
-        timeout_s=3.0,
+        timeout_s=2.0,
     )
-    results = sbx.many([hog, neighbour, neighbour], workers=2)
-    assert results[0]["verdict"] == "timeout"
-    assert [r["verdict"] for r in results[1:]] == ["passed", "passed"], results[1:]
+    results = sbx.many([hog, neighbour], workers=2)
+    assert results[1]["verdict"] == "passed", results[1]
 
 
 def test_supervisor_survives_every_sample(sbx: Any) -> None:

@@ -268,15 +268,18 @@ def seccomp_program(machine: str | None = None) -> bytes | None:
     return b"".join(struct.pack("HBBI", *ins) for ins in prog)
 
 
+class _Fprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+
+_SECCOMP: bytes | None = None  # built once in the zygote; each runner only installs it
+
+
 def _install_seccomp() -> None:
-    prog = seccomp_program()
+    prog = _SECCOMP if _SECCOMP is not None else seccomp_program()
     if prog is None:
         return
-
-    class Fprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
-
-    _call("prctl", PR_SET_SECCOMP, 2, ctypes.byref(Fprog(len(prog) // 8, prog)), 0, 0)
+    _call("prctl", PR_SET_SECCOMP, 2, ctypes.byref(_Fprog(len(prog) // 8, prog)), 0, 0)
 
 
 def _arrange(fds: dict[int, int]) -> None:
@@ -633,9 +636,10 @@ def _tester() -> None:
 # --- the zygote --------------------------------------------------------------------------------
 
 
-def _cpu_seconds(skip: set[int]) -> float:
-    """CPU time of every process of the jail but ``skip``, with what they already reaped."""
-    ticks = 0
+def _cpu_seconds(skip: set[int]) -> tuple[float, list[int]]:
+    """CPU time of every process of the jail but ``skip`` (with what they already reaped), and
+    their pids."""
+    ticks, pids = 0, []
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) in skip:
             continue
@@ -645,7 +649,40 @@ def _cpu_seconds(skip: set[int]) -> float:
         except OSError:
             continue
         ticks += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
+        pids.append(int(name))
+    return ticks / os.sysconf("SC_CLK_TCK"), pids
+
+
+class _Governor:
+    """A CPU share for a sample where no cgroup gives one: after each tick in which the sample
+    used more than ``share`` CPUs, all its processes are stopped (SIGSTOP, which nothing can
+    catch) until its average is back to ``share``."""
+
+    def __init__(self, share: float | None) -> None:
+        self.share = share
+        self.start = time.monotonic()
+        self.stopped: list[int] = []
+
+    def tick(self, now: float, cpu: float, pids: list[int]) -> None:
+        if not self.share:
+            return
+        allowed = self.share * (now - self.start) + 0.05
+        if cpu > allowed and not self.stopped:
+            self.stopped = pids
+            self._signal(signal.SIGSTOP)
+        elif cpu <= allowed and self.stopped:
+            self.release()
+
+    def release(self) -> None:
+        self._signal(signal.SIGCONT)
+        self.stopped = []
+
+    def _signal(self, sig: int) -> None:
+        for pid in self.stopped:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
 
 
 def _fork(role: Any, fds: dict[int, int], *args: Any) -> int:
@@ -676,7 +713,9 @@ def _run_one(sock: socket.socket, cfg: dict[str, Any], fds: list[int]) -> dict[s
     tester = None
     if function:
         mine, theirs = socket.socketpair()
-        tester = _fork(_tester, {2: err, 3: tests, 4: mine.fileno(), 5: report_w})
+        null = os.open("/dev/null", os.O_RDWR)
+        tester = _fork(_tester, {0: null, 1: null, 2: err, 3: tests, 4: mine.fileno(), 5: report_w})
+        os.close(null)
         mine.close()
         chan = theirs.fileno()
     else:
@@ -692,6 +731,7 @@ def _run_one(sock: socket.socket, cfg: dict[str, Any], fds: list[int]) -> dict[s
     timed_out = False
     skip = {1, os.getpid(), tester or 0}  # bubblewrap's init, the zygote, the tester
     deadline_tick = time.monotonic()
+    governor = _Governor(cfg.get("cpu_share"))
     watch = [sock, report_r, init_r]
     pidfd = os.pidfd_open(sample)
     watch.append(pidfd)
@@ -723,11 +763,15 @@ def _run_one(sock: socket.socket, cfg: dict[str, Any], fds: list[int]) -> dict[s
         now = time.monotonic()
         if now >= deadline_tick:
             deadline_tick = now + 0.05
-            if _cpu_seconds(skip) > cfg["cpu_s"]:
+            cpu, pids = _cpu_seconds(skip)
+            if cpu > cfg["cpu_s"]:
                 timed_out = True
                 break
+            governor.tick(now, cpu, pids)
     _kill(init)
     _kill(tester)
+    if governor.stopped:
+        governor.release()  # a stopped process dies of SIGKILL too, but do not leave any stopped
     if init is None or not cfg["isolate"]:
         _kill(sample)
     if not cfg["isolate"]:
@@ -762,13 +806,17 @@ def zygote(sock_fd: int) -> None:
             __import__(name)
         except ImportError:
             pass
+    global _SECCOMP
     sock = socket.socket(fileno=sock_fd)
     _libc()
+    _SECCOMP = seccomp_program()
     sock.send(b"ready")
     while True:
         msg, fds, _, _ = socket.recv_fds(sock, 1 << 16, 8)
         if not msg:
             os._exit(0)
+        if msg == b"kill" and not fds:
+            continue  # a stop that crossed the sample's natural end: nothing left to stop
         if len(fds) != 5:
             for fd in fds:
                 os.close(fd)

@@ -260,6 +260,8 @@ def _run_in_slot(
         "env": sample_env(),
         "nonce": nonce,
         "isolate": isinstance(jail, jails.Jail),
+        # Without a cgroup's CPU weight, the zygote holds the sample to one CPU itself.
+        "cpu_share": None if jail.cgroup is not None else 1.0,
     }
     if jail.cgroup is not None:
         jail.cgroup.set_memory((memory_mb << 20) + jails.JAIL_OVERHEAD_BYTES)
