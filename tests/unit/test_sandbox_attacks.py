@@ -488,3 +488,20 @@ def test_report_names_what_a_missing_bwrap_needs(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(jail.shutil, "which", lambda name: None)
     with pytest.raises(jail.SandboxUnavailable, match="bubblewrap"):
         jail.find_bwrap()
+
+
+@pytest.mark.slow
+def test_canonical_humaneval_passes_and_pass_bodies_fail(sbx: Any) -> None:
+    """What `wmtp score` does in strict mode, through this runner: as a normal user too."""
+    from weighted_mtp.evaluation.harness import humaneval_from_package
+
+    problems = humaneval_from_package()
+    task = HumanEval()
+    canonical = [{**task.strict_job(r, r["output"]), "timeout_s": 5.0} for r in problems.values()]
+    stubs = [{**task.strict_job(r, "    pass\n"), "timeout_s": 5.0} for r in problems.values()]
+    results = sbx.many(canonical + stubs, workers=2)
+    bad = [
+        (t, r["verdict"]) for t, r in zip(problems, results[:164], strict=True) if not r["passed"]
+    ]
+    assert bad == []
+    assert [t for t, r in zip(problems, results[164:], strict=True) if r["passed"]] == []
