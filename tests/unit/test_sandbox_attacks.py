@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import textwrap
 import time
@@ -505,3 +506,19 @@ def test_canonical_humaneval_passes_and_pass_bodies_fail(sbx: Any) -> None:
     ]
     assert bad == []
     assert [t for t, r in zip(problems, results[164:], strict=True) if r["passed"]] == []
+
+
+def test_disabled_user_namespaces_are_one_line_naming_what_to_enable(tmp_path: Path) -> None:
+    from weighted_mtp.evaluation.sandbox import jail
+
+    fake = tmp_path / "bwrap"
+    fake.write_text(
+        "#!/bin/sh\necho 'bwrap: No permissions to create new namespace, likely because the "
+        "kernel does not allow non-privileged user namespaces.' >&2\nexit 1\n"
+    )
+    fake.chmod(0o755)
+    plan = jail.JailPlan(str(fake), sys.executable, sys.base_prefix, None, cgroups=False)
+    with pytest.raises(jail.SandboxUnavailable) as err:
+        jail.Jail(plan, 0)
+    message = str(err.value)
+    assert "\n" not in message and "user.max_user_namespaces" in message

@@ -260,10 +260,10 @@ class Jail:
         if msg != b"ready":
             self.close()
             stderr = (self.proc.stderr.read() if self.proc.stderr else b"").decode(errors="replace")
-            raise SandboxUnavailable(
-                "the sandbox jail did not start: "
-                + (stderr.strip().splitlines() or [err or "?"])[-1]
-            )
+            last = (stderr.strip().splitlines() or [err or "no answer"])[-1]
+            if "namespace" in last.lower() and ("permission" in last.lower() or "denied" in last):
+                raise SandboxUnavailable(f"{USERNS_HINT} (bwrap said: {last.strip()})")
+            raise SandboxUnavailable(f"the sandbox jail did not start: {last.strip()}")
         assert self.proc.stderr is not None
         self.proc.stderr.close()
 
