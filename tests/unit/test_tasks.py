@@ -258,3 +258,21 @@ def test_gsm8k_task_prompts_and_gold():
     completion = " 2 + 3 = 5\n#### 5\n\nQuestion: next"
     assert task.postprocess(completion) == " 2 + 3 = 5\n#### 5\n\n"
     assert task.is_correct(task.extract_answer(task.postprocess(completion)), task.gold(record))
+
+
+def test_infinities_never_stretch_the_tolerance_and_digits_are_ascii() -> None:
+    from weighted_mtp.evaluation.tasks import compare_output
+
+    assert not compare_output("inf", "5") and not compare_output("1e400", "5")
+    assert not compare_output("-inf", "5") and not compare_output("5", "inf")
+    assert compare_output("inf", "1e400") and compare_output("-inf", "-inf")
+    assert not compare_output("12", "١٢") and not compare_output("12", "١٢", "compat")
+    assert compare_output("12", "12.0000001")
+
+
+def test_gsm8k_leading_dot_decimals() -> None:
+    from weighted_mtp.evaluation.tasks import extract_answer, is_correct
+
+    assert extract_answer("so the answer is #### .5") == ".5"
+    assert is_correct(extract_answer("#### .5"), "0.5")
+    assert extract_answer("#### ٥") is None

@@ -139,11 +139,23 @@ class HumanEval(Task):
         calls the candidate's functions over the plain-data channel."""
         meta = record["metadata"]
         tests = {
-            "setup": meta["prompt"],
+            "setup": _trusted_prompt(meta["prompt"]),
             "test": f"{meta['test']}\ncheck({meta['entry_point']})\n",
             "entry_point": meta["entry_point"],
         }
         return {"program": f"{meta['prompt']}{completion}\n", "check": "function", "tests": tests}
+
+
+def _trusted_prompt(prompt: str) -> str:
+    """The prompt as trusted setup code: as is when it compiles (HumanEval's end with the
+    docstring), else with a ``pass`` body closing its last ``def``, else nothing."""
+    for text in (prompt, prompt.rstrip("\n") + "\n    pass\n"):
+        try:
+            compile(text, "<prompt>", "exec", dont_inherit=True)
+        except (SyntaxError, ValueError):
+            continue
+        return text
+    return ""
 
 
 # --- MBPP (EVALUATION 1.2) ---------------------------------------------------------------------
