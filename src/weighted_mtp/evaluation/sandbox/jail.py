@@ -17,7 +17,6 @@ One jail per worker slot, started once and reused for every sample of that slot:
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import fcntl
 import os
@@ -26,6 +25,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,7 +130,8 @@ class Cgroup:
             path.mkdir(exist_ok=True)
             self.dirs = {"memory": path, "pids": path, "cpu": path}
             (path / "pids.max").write_text(str(PIDS_PER_JAIL))
-            (path / "memory.swap.max").exists() and (path / "memory.swap.max").write_text("0")
+            if (path / "memory.swap.max").exists():
+                (path / "memory.swap.max").write_text("0")
         else:
             for ctrl in ("memory", "pids", "cpu"):
                 base = CGROUP_ROOT / ctrl
@@ -139,7 +141,7 @@ class Cgroup:
                 path.mkdir(parents=True, exist_ok=True)
                 self.dirs[ctrl] = path
             (self.dirs["pids"] / "pids.max").write_text(str(PIDS_PER_JAIL))
-        atexit.register(self.remove)
+        _remove_stale(self.dirs.values())
 
     def procs_files(self) -> list[str]:
         return sorted({str(path / "cgroup.procs") for path in self.dirs.values()})
@@ -154,7 +156,13 @@ class Cgroup:
         if self.version == 2:
             (mem / "memory.max").write_text(str(limit))
         else:
-            (mem / "memory.limit_in_bytes").write_text(str(limit))
+            # With swap accounting, memory+swap gets the same cap (no swapping past it); the
+            # kernel wants memory <= memory+swap at every step, so the order depends on the move.
+            files = [mem / "memory.limit_in_bytes", mem / "memory.memsw.limit_in_bytes"]
+            files = [f for f in files if f.exists()]
+            current = int(files[0].read_text())
+            for path in files if limit < current else files[::-1]:
+                path.write_text(str(limit))
 
     def oom_kills(self) -> int:
         mem = self.dirs["memory"]
@@ -172,9 +180,27 @@ class Cgroup:
         return 0
 
     def remove(self) -> None:
-        for path in set(self.dirs.values()):
-            with contextlib.suppress(OSError):
-                path.rmdir()
+        """Remove the cgroup once its processes are gone (they die with the jail)."""
+        for _ in range(100):
+            for path in list(set(self.dirs.values())):
+                with contextlib.suppress(FileNotFoundError):
+                    try:
+                        path.rmdir()
+                    except OSError:
+                        continue
+            if not any(path.exists() for path in self.dirs.values()):
+                return
+            time.sleep(0.01)
+
+
+def _remove_stale(ours: Iterable[Path]) -> None:
+    """Remove the empty cgroups of supervisors that are gone (named ``<pid>-<slot>``)."""
+    for path in ours:
+        for sibling in path.parent.iterdir():
+            pid = sibling.name.split("-")[0]
+            if sibling.is_dir() and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                with contextlib.suppress(OSError):
+                    sibling.rmdir()
 
 
 # --- uids (as root) ------------------------------------------------------------------------------
@@ -276,6 +302,8 @@ class Jail:
         with contextlib.suppress(OSError):
             self.proc.kill()
         self.proc.wait()
+        if self.cgroup is not None:
+            self.cgroup.remove()
 
 
 def plan() -> JailPlan:

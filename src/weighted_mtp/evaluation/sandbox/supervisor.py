@@ -9,6 +9,7 @@ handling a sample becomes that sample's ``harness_error`` (re-run once by ``run_
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import json
@@ -422,8 +423,9 @@ def rerun_flips(results: Sequence[ExecResult]) -> dict[str, int]:
     }
 
 
+@atexit.register
 def shutdown() -> None:
-    """Kill every jail (also done at interpreter exit by --die-with-parent)."""
+    """Kill every jail and remove its cgroup (at exit too; --die-with-parent covers a crash)."""
     with _STATE.lock:
         slots = list(_STATE.free)
     for slot in slots:
