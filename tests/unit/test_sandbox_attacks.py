@@ -522,3 +522,59 @@ def test_disabled_user_namespaces_are_one_line_naming_what_to_enable(tmp_path: P
         jail.Jail(plan, 0)
     message = str(err.value)
     assert "\n" not in message and "user.max_user_namespaces" in message
+
+
+def test_candidate_stop_iteration_cannot_end_a_test_loop(sbx: Any) -> None:
+    record = {
+        "metadata": {
+            "prompt": "def is_even(n):\n    '''Even?'''\n",
+            "test": "def check(candidate):\n    pairs = [(2, True), (3, False), (10, True)]\n"
+            "    assert all(map(lambda p: candidate(p[0]) == p[1], pairs))\n",
+            "entry_point": "is_even",
+        }
+    }
+    job = {**HumanEval().strict_job(record, "    raise StopIteration\n"), "timeout_s": 3.0}
+    (result,) = sbx.many([job])
+    assert result["verdict"] == "error:StopIteration", result
+
+
+def test_cpu_time_of_children_cannot_be_hidden(sbx: Any) -> None:
+    # Children reaped automatically would take their CPU time out of the sample's account:
+    # setting SIGCHLD's action is refused, and unreaped children are counted.
+    program = _prog(
+        """\
+        import os, signal, time
+        try:
+            signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        except OSError:
+            pass
+        while True:
+            if os.fork() == 0:
+                t = time.process_time()
+                while time.process_time() - t < 0.1:
+                    pass
+                os._exit(0)
+            time.sleep(0.11)
+        """,
+        timeout_s=1.0,
+    )
+    (result,) = sbx.many([program])
+    assert result["verdict"] == "timeout" and result["detail"]["cpu_timeout"], result
+
+
+def test_nothing_carries_over_through_the_network_stack(sbx: Any) -> None:
+    send = _prog("""\
+        import socket
+        for b in b"HI":
+            srv = socket.socket()
+            srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                srv.bind(("127.0.0.1", 40000 + b))
+            except OSError as exc:
+                print(exc.errno)
+                break
+        """)
+    look = _prog("print(len(open('/proc/net/tcp').readlines()) - 1)\n")
+    first, second = sbx.many([send, look])
+    assert first["verdict"] == "passed" and second["verdict"] == "passed"
+    assert second["stdout"].strip() == "0"  # no socket of the first: a fresh network namespace

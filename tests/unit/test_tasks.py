@@ -267,7 +267,12 @@ def test_infinities_never_stretch_the_tolerance_and_digits_are_ascii() -> None:
     assert not compare_output("-inf", "5") and not compare_output("5", "inf")
     assert compare_output("inf", "1e400") and compare_output("-inf", "-inf")
     assert not compare_output("12", "١٢") and not compare_output("12", "١٢", "compat")
-    assert compare_output("12", "12.0000001")
+    assert compare_output("12", "12.0") and not compare_output("12", "12.0000001")
+    # An integer answer is never matched within a tolerance (a wrong answer printed as a float).
+    assert not compare_output("1000000", "1000001.0")
+    assert not compare_output("123456789", "123457000.0")
+    assert not compare_output("1000000000000000007", "1e18")
+    assert compare_output("0.5", "0.5000001")
 
 
 def test_gsm8k_leading_dot_decimals() -> None:

@@ -269,8 +269,15 @@ def _tokens_match_compat(a: str, b: str) -> bool:
 def _tokens_match_default(expected: str, actual: str, tol: float) -> bool:
     if expected == actual:  # also "nan" == "nan", which compat's float path rejects
         return True
-    if _INT.fullmatch(expected) and _INT.fullmatch(actual):
-        return int(expected) == int(actual)  # big integers exactly
+    if _INT.fullmatch(expected):
+        # An integer answer is matched exactly (as a decimal, so "3.0" still equals "3"), never
+        # within a tolerance: "1000001.0" is not 1000000 and "1e18" is not 10**18 + 7.
+        if _FLOAT.fullmatch(actual) is None:
+            return False
+        try:
+            return Decimal(actual) == Decimal(expected)
+        except InvalidOperation:
+            return False
     fe, fa = _float(expected), _float(actual)
     if fe is None or fa is None:
         return expected == actual
@@ -286,8 +293,9 @@ def compare_output(
 ) -> bool:
     """Whether a program's stdout ``actual`` matches ``expected``.
 
-    * ``default``: code_contests tokenisation and case folding; two integer literals compare as
-      exact big integers; other numbers match when ``|a - b| <= tolerance * max(1, |expected|)``;
+    * ``default``: code_contests tokenisation and case folding; an integer expected token
+      matches only the same number exactly (``3``, ``3.0``); other numbers match when
+      ``|a - b| <= tolerance * max(1, |expected|)``, never against an infinity unless equal;
     * ``compat``: code_contests ``OutputsMatch`` exactly (int32 ints, absolute 1e-5 otherwise);
     * ``strip``: the upstream weighted-mtp check ``expected.strip() == actual.strip()``.
     """

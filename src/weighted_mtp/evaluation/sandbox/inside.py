@@ -38,6 +38,7 @@ import time
 from typing import Any
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWUSER = 0x20000, 0x08000000, 0x20000000, 0x10000000
+CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS = 1, 4, 22, 38
@@ -240,32 +241,48 @@ def drop_capabilities() -> None:
 
 
 # Syscalls a sample never needs that reach state outside it: the kernel keyrings (which outlive
-# processes), tracing and cross-process memory access. Numbers per architecture.
+# processes), tracing and cross-process memory access. Numbers per architecture, with the number
+# of rt_sigaction: a sample may not change SIGCHLD's disposition, because children reaped
+# automatically (SIG_IGN, SA_NOCLDWAIT) would take their CPU time out of the sample's account.
 _DENIED_SYSCALLS = {
-    "x86_64": (0xC000003E, {"add_key": 248, "request_key": 249, "keyctl": 250, "ptrace": 101,
-                            "process_vm_readv": 310, "process_vm_writev": 311}),
-    "aarch64": (0xC00000B7, {"add_key": 217, "request_key": 218, "keyctl": 219, "ptrace": 117,
-                             "process_vm_readv": 270, "process_vm_writev": 271}),
+    "x86_64": (0xC000003E, 13, {"add_key": 248, "request_key": 249, "keyctl": 250,
+                                "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311}),
+    "aarch64": (0xC00000B7, 134, {"add_key": 217, "request_key": 218, "keyctl": 219,
+                                  "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271}),
 }  # fmt: skip
+SIGCHLD_NUMBER = 17  # on both architectures above
 
 
 def seccomp_program(machine: str | None = None) -> bytes | None:
-    """A classic-BPF seccomp filter: EPERM for the denied syscalls (and x32 on x86-64), kill on
-    a foreign architecture, allow the rest. None on an architecture we have no table for."""
-    arch = _DENIED_SYSCALLS.get(machine or platform.machine())
-    if arch is None:
+    """A classic-BPF seccomp filter: kill on a foreign architecture; EPERM for the denied
+    syscalls, for the x32 ABI on x86-64, and for setting a SIGCHLD action; allow the rest.
+    None on an architecture we have no table for."""
+    name = machine or platform.machine()
+    if name not in _DENIED_SYSCALLS:
         return None
-    audit_arch, numbers = arch
-    ret_allow, ret_eperm, ret_kill = 0x7FFF0000, 0x00050001, 0x80000000
+    audit_arch, sigaction, numbers = _DENIED_SYSCALLS[name]
+    # (opcode, k, jump-if-true label, jump-if-false label); None falls through.
     ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
-    nrs = sorted(numbers.values())
-    prog = [(ld, 0, 0, 4), (jeq, 1, 0, audit_arch), (ret, 0, 0, ret_kill), (ld, 0, 0, 0)]
-    if machine in (None, "x86_64") and audit_arch == 0xC000003E:
-        prog.append((jge, len(nrs) + 1, 0, 0x40000000))  # x32 ABI: to the EPERM return
-    for i, nr in enumerate(nrs):
-        prog.append((jeq, len(nrs) - i, 0, nr))  # to the EPERM return
-    prog += [(ret, 0, 0, ret_allow), (ret, 0, 0, ret_eperm)]
-    return b"".join(struct.pack("HBBI", *ins) for ins in prog)
+    prog: list[tuple[int, int, str | None, str | None]] = [
+        (ld, 4, None, None), (jeq, audit_arch, None, "kill"), (ld, 0, None, None),
+    ]  # fmt: skip
+    if name == "x86_64":
+        prog.append((jge, 0x40000000, "eperm", None))
+    prog += [(jeq, nr, "eperm", None) for nr in sorted(numbers.values())]
+    prog += [
+        (jeq, sigaction, None, "allow"),
+        (ld, 16, None, None), (jeq, SIGCHLD_NUMBER, None, "allow"),  # args[0]: the signal
+        (ld, 24, None, None), (jeq, 0, None, "eperm"),  # args[1]: the new action, low half
+        (ld, 28, None, None), (jeq, 0, "allow", "eperm"),  # high half: NULL only queries
+    ]  # fmt: skip
+    labels = {"allow": len(prog), "eperm": len(prog) + 1, "kill": len(prog) + 2}
+    out = []
+    for i, (op, k, jt, jf) in enumerate(prog):
+        hop = [0 if label is None else labels[label] - i - 1 for label in (jt, jf)]
+        out.append(struct.pack("HBBI", op, hop[0], hop[1], k))
+    for k in (0x7FFF0000, 0x00050001, 0x80000000):  # allow, EPERM, kill the process
+        out.append(struct.pack("HBBI", ret, 0, 0, k))
+    return b"".join(out)
 
 
 class _Fprog(ctypes.Structure):
@@ -317,7 +334,7 @@ def _sample(cfg: dict[str, Any]) -> None:
     try:
         os.setsid()
         if cfg["isolate"]:
-            _call("unshare", CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWNS)
+            _call("unshare", CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWNS | CLONE_NEWNET)
         init = os.fork()
     except BaseException as exc:
         _fatal(exc)
@@ -541,11 +558,18 @@ class Remote:
         return {n for n in names if reply[1].get(n) is True}
 
 
+# Exceptions that steer the trusted code's control flow if raised as themselves: a
+# StopIteration from the candidate inside ``map``/``zip`` in a test would end it silently.
+_NOT_REBUILT = {"StopIteration", "StopAsyncIteration"}
+
+
 def _remote_exception(name: str) -> BaseException:
+    """The candidate's exception, by type name: a builtin exception class where one exists
+    (tests may expect ``ValueError``), else a fresh ``Exception`` subclass of that name."""
     if not name.isidentifier() or len(name) > 100:
         return ProtocolError("bad exception name")
     known = getattr(builtins, name, None)
-    if isinstance(known, type) and issubclass(known, Exception):
+    if isinstance(known, type) and issubclass(known, Exception) and name not in _NOT_REBUILT:
         return known("raised by the candidate")
     return type(name, (Exception,), {})("raised by the candidate")
 

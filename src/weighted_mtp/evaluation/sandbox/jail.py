@@ -163,6 +163,10 @@ class Cgroup:
             current = int(files[0].read_text())
             for path in files if limit < current else files[::-1]:
                 path.write_text(str(limit))
+            # v1 charges socket buffers only once a TCP limit is set (v2 always does).
+            tcp = mem / "memory.kmem.tcp.limit_in_bytes"
+            if tcp.exists():
+                tcp.write_text(str(limit))
 
     def oom_kills(self) -> int:
         mem = self.dirs["memory"]
