@@ -122,8 +122,8 @@ def child(storage: Path, source: Path) -> None:
     # Imported before timing: a fixed start-up cost (torch, datasets), not throughput.
     for module in ("datasets", "weighted_mtp.models.tokenizer", "weighted_mtp.storage.models"):
         importlib.import_module(module)
+    from weighted_mtp.base.layout import StorageLayout
     from weighted_mtp.storage.datasets import run
-    from weighted_mtp.storage.layout import StorageLayout
 
     imports = time.perf_counter() - start
     start = time.perf_counter()

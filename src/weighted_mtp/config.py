@@ -13,8 +13,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from weighted_mtp.base.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A bad configuration: the message is one line naming the key (and file:line)."""
 
 

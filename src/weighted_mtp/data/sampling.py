@@ -29,6 +29,8 @@ from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Protocol, TypeVar
 
+from weighted_mtp.base.errors import UserError
+
 T = TypeVar("T")
 ProblemMap = Mapping[str, Mapping[str, Any]]
 Bins = Mapping[str, Sequence[int]]
@@ -70,7 +72,7 @@ class SamplingArgs(Protocol):
     seed: int
 
 
-class NotEnoughSamples(ValueError):
+class NotEnoughSamples(UserError):
     """Fewer samples are available than were asked for."""
 
 
@@ -80,10 +82,10 @@ class NotEnoughSamples(ValueError):
 def _check_bins(bins: Bins, weights: Mapping[str, float] | None = None) -> None:
     for name, bounds in bins.items():
         if len(bounds) != 2 or bounds[0] > bounds[1]:
-            raise ValueError(f"difficulty bin {name!r}: expected [lo, hi] with lo <= hi")
+            raise UserError(f"difficulty bin {name!r}: expected [lo, hi] with lo <= hi")
     unknown = sorted(set(weights or {}) - set(bins))
     if unknown:
-        raise ValueError(f"difficulty_weights name unknown bins {unknown}; bins: {list(bins)}")
+        raise UserError(f"difficulty_weights name unknown bins {unknown}; bins: {list(bins)}")
 
 
 def _first_bin(difficulty: int | None, bins: Bins) -> str | None:
@@ -207,7 +209,7 @@ def _by_length_bin(
 ) -> dict[int, list[int]]:
     bad = lengths is None or len(lengths) != len(indices) or None in lengths
     if bad or (lengths and min(lengths) < 0):
-        raise ValueError(
+        raise UserError(
             f"length_balanced_pairs: problem {pid!r} has no token lengths; rebuild the "
             "dataset metadata with a tokenizer"
         )
@@ -255,7 +257,7 @@ def length_balanced_pairs(
     Raises if a kept problem has no token lengths or if fewer than ``n_samples`` pairs exist.
     """
     if len(length_bins) < 1 or list(length_bins) != sorted(set(length_bins)):
-        raise ValueError(f"length_bins must be strictly increasing, got {list(length_bins)}")
+        raise UserError(f"length_bins must be strictly increasing, got {list(length_bins)}")
     if bins:
         _check_bins(bins)
     rng = random.Random(seed)

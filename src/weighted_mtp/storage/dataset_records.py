@@ -12,6 +12,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from weighted_mtp.base.errors import UserError
+
 PYTHON2, PYTHON3 = 1, 3
 LANGUAGES = {0: "unknown", 1: "python2", 2: "cpp", 3: "python3", 4: "java"}
 TASK_SUFFIX = re.compile(r"_(?:correct|incorrect)_\d+$")
@@ -46,7 +48,7 @@ EVAL_METADATA_FIELDS = (
 )  # fmt: skip
 
 
-class BadRecord(Exception):
+class BadRecord(UserError):
     """A source record that cannot be converted: ``where`` it is and why."""
 
     def __init__(self, where: str, reason: str):
