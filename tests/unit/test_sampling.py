@@ -1,4 +1,4 @@
-"""Samplers of ALGORITHMS 6.6 on hand-made problem maps."""
+"""Samplers of docs/METHOD.md §7 on hand-made problem maps."""
 
 from __future__ import annotations
 

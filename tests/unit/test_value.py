@@ -261,7 +261,7 @@ def test_pairwise_needs_pairs():
 
 
 def loop_targets(values, mask, rewards, lam, gamma):
-    """ALGORITHMS 3.3 literally: recursion over the masked positions only."""
+    """The λ-return of docs/METHOD.md §3 literally: recursion over the masked positions only."""
     out = torch.zeros_like(values)
     for b in range(values.shape[0]):
         idx = mask[b].nonzero().flatten().tolist()

@@ -1,5 +1,5 @@
 """The value model ("critic"): our ``Transformer`` backbone plus a per-position value head
-(ALGORITHMS 3.1).
+(docs/METHOD.md §3).
 
 The backbone is the same ``Transformer`` as the policy, with ``n_future_tokens == 1`` (a plain
 LLaMA, e.g. Sheared-LLaMA-2.7B); its features are ``hidden_states`` (head 1's output after the
@@ -9,7 +9,7 @@ differences of a few 1e-3 matter to the ranking loss and to the TD weights.
 
 A checkpoint stores the head's tensors (``head_state``) and an explicit ``head_config`` dict
 (type, hidden size, dropout, bias init) so that a reload never guesses the head type from a
-training config (ALGORITHMS 3.4 [REC], 10 E4).
+training config, which is how the upstream reload picked the wrong head (docs/METHOD.md §3).
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def load_value_model(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
 ) -> ValueModel:
-    """A trained critic, frozen and in eval mode (ALGORITHMS 3.4).
+    """A trained critic, frozen and in eval mode (docs/METHOD.md §3).
 
     ``head_config``: :attr:`ValueModel.head_config`. ``head_tensors``: :meth:`head_state` (a
     leading ``head.`` is stripped). ``lora_config``: PEFT ``adapter_config.json`` keys (``r``,

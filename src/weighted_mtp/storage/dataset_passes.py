@@ -243,7 +243,7 @@ class SourcePass:
             "tokenizer": str(path),
             "tokenizer_sha256": sha256_file(path),
             "vocab_size": tokenizer.vocab_size,
-            "counted": "BOS + Alpaca template (ALGORITHMS 6.5) with the response + EOS",
+            "counted": "BOS + Alpaca template (docs/METHOD.md §7) with the response + EOS",
             "max_length": self.build.options.max_length,
             "length_filter": self.build.name == "codecontests",
         }
@@ -386,7 +386,7 @@ def schema_for(build: Build) -> dict[str, Any]:
         "source": spec.repo + (f" ({spec.config})" if spec.config else ""),
         "splits": list(build.splits),
         "notes": [
-            "prompt template: ALGORITHMS 6.5 (Alpaca, empty input); EOS is appended in training",
+            "prompt template: Alpaca with an empty input (docs/METHOD.md §7); EOS is appended in training",
             "metadata.token_length = tokens of BOS + templated prompt and response + EOS "
             "(null when built with --no-token-lengths)",
             "CodeContests: Python 3 solutions only unless --include-python2; records over "

@@ -1,4 +1,4 @@
-"""Conversion of Hub records into Alpaca records (ALGORITHMS 6.2 with the [REC] fixes).
+"""Conversion of Hub records into Alpaca records (docs/METHOD.md §7).
 
 Every check of a source record raises :class:`BadRecord` with the record's position and a
 reason, so the caller can stop with ``file:line: reason`` or skip and count.
