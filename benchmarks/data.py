@@ -1,4 +1,4 @@
-"""Data processing at scale (DESIGN 6, "data processing").
+"""Data processing at scale (the README's performance table, "data processing").
 
 Builds a synthetic CodeContests-schema source (parquet shards in the Hub layout) of two
 sizes, runs the ``process`` and ``metadata`` steps on each in a fresh subprocess, and
@@ -122,8 +122,8 @@ def child(storage: Path, source: Path) -> None:
     # Imported before timing: a fixed start-up cost (torch, datasets), not throughput.
     for module in ("datasets", "weighted_mtp.models.tokenizer", "weighted_mtp.storage.models"):
         importlib.import_module(module)
+    from weighted_mtp.base.layout import StorageLayout
     from weighted_mtp.storage.datasets import run
-    from weighted_mtp.storage.layout import StorageLayout
 
     imports = time.perf_counter() - start
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Self-speculative vs plain greedy decoding speed (spec ALGORITHMS §1.8).
+"""Self-speculative vs plain greedy decoding speed (docs/EVALUATION.md §1, "Decoding").
 
 A micro-shaped MTP model (4 heads) is trained briefly on a predictable corpus (a fixed random
 cycle through the vocabulary, so token t + k is a function of token t and every head can

@@ -56,11 +56,11 @@ def make_tiny_storage(
 ) -> Path:
     """A storage tree whose ``micro-mtp``/``micro-reference`` are tiny (64 wide, vocab 1000),
     with the bundled offline datasets processed by the real dataset steps."""
+    from weighted_mtp.base.layout import StorageLayout
     from weighted_mtp.models import ModelArgs, Transformer, save_model
     from weighted_mtp.models.transformer import init_weights
     from weighted_mtp.storage import datasets as dataset_storage
-    from weighted_mtp.storage.layout import StorageLayout
-    from weighted_mtp.storage.models import write_tokenizer_folder
+    from weighted_mtp.storage.tokenizer_folder import write_tokenizer_folder
 
     layout = StorageLayout(root)
     for name, n_layers, n_future in (("micro-mtp", 7, 4), ("micro-reference", 4, 1)):

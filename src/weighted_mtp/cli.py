@@ -1,7 +1,10 @@
 """The ``wmtp`` command (also ``python -m weighted_mtp``).
 
-Every sub-command takes ``--storage DIR`` (default ``$WMTP_STORAGE``, else ``./storage``)
-and exits non-zero with a one-line reason on bad input.
+Every sub-command takes ``--storage DIR`` (default ``$WMTP_STORAGE``, else ``./storage``).
+Bad input raises :class:`~weighted_mtp.base.errors.UserError` (or a subclass), which the
+command prints as one line before exiting with code 1; any other exception is a bug and
+propagates with its traceback. Each handler imports its sub-command's modules when it runs,
+so that ``wmtp --help`` and the light commands start without importing torch.
 """
 
 from __future__ import annotations
@@ -12,13 +15,15 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from weighted_mtp.storage.layout import DATASET_NAMES, EVAL_DATASETS, StorageLayout
+from weighted_mtp.base.errors import UserError
+from weighted_mtp.base.io import write_json_atomic, write_text_atomic
+from weighted_mtp.base.layout import DATASET_NAMES, EVAL_DATASETS, StorageLayout
 
 MODEL_STEPS = ("download", "convert", "config", "verify")
 DATASET_STEPS = ("process", "metadata", "small", "stats", "eval", "tests")
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """Bad command-line input; reported as one line."""
 
 
@@ -233,12 +238,13 @@ def run_score(args: argparse.Namespace) -> int:
 
     from weighted_mtp.data.jsonl import iter_jsonl
     from weighted_mtp.evaluation import harness
-    from weighted_mtp.storage.io import write_json_atomic, write_text_atomic
 
     samples_path = Path(args.samples)
     if not samples_path.is_file():
         raise UsageError(f"{samples_path}: no such samples file")
     problems_path = Path(args.problems) if args.problems else None
+    if problems_path and not problems_path.is_file():
+        raise UsageError(f"{problems_path}: no such problems file")
     problems = harness.load_problems(
         StorageLayout.from_arg(args.storage), args.dataset, problems_path
     )
@@ -416,14 +422,15 @@ HANDLERS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
 def dispatch(
     handler: Callable[[argparse.Namespace], int], args: argparse.Namespace, prog: str
 ) -> int:
-    """Run a handler, turning expected failures into one line on stderr and exit code 1."""
-    from weighted_mtp.config import ConfigError
-    from weighted_mtp.storage.io import StorageError
+    """Run a handler; bad input (:class:`UserError`) becomes one line on stderr and exit code 1.
 
+    Every other exception propagates with its traceback: it is a bug, not a user's mistake.
+    """
     try:
         return handler(args)
-    except (UsageError, ConfigError, StorageError, FileNotFoundError, ValueError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+    except UserError as err:
+        message = " ".join(str(err).splitlines())  # one line, whatever the message holds
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

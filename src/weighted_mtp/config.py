@@ -13,8 +13,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from weighted_mtp.base.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A bad configuration: the message is one line naming the key (and file:line)."""
 
 
@@ -43,7 +45,7 @@ class LoraConfig(Section):
 
 
 class SamplingConfig(Section):
-    """How training examples are drawn from ``<split>_metadata.json`` (ALGORITHMS 6.6)."""
+    """How training examples are drawn from ``<split>_metadata.json`` (docs/METHOD.md §7)."""
 
     mode: Literal["correct_of_pairs", "correct", "pairwise", "length_balanced_pairs", "all"] = (
         "correct_of_pairs"
@@ -126,7 +128,7 @@ class WeightingConfig(Section):
 
 
 class CriticConfig(Section):
-    """The value model trained by the ``critic`` recipe (ALGORITHMS 3)."""
+    """The value model trained by the ``critic`` recipe (docs/METHOD.md §3)."""
 
     head_type: Literal["linear", "sigmoid", "mlp"] = "mlp"
     head_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from weighted_mtp.storage.io import StorageError
-from weighted_mtp.storage.layout import DATASET_NAMES, StorageLayout
+from weighted_mtp.base.io import StorageError
+from weighted_mtp.base.layout import DATASET_NAMES, StorageLayout
 
 RUN_NAME = "quickstart"
 MICRO_MODELS = ("micro-mtp", "micro-reference")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from weighted_mtp.base.layout import StorageLayout
 from weighted_mtp.config import load_config
 from weighted_mtp.data.collate import Batch
-from weighted_mtp.storage.layout import StorageLayout
 from weighted_mtp.train.loop import Trainer
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from weighted_mtp.base.layout import DATASET_SPLITS, SMALL_SIZES, StorageLayout
 from weighted_mtp.data.alpaca import format_text
 from weighted_mtp.data.jsonl import JsonlFile, iter_jsonl
 from weighted_mtp.models.tokenizer import Tokenizer
-from weighted_mtp.storage.layout import DATASET_SPLITS, SMALL_SIZES, StorageLayout
 
 REPO = Path(__file__).resolve().parents[2]
 EXPECTED_LINES = {  # the bundled sources, Python 3 solutions only

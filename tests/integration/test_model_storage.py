@@ -14,10 +14,10 @@ from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.conftest import REPO, save_hf_bin_shards
+from weighted_mtp.base.layout import StorageLayout
 from weighted_mtp.models import ModelArgs, Transformer, load_pretrained
 from weighted_mtp.models.transformer import init_weights
 from weighted_mtp.storage import models as model_storage
-from weighted_mtp.storage.layout import StorageLayout
 
 SETUP = [sys.executable, str(REPO / "scripts/create_storage/setup_models.py")]
 VERIFY = [sys.executable, str(REPO / "scripts/create_storage/verify_storage.py")]

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from tests.conftest import REPO
+from weighted_mtp.base.layout import DATASET_NAMES, StorageLayout
 from weighted_mtp.quickstart import POLICIES, RUN_NAME, TRAINED
-from weighted_mtp.storage.layout import DATASET_NAMES, StorageLayout
 from weighted_mtp.storage.models import verify_models
 
 

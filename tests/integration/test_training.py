@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from tests.conftest import REPO
+from weighted_mtp.base.io import StorageError
+from weighted_mtp.base.layout import StorageLayout
 from weighted_mtp.config import load_config
 from weighted_mtp.models import load_pretrained
-from weighted_mtp.storage.io import StorageError
-from weighted_mtp.storage.layout import StorageLayout
 from weighted_mtp.train import checkpoint
 from weighted_mtp.train.loop import Trainer, train
 from weighted_mtp.train.recipes import RECIPES, load_trained

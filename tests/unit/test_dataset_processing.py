@@ -13,14 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from weighted_mtp.base.io import StorageError
+from weighted_mtp.base.layout import StorageLayout
 from weighted_mtp.data.alpaca import format_text
 from weighted_mtp.data.jsonl import JsonlFile, iter_jsonl
 from weighted_mtp.data.metadata import load_problem_index
 from weighted_mtp.models.tokenizer import Tokenizer
 from weighted_mtp.storage.dataset_sources import hub_shard_path, write_hub_parquet
 from weighted_mtp.storage.datasets import run
-from weighted_mtp.storage.io import StorageError
-from weighted_mtp.storage.layout import StorageLayout
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Conversion of Hub records into Alpaca records (ALGORITHMS 6.2 with the [REC] fixes)."""
+"""Conversion of Hub records into Alpaca records (docs/METHOD.md §7)."""
 
 from __future__ import annotations
 

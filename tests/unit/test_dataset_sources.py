@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from weighted_mtp.base.io import StorageError
 from weighted_mtp.storage.dataset_sources import (
     SOURCES,
     Origin,
@@ -20,7 +21,6 @@ from weighted_mtp.storage.dataset_sources import (
     materialise_bundled,
     resolve_origin,
 )
-from weighted_mtp.storage.io import StorageError
 
 PYTHON3 = 3
 

@@ -1,4 +1,4 @@
-"""Plain and self-speculative decoding (spec ALGORITHMS §1.8, §8.2) on tiny models."""
+"""Plain and self-speculative decoding (docs/EVALUATION.md §1, "Decoding") on tiny models."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""pass@k (EVALUATION 2, ALGORITHMS 8.3 and appendix A) and accuracy."""
+"""pass@k (docs/EVALUATION.md §3, with its golden values) and accuracy."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from weighted_mtp.evaluation.metrics import (
 
 def test_golden_values():
     assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
-    # 1 - C(7,5)/C(10,5) = 1 - 21/252; upstream's docstring said 0.833 (E13).
+    # 1 - C(7,5)/C(10,5) = 1 - 21/252; the upstream docstring said 0.833, which is wrong.
     assert pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)
     assert round(pass_at_k(10, 3, 5), 4) == 0.9167
 

@@ -122,7 +122,7 @@ def test_two_d_weights_broadcast_to_every_head():
 
 
 def test_golden_alignment_of_worked_example():
-    """ALGORITHMS 2.6 / Appendix A: L=6, response at j=3,4,5, W=[0,0,0,2,0.5,1]."""
+    """docs/METHOD.md §2 worked example: L=6, response at j=3,4,5, W=[0,0,0,2,0.5,1]."""
     model = tiny_model()
     tokens = torch.tensor([[1, 10, 11, 12, 13, 14]])
     labels = torch.tensor([[IGNORE_INDEX] * 3 + [12, 13, 14]])

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from weighted_mtp.base.io import StorageError
+from weighted_mtp.base.layout import StorageLayout
 from weighted_mtp.evaluation import sandbox
 from weighted_mtp.quickstart import Quickstart, Stage
-from weighted_mtp.storage.io import StorageError
-from weighted_mtp.storage.layout import StorageLayout
 
 
 def _runner(tmp_path, monkeypatch, stages, unsafe=False):

@@ -1,4 +1,4 @@
-"""Samplers of ALGORITHMS 6.6 on hand-made problem maps."""
+"""Samplers of docs/METHOD.md §7 on hand-made problem maps."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from weighted_mtp.base.errors import UserError
 from weighted_mtp.config import SamplingConfig
 from weighted_mtp.data.sampling import (
     NotEnoughSamples,
@@ -200,7 +201,7 @@ def test_length_balanced_cap_and_no_bins_keeps_all():
 
 
 def test_length_balanced_requires_token_lengths():
-    with pytest.raises(ValueError, match="no token lengths"):
+    with pytest.raises(UserError, match="no token lengths"):
         length_balanced_pairs(build_map(SPEC, with_lengths=False), 1, ALL, [0, 100], 4, 0)
 
 
@@ -255,7 +256,7 @@ def test_sample_entry_point_dispatches_on_mode():
 
 
 def test_unknown_weight_names_fail():
-    with pytest.raises(ValueError, match="unknown bins"):
+    with pytest.raises(UserError, match="unknown bins"):
         difficulty_weighted_pairs(PMAP, 1, ALL, {"typo": 1.0}, CAP, 0)
 
 

@@ -1,4 +1,4 @@
-"""Prompts, stop rules and answer checks of the four benchmarks (EVALUATION 1, ALGORITHMS 8.4)."""
+"""Prompts, stop rules and answer checks of the four benchmarks (docs/EVALUATION.md §1-§2)."""
 
 from __future__ import annotations
 

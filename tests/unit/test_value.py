@@ -10,9 +10,11 @@ import time
 import pytest
 import torch
 
+from weighted_mtp.base.errors import UserError
 from weighted_mtp.config import LoraConfig
 from weighted_mtp.data.collate import IGNORE_INDEX, Batch, PairBatch
 from weighted_mtp.models import save_model
+from weighted_mtp.models.checkpoints import CheckpointError
 from weighted_mtp.models.transformer import ModelArgs, Transformer, init_weights
 from weighted_mtp.models.value import (
     ValueHeadConfig,
@@ -96,9 +98,9 @@ def test_sigmoid_head_starts_at_half_and_head_stays_fp32():
 
 
 def test_backbone_with_four_heads_is_refused():
-    with pytest.raises(ValueError, match="n_future_tokens 1"):
+    with pytest.raises(UserError, match="n_future_tokens 1"):
         ValueModel(backbone(n_future_tokens=2), ValueHeadConfig("linear"))
-    with pytest.raises(ValueError, match="n_future_tokens 1.*got 4"):
+    with pytest.raises(UserError, match="n_future_tokens 1.*got 4"):
         ValueModel(Transformer(ModelArgs(dim=32, n_layers=4, n_heads=4, vocab_size=VOCAB,
                                          ffn_hidden_dim=64, n_future_tokens=4)))  # fmt: skip
 
@@ -114,7 +116,7 @@ def test_unknown_head_type_is_refused():
 def test_reload_with_wrong_hidden_size_fails(tmp_path):
     save_model(backbone(), tmp_path / "base")
     config = {"type": "mlp", "hidden_size": 2560, "dropout": 0.2, "bias_init": 0.0}
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(CheckpointError) as err:
         load_value_model(tmp_path / "base", config, {})
     assert str(err.value) == "critic checkpoint hidden size 2560 does not match the backbone's 32"
 
@@ -259,7 +261,7 @@ def test_pairwise_needs_pairs():
 
 
 def loop_targets(values, mask, rewards, lam, gamma):
-    """ALGORITHMS 3.3 literally: recursion over the masked positions only."""
+    """The λ-return of docs/METHOD.md §3 literally: recursion over the masked positions only."""
     out = torch.zeros_like(values)
     for b in range(values.shape[0]):
         idx = mask[b].nonzero().flatten().tolist()

@@ -1,4 +1,4 @@
-"""TD weighting of the Verifiable Critic recipe (ALGORITHMS 4, Appendix A): GAE golden values and
+"""TD weighting of the Verifiable Critic recipe (docs/METHOD.md §4, with its golden values): GAE golden values and
 a property test against the plain reverse loop, weights, EMA rules, CriticTD's step protocol
 (step-1 whitening, one EMA update per step, frozen validation, exact resume, metrics) and the
 control arms."""
@@ -41,7 +41,10 @@ N_HEADS = 4
     [
         (0.95, [0, 0, 0.4515, 0.37, 0.6, 0]),
         (0.0, [0, 0, 0.1, -0.2, 0.6, 0]),
-        (1.0, [0, 0, 0.5, 0.4, 0.6, 0]),  # v_T - v_{t-1}: no lambda = 1 shortcut (A13)
+        (
+            1.0,
+            [0, 0, 0.5, 0.4, 0.6, 0],
+        ),  # v_T - v_{t-1}: no lambda = 1 shortcut (docs/METHOD.md §4)
     ],
 )
 def test_gae_golden(lam, expected):
@@ -60,7 +63,7 @@ def test_gae_unmasked_prompt_values_match_the_documented_recursion():
 
 
 def reference_gae(values, mask, gamma, lam, initial_value=0.5):
-    """The upstream reverse loop (ALGORITHMS 4.2), in float64 Python."""
+    """The upstream reverse loop (docs/METHOD.md §4), in float64 Python."""
     out = []
     for v, m in zip(values, mask, strict=True):
         length = len(v)
@@ -401,7 +404,7 @@ def test_critic_td_control_arm_applies_to_the_weights():
         CriticTD(None, config, control="bogus")
 
 
-# ---- distributed: every rank joins the all-reduce (E11) ----
+# ---- distributed: every rank joins the all-reduce (docs/METHOD.md §4) ----
 
 
 def _ema_worker(rank: int, world: int, init_file: str, result_file: str) -> None:

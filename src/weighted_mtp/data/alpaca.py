@@ -1,4 +1,4 @@
-"""The Alpaca prompt template (ALGORITHMS 6.5), exactly as training and length filtering see it."""
+"""The Alpaca prompt template (docs/METHOD.md §7), exactly as training and length filtering see it."""
 
 from __future__ import annotations
 

@@ -1,22 +1,22 @@
-"""Tokenisation, loss masking and dynamic padding of Alpaca examples (ALGORITHMS 6.5).
+"""Tokenisation, loss masking and dynamic padding of Alpaca examples (docs/METHOD.md §7).
 
 An example is tokenised once, as the full templated text, with character offsets: BOS is
-prepended, EOS appended and supervised (the model must learn to stop, ALGORITHMS 10 A1), and
+prepended, EOS appended and supervised (the model must learn to stop), and
 every token that starts before the response's first character is masked with ``-100``. The
 boundary comes from the offsets of that single tokenisation, not from a second tokenisation
 of the prompt, which can split differently at the junction.
 
 Examples longer than ``max_length`` are dropped (``encode_example`` returns ``None``), never
 tail-truncated: a cut program has an arbitrary last token, which the critic would treat as
-the terminal position (ALGORITHMS 10 A14).
+the terminal position (docs/METHOD.md §4, §7).
 
 ``EncodedExample.length`` equals the ``token_length`` the storage step records per line (the
 same text, tokenised once, plus BOS and EOS), so the loop can drop over-long lines from the
 metadata before reading them.
 
 Batches are right-padded to the batch maximum rounded up to a multiple (never to a fixed
-2048, D1). Padding uses ``pad_id`` (= EOS for LLaMA), so it is identified by the attention
-mask and the ``-100`` labels, never by token id (E12).
+2048). Padding uses ``pad_id`` (= EOS for LLaMA), so it is identified by the attention
+mask and the ``-100`` labels, never by token id (docs/METHOD.md §7).
 """
 
 from __future__ import annotations

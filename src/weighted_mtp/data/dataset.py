@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from weighted_mtp.base.io import StorageError
+from weighted_mtp.base.layout import StorageLayout
 from weighted_mtp.config import DataConfig, SamplingConfig
 from weighted_mtp.data.collate import (
     Batch,
@@ -29,8 +31,6 @@ from weighted_mtp.data.jsonl import JsonlFile
 from weighted_mtp.data.metadata import load_problem_index
 from weighted_mtp.data.sampling import sample, shard_for_rank
 from weighted_mtp.models.tokenizer import Tokenizer
-from weighted_mtp.storage.io import StorageError
-from weighted_mtp.storage.layout import StorageLayout
 
 
 @dataclass(frozen=True)

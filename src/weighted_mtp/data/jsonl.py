@@ -20,10 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from weighted_mtp.base.errors import UserError
+
 INDEX_DTYPE = np.dtype("<u8")
 
 
-class JsonlError(ValueError):
+class JsonlError(UserError):
     """A malformed line (``path:line: reason``) or a missing/stale index."""
 
 

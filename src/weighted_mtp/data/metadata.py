@@ -1,4 +1,4 @@
-"""Reading the ``<split>_metadata.json`` of a processed split (ALGORITHMS 6.4).
+"""Reading the ``<split>_metadata.json`` of a processed split (docs/METHOD.md §7, "Metadata").
 
 ``<split>_metadata.json`` is the seed's file: the per-line ``metadata`` list, then
 ``problem_index_map`` and ``stats``. The per-line list makes it large (one entry per

@@ -1,24 +1,24 @@
-"""Which lines of a processed split a run trains on (ALGORITHMS 6.6).
+"""Which lines of a processed split a run trains on (docs/METHOD.md §7, "Sampling").
 
 Every sampler reads only the ``problem_index_map`` of ``<split>_metadata.json`` (see
 :mod:`weighted_mtp.data.metadata`) and returns a plain list of :class:`Sample`. Randomness
 comes from a local ``random.Random(seed)``, never the global RNG, so the result depends only
-on the inputs (ALGORITHMS 10 A15). Problems are visited in the map's insertion order, which
+on the inputs, not on the global RNG's history or the number of processes. Problems are visited in the map's insertion order, which
 is the order of the metadata JSON written by the storage step (the order of the lines in
 ``<split>.jsonl``), hence deterministic; it is kept rather than sorted so that the draw
 follows the seed's file order.
 
 Modes (``SamplingConfig.mode``):
 
-* ``pairwise``: difficulty-weighted unique pairs, (a) of ALGORITHMS 6.6.
+* ``pairwise``: difficulty-weighted unique pairs, see docs/METHOD.md §7.
 * ``length_balanced_pairs``: length-balanced unique pairs, (b); the critic's default.
 * ``correct_of_pairs``: the correct side of (a). Baseline, verifiable and Rho-1 then train on
-  exactly the same correct solutions (upstream behaviour, ALGORITHMS 10 A11).
+  exactly the same correct solutions (the upstream behaviour, docs/METHOD.md §7).
 * ``correct``: correct solutions drawn directly from ``correct_indices`` with a per-problem
-  cap, so problems without incorrect solutions count too (the [REC] option).
+  cap, so problems without incorrect solutions count too.
 * ``all``: every line (``indices`` for datasets without ``is_correct``: MBPP, GSM8K, ...).
 
-Every mode raises ``ValueError`` (one line, with the number available) when fewer than
+Every mode raises ``NotEnoughSamples``, a user error (one line, with the number available), when fewer than
 ``n_samples`` samples can be drawn, unless ``allow_fewer=True`` (e.g. validation sets).
 """
 
@@ -28,6 +28,8 @@ import random
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Protocol, TypeVar
+
+from weighted_mtp.base.errors import UserError
 
 T = TypeVar("T")
 ProblemMap = Mapping[str, Mapping[str, Any]]
@@ -70,7 +72,7 @@ class SamplingArgs(Protocol):
     seed: int
 
 
-class NotEnoughSamples(ValueError):
+class NotEnoughSamples(UserError):
     """Fewer samples are available than were asked for."""
 
 
@@ -80,10 +82,10 @@ class NotEnoughSamples(ValueError):
 def _check_bins(bins: Bins, weights: Mapping[str, float] | None = None) -> None:
     for name, bounds in bins.items():
         if len(bounds) != 2 or bounds[0] > bounds[1]:
-            raise ValueError(f"difficulty bin {name!r}: expected [lo, hi] with lo <= hi")
+            raise UserError(f"difficulty bin {name!r}: expected [lo, hi] with lo <= hi")
     unknown = sorted(set(weights or {}) - set(bins))
     if unknown:
-        raise ValueError(f"difficulty_weights name unknown bins {unknown}; bins: {list(bins)}")
+        raise UserError(f"difficulty_weights name unknown bins {unknown}; bins: {list(bins)}")
 
 
 def _first_bin(difficulty: int | None, bins: Bins) -> str | None:
@@ -148,7 +150,7 @@ def difficulty_weighted_pairs(
     seed: int,
     allow_fewer: bool = False,
 ) -> list[Sample]:
-    """Unique (correct, incorrect) pairs with per-difficulty-bin quotas, (a) of ALGORITHMS 6.6.
+    """Unique (correct, incorrect) pairs with per-difficulty-bin quotas, see docs/METHOD.md §7.
 
     Steps: bin problems having both sides and a difficulty (first matching bin); pair each
     problem's shuffled solutions, ``min(|C|, |I|, cap)`` pairs; drop bins with weight <= 0 or
@@ -207,7 +209,7 @@ def _by_length_bin(
 ) -> dict[int, list[int]]:
     bad = lengths is None or len(lengths) != len(indices) or None in lengths
     if bad or (lengths and min(lengths) < 0):
-        raise ValueError(
+        raise UserError(
             f"length_balanced_pairs: problem {pid!r} has no token lengths; rebuild the "
             "dataset metadata with a tokenizer"
         )
@@ -247,7 +249,7 @@ def length_balanced_pairs(
     seed: int,
     allow_fewer: bool = False,
 ) -> list[Sample]:
-    """Unique pairs whose two sides fall in the same token-length bin, (b) of ALGORITHMS 6.6.
+    """Unique pairs whose two sides fall in the same token-length bin, see docs/METHOD.md §7.
 
     Difficulty bins only filter problems (none or empty: keep all); weights are not used.
     Within a problem, solutions are paired per length bin present on both sides, then capped
@@ -255,7 +257,7 @@ def length_balanced_pairs(
     Raises if a kept problem has no token lengths or if fewer than ``n_samples`` pairs exist.
     """
     if len(length_bins) < 1 or list(length_bins) != sorted(set(length_bins)):
-        raise ValueError(f"length_bins must be strictly increasing, got {list(length_bins)}")
+        raise UserError(f"length_bins must be strictly increasing, got {list(length_bins)}")
     if bins:
         _check_bins(bins)
     rng = random.Random(seed)
@@ -299,7 +301,7 @@ def correct_solutions(
     seed: int,
     allow_fewer: bool = False,
 ) -> list[Sample]:
-    """Correct solutions drawn directly from ``correct_indices`` ([REC] of ALGORITHMS 6.6).
+    """Correct solutions drawn directly from ``correct_indices`` (docs/METHOD.md §7).
 
     A problem is kept if its first matching difficulty bin has a positive weight (all bins
     when ``weights`` is None); at most ``max_per_problem`` of its correct solutions, chosen

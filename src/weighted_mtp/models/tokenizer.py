@@ -18,6 +18,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from weighted_mtp.base.errors import MissingInputError
+
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 
@@ -29,7 +31,7 @@ class Tokenizer:
         if path.is_dir():
             path = path / "tokenizer.model"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: tokenizer model not found")
+            raise MissingInputError(f"{path}: tokenizer model not found")
         self.path = path
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
         self.bos_id = self.sp.bos_id()

@@ -1,5 +1,5 @@
 """The value model ("critic"): our ``Transformer`` backbone plus a per-position value head
-(ALGORITHMS 3.1).
+(docs/METHOD.md §3).
 
 The backbone is the same ``Transformer`` as the policy, with ``n_future_tokens == 1`` (a plain
 LLaMA, e.g. Sheared-LLaMA-2.7B); its features are ``hidden_states`` (head 1's output after the
@@ -9,7 +9,7 @@ differences of a few 1e-3 matter to the ranking loss and to the TD weights.
 
 A checkpoint stores the head's tensors (``head_state``) and an explicit ``head_config`` dict
 (type, hidden size, dropout, bias init) so that a reload never guesses the head type from a
-training config (ALGORITHMS 3.4 [REC], 10 E4).
+training config, which is how the upstream reload picked the wrong head (docs/METHOD.md §3).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from weighted_mtp.models.checkpoints import load_pretrained
+from weighted_mtp.base.errors import UserError
+from weighted_mtp.models.checkpoints import CheckpointError, load_pretrained
 from weighted_mtp.models.transformer import Transformer
 
 HEAD_TYPES = ("linear", "sigmoid", "mlp")
@@ -92,7 +93,7 @@ class ValueModel(nn.Module):
     def __init__(self, backbone: Transformer, head: ValueHeadConfig | None = None):
         super().__init__()
         if backbone.n_future_tokens != 1:
-            raise ValueError(
+            raise UserError(
                 f"the critic backbone must have n_future_tokens 1 (a plain LLaMA), got "
                 f"{backbone.n_future_tokens}: load the reference model, not the MTP policy"
             )
@@ -169,7 +170,7 @@ def _load_lora(backbone: Transformer, tensors: Mapping[str, Tensor], config: Map
     expected = {k for k in backbone.state_dict() if ".lora_" in k}
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ValueError(
+        raise CheckpointError(
             f"critic LoRA tensors do not match the adapter: {len(missing)} missing "
             f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})"
         )
@@ -185,7 +186,7 @@ def load_value_model(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
 ) -> ValueModel:
-    """A trained critic, frozen and in eval mode (ALGORITHMS 3.4).
+    """A trained critic, frozen and in eval mode (docs/METHOD.md §3).
 
     ``head_config``: :attr:`ValueModel.head_config`. ``head_tensors``: :meth:`head_state` (a
     leading ``head.`` is stripped). ``lora_config``: PEFT ``adapter_config.json`` keys (``r``,
@@ -194,13 +195,13 @@ def load_value_model(
     config = ValueHeadConfig.from_dict(head_config)
     backbone = load_pretrained(base_model_path, dtype=dtype, device=device)
     if config.hidden_size is not None and config.hidden_size != backbone.args.dim:
-        raise ValueError(
+        raise CheckpointError(
             f"critic checkpoint hidden size {config.hidden_size} does not match "
             f"the backbone's {backbone.args.dim}"
         )
     if lora_tensors:
         if lora_config is None:
-            raise ValueError("critic checkpoint has LoRA tensors but no lora_config")
+            raise CheckpointError("critic checkpoint has LoRA tensors but no lora_config")
         _load_lora(backbone, lora_tensors, lora_config)
     model = ValueModel(backbone, config)
     model.head.load_state_dict({k.removeprefix("head."): v for k, v in head_tensors.items()})

@@ -19,6 +19,8 @@ from weighted_mtp.data.alpaca import format_text
 from weighted_mtp.data.jsonl import JsonlWriter
 from weighted_mtp.storage.dataset_build import Build, Staging
 from weighted_mtp.storage.dataset_records import (
+    METADATA_FIELDS,
+    REQUIRED_FIELDS,
     BadRecord,
     Problem,
     ProblemNames,
@@ -31,7 +33,9 @@ from weighted_mtp.storage.dataset_records import (
     parse_codecontests,
 )
 from weighted_mtp.storage.dataset_sources import SOURCES, SourceRecord, count_problems, iter_records
-from weighted_mtp.storage.io import StorageError, sha256_file
+from weighted_mtp.base.io import StorageError, sha256_file
+from weighted_mtp.base.layout import training_tokenizer_path
+from weighted_mtp.models.tokenizer import Tokenizer
 
 EVAL_SPLITS = ("valid", "test")
 SOURCE_STEPS = ("process", "eval", "tests")
@@ -227,23 +231,19 @@ class SourcePass:
     def _tokenizer_path(self) -> Path | None:
         if not self.build.options.token_lengths:
             return None
-        from weighted_mtp.storage.layout import training_tokenizer_path
-
         return training_tokenizer_path(self.build.layout)
 
     def _tokenizer(self, path: Path | None) -> tuple[Any, dict[str, Any]]:
         """The tokenizer (None with --no-token-lengths) and what the manifest says of it."""
         if path is None:
             return None, {"computed": False, "reason": "built with --no-token-lengths"}
-        from weighted_mtp.models.tokenizer import Tokenizer
-
         tokenizer = Tokenizer(path)
         info = {
             "computed": True,
             "tokenizer": str(path),
             "tokenizer_sha256": sha256_file(path),
             "vocab_size": tokenizer.vocab_size,
-            "counted": "BOS + Alpaca template (ALGORITHMS 6.5) with the response + EOS",
+            "counted": "BOS + Alpaca template (docs/METHOD.md §7) with the response + EOS",
             "max_length": self.build.options.max_length,
             "length_filter": self.build.name == "codecontests",
         }
@@ -375,8 +375,6 @@ DESCRIPTIONS = {
 
 
 def schema_for(build: Build) -> dict[str, Any]:
-    from weighted_mtp.storage.dataset_records import METADATA_FIELDS, REQUIRED_FIELDS
-
     spec = SOURCES[build.name]
     return {
         "dataset": build.name,
@@ -388,7 +386,7 @@ def schema_for(build: Build) -> dict[str, Any]:
         "source": spec.repo + (f" ({spec.config})" if spec.config else ""),
         "splits": list(build.splits),
         "notes": [
-            "prompt template: ALGORITHMS 6.5 (Alpaca, empty input); EOS is appended in training",
+            "prompt template: Alpaca with an empty input (docs/METHOD.md §7); EOS is appended in training",
             "metadata.token_length = tokens of BOS + templated prompt and response + EOS "
             "(null when built with --no-token-lengths)",
             "CodeContests: Python 3 solutions only unless --include-python2; records over "

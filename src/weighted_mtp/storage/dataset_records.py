@@ -1,4 +1,4 @@
-"""Conversion of Hub records into Alpaca records (ALGORITHMS 6.2 with the [REC] fixes).
+"""Conversion of Hub records into Alpaca records (docs/METHOD.md §7).
 
 Every check of a source record raises :class:`BadRecord` with the record's position and a
 reason, so the caller can stop with ``file:line: reason`` or skip and count.
@@ -11,6 +11,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+
+from weighted_mtp.base.errors import UserError
 
 PYTHON2, PYTHON3 = 1, 3
 LANGUAGES = {0: "unknown", 1: "python2", 2: "cpp", 3: "python3", 4: "java"}
@@ -46,7 +48,7 @@ EVAL_METADATA_FIELDS = (
 )  # fmt: skip
 
 
-class BadRecord(Exception):
+class BadRecord(UserError):
     """A source record that cannot be converted: ``where`` it is and why."""
 
     def __init__(self, where: str, reason: str):

@@ -20,9 +20,9 @@ from weighted_mtp.storage.dataset_records import (
     METADATA_FIELDS,
     REQUIRED_FIELDS,
 )
-from weighted_mtp.storage.io import sha256_file
-from weighted_mtp.storage.layout import DATASET_NAMES, SMALL_SIZES, DatasetPaths, StorageLayout
-from weighted_mtp.storage.verify import Check
+from weighted_mtp.base.io import sha256_file
+from weighted_mtp.base.layout import DATASET_NAMES, SMALL_SIZES, DatasetPaths, StorageLayout
+from weighted_mtp.storage.checks import Check
 
 EVAL_SPLITS = ("valid", "test")
 

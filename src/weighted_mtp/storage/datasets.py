@@ -24,11 +24,10 @@ from weighted_mtp.storage.dataset_metadata import (
     split_summary,
 )
 from weighted_mtp.storage.dataset_passes import SourcePass
-from weighted_mtp.storage.dataset_verify import verify_datasets
-from weighted_mtp.storage.io import StorageError, write_json_atomic
-from weighted_mtp.storage.layout import DATASET_NAMES, SMALL_SIZES, StorageLayout
+from weighted_mtp.base.io import StorageError, write_json_atomic
+from weighted_mtp.base.layout import DATASET_NAMES, SMALL_SIZES, StorageLayout
 
-__all__ = ["SMALL_SEED", "dataset_splits", "run", "verify_datasets"]
+__all__ = ["SMALL_SEED", "dataset_splits", "run"]
 
 SMALL_SEED = 42
 STEPS = ("process", "metadata", "small", "stats", "eval", "tests")

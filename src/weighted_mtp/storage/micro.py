@@ -14,6 +14,7 @@ the source's head size so RoPE stays meaningful.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import torch
@@ -29,12 +30,15 @@ from weighted_mtp.models.checkpoints import (
 )
 from weighted_mtp.models.tokenizer import train_local_tokenizer
 from weighted_mtp.models.transformer import ModelArgs, Transformer, init_weights
-from weighted_mtp.storage.io import StorageError, write_json_atomic, write_sha256sums
-from weighted_mtp.storage.layout import ModelPaths, StorageLayout
+from weighted_mtp.base.io import StorageError, write_json_atomic, write_sha256sums
+from weighted_mtp.base.layout import ModelPaths, StorageLayout
+from weighted_mtp.storage.tokenizer_folder import write_tokenizer_folder
 
 MICRO_DIM, MICRO_FFN, MICRO_VOCAB, MICRO_HEAD_DIM = 512, 1365, 32000, 64
 MICRO_TRUNK_LAYERS = 3
 SEED = 42
+MICRO_SOURCES = {"mtp": "meta-llama-mtp", "reference": "ref-sheared-llama-2.7b"}
+"""The full model a ``slice`` micro model is cut from, per micro type."""
 
 
 def micro_args(micro_type: str, head_dim: int = MICRO_HEAD_DIM, kv_ratio: int = 1) -> ModelArgs:
@@ -122,8 +126,6 @@ def _to_hf_names(args: ModelArgs, state: dict) -> dict:
 
 def _tokenizer_for_micro(layout: StorageLayout, paths: ModelPaths) -> dict:
     """Reuse a real (or sibling) tokenizer from storage; otherwise train one locally."""
-    from weighted_mtp.storage.models import write_tokenizer_folder
-
     candidates = [
         ("meta-llama-mtp", layout.model("meta-llama-mtp").tokenizer),
         ("meta-llama-mtp", layout.model("meta-llama-mtp").raw / "tokenizer.model"),
@@ -170,8 +172,6 @@ def create_micro(
     force: bool = False,
 ) -> ModelPaths:
     """Write ``models/micro-<type>/`` (weights, checksums, config, tokenizer, metadata)."""
-    from weighted_mtp.storage.models import MICRO_SOURCES, now_iso
-
     paths = layout.model(f"micro-{micro_type}")
     if _up_to_date(paths, micro_type, micro_init) and not force:
         print(f"  {paths.root}: already built ({micro_init}); use --force to rebuild", flush=True)
@@ -214,7 +214,7 @@ def create_micro(
             "parameters": sum(v.numel() for v in state.values()),
             "dtype": "float32",
             "tokenizer": tokenizer,
-            "created_at": now_iso(),
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "created_by": "wmtp storage models --create-micro",
         },
     )

@@ -9,7 +9,6 @@ and writes atomically.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from weighted_mtp.models.checkpoints import (
     write_safetensors,
 )
 from weighted_mtp.models.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizer
-from weighted_mtp.storage.io import (
+from weighted_mtp.base.io import (
     StorageError,
     check_sha256sums,
     copy_atomic,
@@ -35,8 +34,10 @@ from weighted_mtp.storage.io import (
     write_sha256sums,
     write_text_atomic,
 )
-from weighted_mtp.storage.layout import ModelPaths, StorageLayout
-from weighted_mtp.storage.verify import Check
+from weighted_mtp.base.layout import ModelPaths, StorageLayout
+from weighted_mtp.storage.checks import Check
+from weighted_mtp.storage.micro import create_micro as build_micro
+from weighted_mtp.storage.tokenizer_folder import write_tokenizer_folder
 
 
 @dataclass(frozen=True)
@@ -73,20 +74,6 @@ MODEL_ALIASES = {
     "meta-llama-mtp": "meta-llama-mtp",
     "ref-sheared-llama-2.7b": "ref-sheared-llama-2.7b",
     "ref-sheared-llama": "ref-sheared-llama-2.7b",  # the name the seed's upstream CLI used
-}
-MICRO_SOURCES = {"mtp": "meta-llama-mtp", "reference": "ref-sheared-llama-2.7b"}
-TOKENIZER_CONFIG = {
-    "tokenizer_class": "LlamaTokenizer",
-    "add_bos_token": True,
-    "add_eos_token": False,
-    "bos_token": "<s>",
-    "eos_token": "</s>",
-    "unk_token": "<unk>",
-    "pad_token": None,
-    "padding_side": "right",
-    "legacy": False,
-    "clean_up_tokenization_spaces": False,
-    "model_max_length": 2048,
 }
 
 
@@ -279,17 +266,6 @@ def _meta_adapter(paths: ModelPaths, source_dir: Path) -> dict:
     }
 
 
-def write_tokenizer_folder(model_file: Path, paths: ModelPaths, force: bool = False) -> None:
-    """``tokenizer/`` with ``tokenizer.model`` plus the config files HF loaders expect."""
-    if force or not paths.tokenizer.is_file():
-        copy_atomic(model_file, paths.tokenizer)
-    write_json_atomic(paths.tokenizer_dir / "tokenizer_config.json", TOKENIZER_CONFIG)
-    write_json_atomic(
-        paths.tokenizer_dir / "special_tokens_map.json",
-        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
-    )
-
-
 # ---- verify ----
 
 
@@ -386,8 +362,6 @@ def run(
     force: bool = False,
 ) -> bool:
     """Run the steps in order download, convert, config, (micro), verify; True if all passed."""
-    from weighted_mtp.storage.micro import create_micro as build_micro
-
     spec = resolve_model(model) if model else None
     paths = layout.model(spec.name) if spec else None
     for step in ("download", "convert", "config"):
@@ -415,6 +389,3 @@ def _report(checks: list[Check]) -> bool:
         say("  " + check.line())
     return all(c.ok for c in checks)
 
-
-def now_iso() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

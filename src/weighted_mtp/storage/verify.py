@@ -1,32 +1,22 @@
 """Integrity and schema checks of the storage tree, and the verification report.
 
 The checks themselves live beside the code that writes what they check
-(:func:`weighted_mtp.storage.models.verify_model`,
-:func:`weighted_mtp.storage.datasets.verify_datasets`); this module runs them, prints one
-line per check, and writes ``reports/verification_report_<time>.json`` when asked.
+(:func:`weighted_mtp.storage.models.verify_models`,
+:func:`weighted_mtp.storage.dataset_verify.verify_datasets`); this module runs them and writes
+``reports/verification_report_<time>.json`` when asked.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from weighted_mtp.storage.io import write_json_atomic
-from weighted_mtp.storage.layout import StorageLayout
-
-
-@dataclass
-class Check:
-    """One verification result: ``name`` is what was checked, ``detail`` why it failed."""
-
-    name: str
-    ok: bool
-    detail: str = ""
-
-    def line(self) -> str:
-        mark = "ok  " if self.ok else "FAIL"
-        return f"[{mark}] {self.name}" + (f": {self.detail}" if self.detail else "")
+from weighted_mtp.base.io import write_json_atomic
+from weighted_mtp.base.layout import StorageLayout
+from weighted_mtp.storage.checks import Check
+from weighted_mtp.storage.dataset_verify import verify_datasets
+from weighted_mtp.storage.models import verify_models
 
 
 def run_checks(
@@ -39,12 +29,8 @@ def run_checks(
     """Run the model and/or dataset checks; return them and the report path if written."""
     checks: list[Check] = []
     if check in ("models", "all"):
-        from weighted_mtp.storage.models import verify_models
-
         checks += verify_models(layout, models)
     if check in ("datasets", "all"):
-        from weighted_mtp.storage.datasets import verify_datasets
-
         checks += verify_datasets(layout, include_small=include_small)
     report = None
     if generate_report:

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from weighted_mtp.storage.io import write_json_atomic
+from weighted_mtp.base.io import write_json_atomic
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 PEFT_PREFIX = "base_model.model."

@@ -21,10 +21,10 @@ import torch
 import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from weighted_mtp.base.io import write_json_atomic, write_text_atomic
+from weighted_mtp.base.layout import StorageLayout
 from weighted_mtp.config import Config, OptimConfig, config_to_dict
 from weighted_mtp.data.dataset import BatchStream, batch_tokens, build_examples, split_files
-from weighted_mtp.storage.io import write_json_atomic, write_text_atomic
-from weighted_mtp.storage.layout import StorageLayout
 from weighted_mtp.train import checkpoint, distributed, recipes
 from weighted_mtp.train.checkpoint import TrainState
 from weighted_mtp.train.tracking import MetricLogger

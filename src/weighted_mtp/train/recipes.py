@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from weighted_mtp.base.io import StorageError, write_json_atomic
+from weighted_mtp.base.layout import StorageLayout
 from weighted_mtp.config import Config, LoraConfig
 from weighted_mtp.data.dataset import BatchStream
 from weighted_mtp.models.checkpoints import DTYPES, load_pretrained
 from weighted_mtp.models.tokenizer import Tokenizer
 from weighted_mtp.models.transformer import Transformer
-from weighted_mtp.storage.io import StorageError, write_json_atomic
-from weighted_mtp.storage.layout import StorageLayout
 from weighted_mtp.train.objectives import (
     head_weight_fn,
     mtp_forward_backward,
@@ -57,7 +57,7 @@ def resolve_model_path(layout: StorageLayout, path: str) -> Path:
 
 
 def tokenizer_for(layout: StorageLayout, model_dir: Path) -> Tokenizer:
-    from weighted_mtp.storage.layout import training_tokenizer_path
+    from weighted_mtp.base.layout import training_tokenizer_path
 
     own = model_dir / "tokenizer" / "tokenizer.model"
     path = own if own.is_file() else training_tokenizer_path(layout)
@@ -156,7 +156,7 @@ def cached_per_example(
     never read."""
     from safetensors.torch import load_file, save_file
 
-    from weighted_mtp.storage.io import atomic_path
+    from weighted_mtp.base.io import atomic_path
 
     payload = {**key, "file": stream.data.manifest.get("file"), "lines": stream.data.line_indices}
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

@@ -16,10 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from weighted_mtp.base.errors import UserError
+
 CHUNK = 1 << 20
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError):
     """A storage step failed for a reason the user can act on (one-line message)."""
 
 
