@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 from weighted_mtp.base.errors import UserError
 from weighted_mtp.base.io import write_json_atomic, write_text_atomic
-from weighted_mtp.base.layout import DATASET_NAMES, EVAL_DATASETS, StorageLayout
+from weighted_mtp.base.layout import DATASET_NAMES, EVAL_DATASETS, MODEL_ALIASES, StorageLayout
 
 MODEL_STEPS = ("download", "convert", "config", "verify")
 DATASET_STEPS = ("process", "metadata", "small", "stats", "eval", "tests")
@@ -48,8 +48,6 @@ def add_storage_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    from weighted_mtp.storage.models import MODEL_ALIASES
-
     parser.add_argument("--model", help=f"one of {', '.join(sorted(MODEL_ALIASES))}")
     parser.add_argument(
         "--steps",

@@ -203,3 +203,12 @@ def training_tokenizer_path(layout: StorageLayout) -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+# ``--model`` names of the storage commands -> model folders (kept here, beside the paths, so that
+# the CLI can list them without importing the model code).
+MODEL_ALIASES = {
+    "meta-llama-mtp": "meta-llama-mtp",
+    "ref-sheared-llama-2.7b": "ref-sheared-llama-2.7b",
+    "ref-sheared-llama": "ref-sheared-llama-2.7b",  # the name the seed's upstream CLI used
+}

@@ -34,7 +34,7 @@ from weighted_mtp.base.io import (
     write_sha256sums,
     write_text_atomic,
 )
-from weighted_mtp.base.layout import ModelPaths, StorageLayout
+from weighted_mtp.base.layout import MODEL_ALIASES, ModelPaths, StorageLayout
 from weighted_mtp.storage.checks import Check
 from weighted_mtp.storage.micro import create_micro as build_micro
 from weighted_mtp.storage.tokenizer_folder import write_tokenizer_folder
@@ -69,11 +69,6 @@ SPECS = {
         ("*.json", "*.safetensors", "*.bin", "tokenizer.model"),
         "https://huggingface.co/princeton-nlp/Sheared-LLaMA-2.7B",
     ),
-}
-MODEL_ALIASES = {
-    "meta-llama-mtp": "meta-llama-mtp",
-    "ref-sheared-llama-2.7b": "ref-sheared-llama-2.7b",
-    "ref-sheared-llama": "ref-sheared-llama-2.7b",  # the name the seed's upstream CLI used
 }
 
 
