@@ -224,7 +224,7 @@ def add_score_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--workers", type=int, default=2, help="sandbox processes at once")
     parser.add_argument(
-        "--timeout", type=float, default=5.0, help="CPU seconds per program (wall: twice that)"
+        "--timeout", type=float, default=5.0, help="CPU seconds per program (wall: 3 x that + 1 s)"
     )
     add_scoring_arg(parser)
     add_unsafe_arg(parser)

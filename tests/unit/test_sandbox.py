@@ -68,7 +68,7 @@ def test_timeouts_are_enforced_externally(program: str, verdict: str) -> None:
     start = time.monotonic()
     result = _run(program, timeout_s=1.0)
     assert result.verdict == verdict
-    assert time.monotonic() - start < 3.0
+    assert time.monotonic() - start < 6.0  # CPU limit 1 s; wall backstop 3 x 1 s + 1 s
 
 
 @pytest.mark.parametrize(

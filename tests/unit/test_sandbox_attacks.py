@@ -436,13 +436,13 @@ def test_memory_by_fork_is_bounded_for_the_whole_sample(sbx: Any) -> None:
 
 
 def test_cpu_hog_does_not_change_a_neighbours_verdict(sbx: Any) -> None:
-    # 200 busy processes, each in its own session, for 6 s; beside it, on the other worker, a
-    # correct program that needs 1 s of CPU within a 2 s limit (4 s wall backstop). Without a
+    # 200 busy processes, each in its own session, for 8 s; beside it, on the other worker, a
+    # correct program that needs 1 s of CPU within a 2 s limit (7 s wall backstop). Without a
     # CPU share per sample the neighbour gets 1/100 of a core and times out.
     hog = _prog(
         """\
         import os, time
-        end = time.time() + 6.0
+        end = time.time() + 8.0
         for _ in range(200):
             if os.fork() == 0:
                 os.setsid()

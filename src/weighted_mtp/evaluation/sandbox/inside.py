@@ -803,9 +803,6 @@ def _run_one(sock: socket.socket, cfg: dict[str, Any], fds: list[int]) -> dict[s
             os.killpg(sample, signal.SIGKILL)  # the session the sample started in
         except OSError:
             pass
-    _, status = os.waitpid(sample, 0)
-    if tester:
-        os.waitpid(tester, 0)
     os.set_blocking(report_r, False)
     try:
         while len(report) < 256 and (chunk := os.read(report_r, 256)):
@@ -814,12 +811,20 @@ def _run_one(sock: socket.socket, cfg: dict[str, Any], fds: list[int]) -> dict[s
         pass
     for fd in (report_r, init_r, pidfd):
         os.close(fd)
-    code = os.waitstatus_to_exitcode(status)
+    pending = [pid for pid in (sample, tester) if pid]
+    rc = None
+    if not (function and report.strip() not in (b"", b"no_result", b"harness_error")):
+        # The exit status tells the story (compat, stdio, a candidate that went away): reap
+        # now. Otherwise the tester's verdict stands, and the zygote reaps after reporting.
+        code = os.waitstatus_to_exitcode(os.waitpid(sample, 0)[1])
+        rc = 128 - code if code >= 128 else code  # exit 128+n: the sample died of signal n
+        pending.remove(sample)
     return {
-        "rc": 128 - code if code >= 128 else code,  # exit 128+n: the sample died of signal n
+        "rc": rc,
         "report": report[:256].decode("utf-8", "replace"),
         "cpu_timeout": timed_out,
         "stopped": stopped,
+        "pending": pending,
     }
 
 
@@ -847,9 +852,12 @@ def zygote(sock_fd: int) -> None:
             sock.send(b"error expected 5 descriptors")
             continue
         result = _run_one(sock, json.loads(msg), fds)
+        pending = result.pop("pending")
         if result.pop("stopped") == b"":
             os._exit(0)  # the supervisor went away
         sock.send(b"done " + json.dumps(result).encode())
+        for pid in pending:  # killed already; the supervisor reads the verdict meanwhile
+            os.waitpid(pid, 0)
 
 
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "zygote":

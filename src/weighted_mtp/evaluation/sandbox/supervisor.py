@@ -34,7 +34,9 @@ STACK_BYTES = 64 << 20
 NOFILE = 256
 NPROC = 256
 TMPFS_OPTIONS = "mode=1777,size=64m,nr_inodes=8192"
-WALL_FACTOR = 2.0  # wall-clock backstop = WALL_FACTOR x the CPU-time limit
+# The wall-clock backstop, for programs that sleep or block: 3 x the CPU-time limit + 1 s, wide
+# enough that a loaded machine does not turn CPU-bound correct programs into timeouts.
+WALL_FACTOR, WALL_SLACK_S = 3.0, 1.0
 _STDERR_KEEP = 64 << 10
 _START_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 5.0
@@ -212,7 +214,7 @@ def run_program(
       process and call the candidate over a plain-data channel.
 
     ``timeout_s`` is CPU time of all the sample's processes, with a wall-clock backstop of
-    ``WALL_FACTOR`` times it.
+    ``WALL_FACTOR`` times it plus ``WALL_SLACK_S``.
     """
     if check not in MODES:
         raise ValueError(f"unknown check mode {check!r}; expected one of {', '.join(MODES)}")
@@ -282,7 +284,11 @@ def _run_in_slot(
         if jail.sock.recv(64) != b"started":
             raise OSError("the zygote did not start the sample")
         sup = _supervise(
-            slot, jail, (out_r, err_r), time.monotonic() + WALL_FACTOR * timeout_s, limit
+            slot,
+            jail,
+            (out_r, err_r),
+            time.monotonic() + WALL_FACTOR * timeout_s + WALL_SLACK_S,
+            limit,
         )
     finally:
         os.close(out_r)
