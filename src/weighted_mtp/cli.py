@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from weighted_mtp.config import DataConfig
 from weighted_mtp.storage.layout import DATASET_NAMES, EVAL_DATASETS, StorageLayout
 
 MODEL_STEPS = ("download", "convert", "config", "verify")
@@ -86,7 +87,12 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip malformed source records (counted) instead of stopping at the first one",
     )
-    parser.add_argument("--max-length", type=int, default=2048, help="templated token length cap")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=DataConfig.model_fields["max_length"].default,
+        help="templated token length cap (default: the training config's data.max_length)",
+    )
     parser.add_argument(
         "--no-token-lengths",
         action="store_true",
