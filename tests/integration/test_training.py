@@ -274,7 +274,7 @@ def test_bad_config_is_one_line(tiny_storage, tmp_path):
 def test_fsdp2_two_processes_match_one(tiny_storage, tmp_path):
     worker = REPO / "tests/integration/fsdp_worker.py"
     config = str(REPO / "configs/local/baseline.yaml")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
     single = subprocess.run(
         [sys.executable, str(worker), str(tiny_storage), str(tmp_path), config],
         capture_output=True,
@@ -385,7 +385,7 @@ def test_evaluate_under_torchrun_writes_what_one_process_writes(trained, tmp_pat
         "--dataset", "humaneval", "--max-tasks", "3", "--num-samples", "3",
         "--temperature", "0.8", "--max-new-tokens", "8", "--storage", str(layout.root),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     for name, launcher, extra in (
