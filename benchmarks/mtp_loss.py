@@ -38,8 +38,9 @@ from pathlib import Path
 
 import torch
 
+from weighted_mtp.data.collate import IGNORE_INDEX
 from weighted_mtp.models.transformer import ModelArgs, Transformer
-from weighted_mtp.train.objectives import head_denominators, mtp_forward_backward, naive_mtp_loss
+from weighted_mtp.train.mtp_loss import head_denominators, mtp_forward_backward, naive_mtp_loss
 
 VARIANTS = ("naive", "ours", "ours_n1")
 
@@ -80,7 +81,7 @@ def build(args: argparse.Namespace, n_heads: int):
     model.trunk = lambda tokens, start_pos=None: h0  # isolate the loss part
     tokens = torch.randint(3, args.vocab, (args.batch, args.seq), device=dev)
     labels = tokens.clone()
-    labels[:, : args.seq // 2] = -100  # first half of each row is prompt
+    labels[:, : args.seq // 2] = IGNORE_INDEX  # first half of each row is prompt
     weights = torch.rand(args.batch, args.seq, device=dev) * 2
     for p in [*model.parameters(), h0]:
         p.grad = torch.zeros_like(p)  # gradients exist before measuring, as in a training loop

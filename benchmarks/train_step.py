@@ -20,9 +20,10 @@ import time
 import torch
 
 from weighted_mtp.config import LoraConfig
+from weighted_mtp.data.collate import IGNORE_INDEX
 from weighted_mtp.models.checkpoints import meta_to_hf_qk
 from weighted_mtp.models.transformer import ModelArgs, Transformer, init_weights
-from weighted_mtp.train.objectives import mtp_forward_backward
+from weighted_mtp.train.mtp_loss import mtp_forward_backward
 from weighted_mtp.train.recipes import apply_lora
 
 TARGETS = ["wq", "wk", "wv", "wo"]
@@ -136,7 +137,7 @@ def main() -> None:
     tokens = torch.randint(3, 32000, (batch, seq), device=opts.device)
     full = tokens.clone()
     half = tokens.clone()
-    half[:, : seq // 2] = -100
+    half[:, : seq // 2] = IGNORE_INDEX
     figures = {}
     for case, labels in (("no_prompt", full), ("half_prompt", half)):
         a, b = interleaved_tokens_per_s([ours_step, theirs_step], tokens, labels, 1, reps, sync)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from weighted_mtp.base.errors import UserError
 from weighted_mtp.base.io import write_json_atomic, write_text_atomic
 from weighted_mtp.base.layout import DATASET_NAMES, EVAL_DATASETS, MODEL_ALIASES, StorageLayout
+from weighted_mtp.config import DataConfig
 
 MODEL_STEPS = ("download", "convert", "config", "verify")
 DATASET_STEPS = ("process", "metadata", "small", "stats", "eval", "tests")
@@ -89,7 +90,12 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip malformed source records (counted) instead of stopping at the first one",
     )
-    parser.add_argument("--max-length", type=int, default=2048, help="templated token length cap")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=DataConfig.model_fields["max_length"].default,
+        help="templated token length cap (default: the training config's data.max_length)",
+    )
     parser.add_argument(
         "--no-token-lengths",
         action="store_true",

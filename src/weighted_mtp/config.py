@@ -7,6 +7,7 @@ of the wrong type fails with the key's dotted path (and, for YAML, ``file:line``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -97,34 +98,102 @@ class TrainConfig(Section):
     normalization: Literal["weight_sum", "token_count"] = "weight_sum"
 
 
-class WeightingConfig(Section):
-    """Parameters of the per-token weighting; each recipe reads its own part."""
+class Rho1Config(Section):
+    """``weighting.rho1``: Rho-1 selection by excess loss against a frozen tuned reference."""
+
+    reference: str | None = None
+    """The reference: a ``ref_tuning`` checkpoint (or its experiment/run folder)."""
+    k_percent: float = Field(default=0.7, gt=0, le=1)
+    """Fraction of a micro-batch's target tokens selected."""
+    score: Literal["signed", "absolute", "difficult"] = "signed"
+    """``policy CE - reference CE``, its absolute value, or the reference CE alone."""
+    precompute: bool = False
+    """Compute the reference's per-token CE of every example once, before training (cached
+    under ``storage/cache/reference_ce/``), and free the reference."""
+
+
+class CriticTDConfig(Section):
+    """``weighting.critic_td``: Verifiable Critic weights, GAE of a frozen critic's values,
+    EMA-whitened, ``clamp(exp(A / beta), clip_min, clip_max)``."""
 
     critic_checkpoint: str | None = None
+    """The critic: a ``critic`` checkpoint (or its experiment/run folder)."""
     td_lambda: float = Field(default=0.95, ge=0, le=1)
     gamma: float = Field(default=1.0, ge=0, le=1)
     beta: float = Field(default=1.0, gt=0)
     clip_min: float = 0.1
     clip_max: float = 3.0
     ema_momentum: float = Field(default=0.1, gt=0, le=1)
-    reference: str | None = None
-    k_percent: float = Field(default=0.7, gt=0, le=1)
-    score: Literal["signed", "absolute", "difficult"] = "signed"
-    control: Literal["none", "shuffled", "random_matched"] = "none"
-    """Control arms: the same weights moved to other tokens (``shuffled`` within each
-    sequence) or random weights matched in distribution (``random_matched``)."""
-    precompute_critic: bool = False
-    """Verifiable: compute the critic's values of every training example once, before
-    training, and free the critic."""
-    precompute_reference: bool = False
-    """Rho-1: compute the reference's per-token CE of every training example once, before
-    training, and free the reference (instead of a reference forward every step)."""
+    ema_rule: Literal["bias_corrected", "upstream"] = "bias_corrected"
+    """Bias-corrected EMA of the first two moments, or the upstream warmup blend."""
+    ema_warmup: int = Field(default=10, ge=1)
+    """Steps of the upstream rule's warmup blend."""
+    initial_value: float = 0.5
+    """``v_{-1}``: the value before the first position in the GAE recursion."""
+    precompute: bool = False
+    """Compute the critic's values of every example once, before training (cached under
+    ``storage/cache/critic_values/``), and free the critic."""
 
     @model_validator(mode="after")
-    def _clip_order(self) -> WeightingConfig:
+    def _clip_order(self) -> CriticTDConfig:
         if self.clip_min > self.clip_max:
             raise ValueError(f"clip_min {self.clip_min} > clip_max {self.clip_max}")
         return self
+
+
+class WeightingConfig(Section):
+    """The per-token weighting of a policy recipe: which one, its control arm, and one section
+    of knobs per weighting (``weighting.<name>``), each with its own defaults.
+
+    A weighting registered in ``train/weighting.py`` (``WEIGHTINGS``) brings its own section:
+    ``weighting.<its name>`` is validated against its ``Settings`` class."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    name: str | None = None
+    """A registered weighting; None uses the recipe's own (``uniform`` for baseline, ntp and
+    ref_tuning, ``rho1`` for rho1, ``critic_td`` for verifiable)."""
+    control: Literal["none", "shuffled", "random_matched"] = "none"
+    """Control arms: the same weights moved to other tokens (``shuffled`` within each
+    sequence) or random weights matched in distribution (``random_matched``)."""
+    rho1: Rho1Config = Rho1Config()
+    critic_td: CriticTDConfig = CriticTDConfig()
+
+    @model_validator(mode="after")
+    def _registered_sections(self) -> WeightingConfig:
+        extra = self.__pydantic_extra__ or {}
+        if not extra:
+            return self
+        for key, value in extra.items():
+            settings = weighting_section(key)
+            if settings is None:
+                raise ValueError(
+                    f"unknown weighting section {key!r} (no registered weighting has it)"
+                )
+            if not isinstance(value, settings):
+                try:
+                    extra[key] = settings.model_validate(value)
+                except ValidationError as err:
+                    first = err.errors()[0]
+                    where = ".".join(str(p) for p in first["loc"])
+                    raise ValueError(f"{key}.{where}: {first['msg']}") from None
+        return self
+
+    def settings(self, name: str, default: type[BaseModel] | None) -> BaseModel | None:
+        """The section of weighting ``name`` (its defaults when the config has none)."""
+        section = getattr(self, name, None)
+        if isinstance(section, BaseModel):
+            return section
+        return default() if default is not None else None
+
+
+def _no_sections(name: str) -> type[BaseModel] | None:
+    return None
+
+
+# The Settings class of a registered weighting, by name. ``train.weighting`` installs its
+# registry lookup here when imported: config sits below train and never imports it.
+weighting_section: Callable[[str], type[BaseModel] | None] = _no_sections
 
 
 class CriticConfig(Section):

@@ -38,8 +38,8 @@ EVAL_DATASET = "humaneval_small"
 MAX_NEW_TOKENS = 48
 # The stages that consume another's checkpoint point at it by run name, not "newest run".
 DEPENDS = {
-    "verifiable": ("weighting.critic_checkpoint", "critic"),
-    "rho1": ("weighting.reference", "ref_tuning"),
+    "verifiable": ("weighting.critic_td.critic_checkpoint", "critic"),
+    "rho1": ("weighting.rho1.reference", "ref_tuning"),
 }
 
 
@@ -166,9 +166,9 @@ class Quickstart:
                 os.environ["HF_HUB_OFFLINE"] = previous
 
     def _trained(self, experiment: str) -> Callable[[], bool]:
-        from weighted_mtp.train.recipes import CHECKPOINT_INFO
+        from weighted_mtp.train.checkpoint import is_checkpoint
 
-        return lambda: (self.final(experiment) / CHECKPOINT_INFO).is_file()
+        return lambda: is_checkpoint(self.final(experiment))
 
     def _trainer(self, experiment: str) -> Callable[[], None]:
         def run() -> None:

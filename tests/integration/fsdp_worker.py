@@ -3,6 +3,10 @@
 Step s has two micro-batches: with 2 ranks, rank r takes micro-batch r; in one process both
 run as gradient accumulation. The loss of a step is normalised over both, so the two set-ups
 must follow the same curve. Writes ``losses.json`` and a ``final`` checkpoint under OUT.
+
+Then three more steps each with the TD weighting (critic values given as batch extras) and
+with Rho-1 (reference CE given as batch extras): their statistics are summed over ranks, so
+``metrics.json`` (every step's metrics but timings) must be the same for both set-ups.
 """
 
 from __future__ import annotations
@@ -14,13 +18,14 @@ from pathlib import Path
 import torch
 
 from weighted_mtp.base.layout import StorageLayout
-from weighted_mtp.config import load_config
-from weighted_mtp.data.collate import Batch
+from weighted_mtp.config import CriticTDConfig, Rho1Config, load_config
+from weighted_mtp.data.collate import IGNORE_INDEX, Batch
 from weighted_mtp.train.loop import Trainer
+from weighted_mtp.train.weighting import CriticTD, Rho1
 
 
-def fixed_batches(steps: int = 3, micro: int = 2) -> list[list[Batch]]:
-    gen = torch.Generator().manual_seed(7)
+def fixed_batches(steps: int = 3, micro: int = 2, seed: int = 7) -> list[list[Batch]]:
+    gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(steps):
         step = []
@@ -28,11 +33,13 @@ def fixed_batches(steps: int = 3, micro: int = 2) -> list[list[Batch]]:
             tokens = torch.randint(3, 1000, (2, 24), generator=gen)
             labels = tokens.clone()
             prompt = int(torch.randint(4, 12, (1,), generator=gen))
-            labels[:, :prompt] = -100
-            labels[1, 20:] = -100  # uneven valid counts
+            labels[:, :prompt] = IGNORE_INDEX
+            labels[1, 20:] = IGNORE_INDEX  # uneven valid counts
             mask = torch.ones_like(tokens)
             mask[1, 20:] = 0
-            step.append(Batch(tokens, labels, mask))
+            extras = {"values": torch.rand(2, 24, generator=gen),
+                      "ref_ce": torch.rand(2, 24, generator=gen) * 7}  # fmt: skip
+            step.append(Batch(tokens, labels, mask, extras))
         out.append(step)
     return out
 
@@ -56,14 +63,23 @@ def main(storage: str, out: str, config_path: str) -> None:
     # Small chunks: the ranks' micro-batches have different numbers of valid rows, so without
     # a common chunk count they would call the sharded norm/output a different number of times.
     trainer.recipe.objective.chunk_rows = 7
-    losses = []
+    losses, metrics = [], []
     for step in fixed_batches():
         micro = [step[trainer.info.rank]] if trainer.info.enabled else step
         losses.append(trainer.step(micro)["loss"])
         trainer.state.step += 1
     trainer.save("final")
+    objective = trainer.recipe.objective
+    for seed, weighting in ((8, CriticTD(CriticTDConfig())), (9, Rho1(Rho1Config(k_percent=0.6)))):
+        objective.weighting = weighting
+        for step in fixed_batches(seed=seed):
+            micro = [step[trainer.info.rank]] if trainer.info.enabled else step
+            got = trainer.step(micro)
+            metrics.append({k: v for k, v in got.items() if k not in ("grad_norm",)})
+            trainer.state.step += 1
     if trainer.info.is_main:
         (trainer.run_dir / "losses.json").write_text(json.dumps(losses))
+        (trainer.run_dir / "metrics.json").write_text(json.dumps(metrics))
     torch.distributed.destroy_process_group() if trainer.info.enabled else None
 
 

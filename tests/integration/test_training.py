@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -9,19 +10,24 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
 import torch
+import yaml
 
 from tests.conftest import REPO
 from weighted_mtp.base.io import StorageError
 from weighted_mtp.base.layout import StorageLayout
-from weighted_mtp.config import load_config
+from weighted_mtp.config import Section, load_config
+from weighted_mtp.data.collate import IGNORE_INDEX
 from weighted_mtp.models import load_pretrained
 from weighted_mtp.train import checkpoint
+from weighted_mtp.train.checkpoint import load_trained
 from weighted_mtp.train.loop import Trainer, train
-from weighted_mtp.train.recipes import RECIPES, load_trained
+from weighted_mtp.train.recipes import RECIPES
 from weighted_mtp.train.tracking import read_metrics
+from weighted_mtp.train.weighting import WEIGHTINGS, Micro, MicroWeights, Weighting
 
 LOCAL = sorted((REPO / "configs/local").glob("*.yaml"))
 FAST = [
@@ -105,9 +111,7 @@ def test_local_config_trains_three_steps(trained, name):
 
 def test_rho1_precomputed_reference_matches_online(trained):
     layout, finals = trained
-    final = train(
-        config_for("rho1", "run_name=rho1-pre", "weighting.precompute_reference=true"), layout
-    )
+    final = train(config_for("rho1", "run_name=rho1-pre", "weighting.rho1.precompute=true"), layout)
     online = [m for m in read_metrics(finals["rho1"].parent / "metrics.jsonl") if "loss" in m]
     pre = [m for m in read_metrics(final.parent / "metrics.jsonl") if "loss" in m]
     assert [m["loss"] for m in pre] == pytest.approx([m["loss"] for m in online], abs=1e-4)
@@ -120,7 +124,7 @@ def test_verifiable_precomputed_values_and_exact_resume(trained):
     layout, finals = trained
     online = [m for m in read_metrics(finals["verifiable"].parent / "metrics.jsonl") if "loss" in m]
     final = train(
-        config_for("verifiable", "run_name=ver-pre", "weighting.precompute_critic=true"), layout
+        config_for("verifiable", "run_name=ver-pre", "weighting.critic_td.precompute=true"), layout
     )
     pre = [m for m in read_metrics(final.parent / "metrics.jsonl") if "loss" in m]
     assert [m["loss"] for m in pre] == pytest.approx([m["loss"] for m in online], abs=1e-4)
@@ -128,7 +132,7 @@ def test_verifiable_precomputed_values_and_exact_resume(trained):
     assert len(cached) == 2  # train and validation sets
     stamps = [p.stat().st_mtime_ns for p in cached]
     again = train(
-        config_for("verifiable", "run_name=ver-pre2", "weighting.precompute_critic=true"), layout
+        config_for("verifiable", "run_name=ver-pre2", "weighting.critic_td.precompute=true"), layout
     )
     assert [m["loss"] for m in read_metrics(again.parent / "metrics.jsonl") if "loss" in m] == [
         m["loss"] for m in pre
@@ -142,17 +146,20 @@ def test_verifiable_precomputed_values_and_exact_resume(trained):
     train(config_for("verifiable", "run_name=ver-resumed", "checkpoint.resume=true"), layout)
     a, b = checkpoint.load_tensors(run / "final"), checkpoint.load_tensors(resumed_dir / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    state_a = torch.load(run / "final/train_state.pt", weights_only=True)["extra"]["weighting"]
-    state_b = torch.load(resumed_dir / "final/train_state.pt", weights_only=True)["extra"][
-        "weighting"
-    ]
-    assert state_a == state_b and state_a
+    state_a, state_b = (
+        torch.load(d / "final/train_state.pt", weights_only=True)["extra"]["objective"]
+        for d in (run, resumed_dir)
+    )
+    assert state_a == state_b and state_a["weighting"]["ema"]["steps"] == 3
 
 
 def test_bad_critic_fails_before_training(trained, tmp_path):
     layout, finals = trained
     with pytest.raises(StorageError, match="no finished training checkpoint"):
-        Trainer(config_for("verifiable", "weighting.critic_checkpoint=checkpoints/nothing"), layout)
+        Trainer(
+            config_for("verifiable", "weighting.critic_td.critic_checkpoint=checkpoints/nothing"),
+            layout,
+        )
     broken = tmp_path / "critic"
     shutil.copytree(finals["critic"], broken)
     info = json.loads((broken / "wmtp_checkpoint.json").read_text())
@@ -161,7 +168,7 @@ def test_bad_critic_fails_before_training(trained, tmp_path):
     with pytest.raises(
         ValueError, match="critic checkpoint hidden size 2560 does not match the backbone's 64"
     ):
-        Trainer(config_for("verifiable", f"weighting.critic_checkpoint={broken}"), layout)
+        Trainer(config_for("verifiable", f"weighting.critic_td.critic_checkpoint={broken}"), layout)
 
 
 def test_head_coefficients_can_be_scheduled(tiny_storage):
@@ -245,7 +252,7 @@ def test_sigkill_and_resume_is_bitwise_exact(trained, tiny_storage, recipe):
     b = checkpoint.load_tensors(run_dir / "final")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    states = [torch.load(d / "final/train_state.pt", weights_only=True)["extra"]["weighting"]
+    states = [torch.load(d / "final/train_state.pt", weights_only=True)["extra"]["objective"]
               for d in (run_dir, run_dir.parent / "uninterrupted")]  # fmt: skip
     assert states[0] == states[1]
 
@@ -267,7 +274,7 @@ def test_bad_config_is_one_line(tiny_storage, tmp_path):
 def test_fsdp2_two_processes_match_one(tiny_storage, tmp_path):
     worker = REPO / "tests/integration/fsdp_worker.py"
     config = str(REPO / "configs/local/baseline.yaml")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
     single = subprocess.run(
         [sys.executable, str(worker), str(tiny_storage), str(tmp_path), config],
         capture_output=True,
@@ -288,6 +295,14 @@ def test_fsdp2_two_processes_match_one(tiny_storage, tmp_path):
     one = json.loads((tmp_path / "world1/losses.json").read_text())
     two = json.loads((tmp_path / "world2/losses.json").read_text())
     assert len(one) == 3 and one == pytest.approx(two, abs=1e-5)
+    # Weighting statistics are summed over ranks: the logged metrics do not depend on them.
+    one = json.loads((tmp_path / "world1/metrics.json").read_text())
+    two = json.loads((tmp_path / "world2/metrics.json").read_text())
+    assert [sorted(m) for m in one] == [sorted(m) for m in two]
+    assert {"td/weight_mean", "td/weight_entropy_norm", "td/ema_std"} <= set(one[0])
+    assert "rho1/selected_fraction" in one[-1]
+    for a, b in zip(one, two, strict=True):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
     a = checkpoint.load_tensors(tmp_path / "world1/final")
     b = checkpoint.load_tensors(tmp_path / "world2/final")
     assert a.keys() == b.keys()
@@ -370,7 +385,7 @@ def test_evaluate_under_torchrun_writes_what_one_process_writes(trained, tmp_pat
         "--dataset", "humaneval", "--max-tasks", "3", "--num-samples", "3",
         "--temperature", "0.8", "--max-new-tokens", "8", "--storage", str(layout.root),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     for name, launcher, extra in (
@@ -397,3 +412,70 @@ def test_evaluate_under_torchrun_writes_what_one_process_writes(trained, tmp_pat
     (run,) = mlflow.search_runs(experiment_names=["evaluation"], output_format="list")
     assert run.data.metrics["pass_at_1"] == pytest.approx(one["pass_at_k"]["pass@1"]["mean"])
     assert run.data.params["num_samples"] == "3" and run.data.params["dataset"] == "humaneval"
+
+
+# ---- the cost of a new idea: one weighting class and one registry entry ----
+
+
+class EndDecay(Weighting):
+    """Weight ``decay ** d`` on a target ``d`` tokens before the last one of its response."""
+
+    name = "end_decay"
+
+    class Settings(Section):
+        decay: float = 0.9
+
+    def weigh(self, batch, n_heads: int, micro: Micro) -> MicroWeights:
+        mask = batch.labels != IGNORE_INDEX
+        pos = torch.arange(mask.shape[1], device=mask.device)
+        last = torch.where(mask, pos, -1).amax(dim=1, keepdim=True)
+        weights = self.settings.decay ** (last - pos).clamp(min=0).float() * mask
+        return self.dense_weights(batch, weights, n_heads)
+
+
+def test_a_new_weighting_trains_from_a_config(tiny_storage, tmp_path, monkeypatch):
+    monkeypatch.setitem(WEIGHTINGS, EndDecay.name, EndDecay)  # the one registry entry
+    config = yaml.safe_load((REPO / "configs/local/baseline.yaml").read_text())
+    config["weighting"] = {"name": "end_decay", "end_decay": {"decay": 0.8}}
+    path = tmp_path / "end_decay.yaml"
+    path.write_text(yaml.safe_dump(config))
+    final = train(load_config(path, [*FAST, "run_name=end-decay"]), StorageLayout(tiny_storage))
+    run_dir = final.parent
+    steps = [m for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    assert all(0 < m["weight_mean/head1"] < 0.5 for m in steps)  # most tokens are far from the end
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["weighting"]["end_decay"] == {"decay": 0.8}
+    snapshot = json.loads((run_dir / "token_weights.jsonl").open().readline())
+    head1 = [w for w in snapshot["weights"][0] if w is not None]
+    assert head1[-3:] == pytest.approx([0.64, 0.8, 1.0])  # the last target of the response: 1
+    with pytest.raises(Exception, match="decay"):
+        load_config(path, ["weighting.end_decay.decay=fast"])
+
+
+# ---- precomputing frees the frozen helper ----
+
+
+@pytest.mark.parametrize(
+    ("recipe", "loader", "override"),
+    [("rho1", "load_trained", "weighting.rho1.precompute=true"),
+     ("verifiable", "load_critic", "weighting.critic_td.precompute=true")],
+)  # fmt: skip
+def test_nothing_holds_the_frozen_helper_after_prepare(
+    trained, monkeypatch, recipe, loader, override
+):
+    layout, _ = trained
+    helpers = []
+    load = getattr(checkpoint, loader)
+
+    def spy(*args, **kwargs):
+        model = load(*args, **kwargs)
+        helpers.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(checkpoint, loader, spy)
+    trainer = Trainer(config_for(recipe, f"run_name={recipe}-freed", override), layout)
+    gc.collect()
+    assert len(helpers) == 1 and helpers[0]() is None
+    metrics = trainer.step([next(trainer.train_stream.iterate(trainer.state))])
+    assert torch.isfinite(torch.tensor(metrics["loss"]))

@@ -80,4 +80,19 @@ def test_bad_override_and_bad_yaml(tmp_path):
 
 def test_cross_field_check():
     with pytest.raises(ConfigError, match="clip_min 5.0 > clip_max 3.0"):
-        load_config(None, ["weighting.clip_min=5"])
+        load_config(None, ["weighting.critic_td.clip_min=5"])
+
+
+def test_every_weighting_knob_is_its_own_section():
+    config = load_config(None, ["weighting.critic_td.ema_rule=upstream",
+                                "weighting.critic_td.ema_warmup=4",
+                                "weighting.critic_td.initial_value=0.0",
+                                "weighting.rho1.precompute=true"])  # fmt: skip
+    td = config.weighting.critic_td
+    assert (td.ema_rule, td.ema_warmup, td.initial_value) == ("upstream", 4, 0.0)
+    assert config.weighting.rho1.precompute and not td.precompute
+    # A section nobody registered, or a knob of the old flat layout, is one clear line.
+    with pytest.raises(ConfigError, match="unknown weighting section 'clip_min'"):
+        load_config(None, ["weighting.clip_min=0.2"])
+    with pytest.raises(ConfigError, match="config key 'weighting.critic_td.ema_rule'"):
+        load_config(None, ["weighting.critic_td.ema_rule=fast"])

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from weighted_mtp.data.collate import IGNORE_INDEX
 from weighted_mtp.models.transformer import ModelArgs, Transformer, init_weights
-from weighted_mtp.train.objectives import (
-    IGNORE_INDEX,
+from weighted_mtp.train.mtp_loss import (
     head_denominators,
     mtp_forward_backward,
     naive_mtp_loss,

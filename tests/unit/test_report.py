@@ -108,7 +108,8 @@ def write_run(
     (run / "final").mkdir(parents=True)
     config = {"experiment": recipe, "run_name": f"{recipe}-fixture",
               "model": {"path": "micro-mtp"}, "train": {"recipe": recipe, "max_steps": steps},
-              "weighting": {"clip_min": 0.1, "clip_max": 3.0, "k_percent": 0.6}}  # fmt: skip
+              "weighting": {"critic_td": {"clip_min": 0.1, "clip_max": 3.0},
+                            "rho1": {"k_percent": 0.6}}}  # fmt: skip
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     (run / "metrics.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in metric_records(recipe, steps))

@@ -204,6 +204,12 @@ def split(batch: PairBatch, cut: int) -> list[PairBatch]:
     return [PairBatch(part(batch.pos, s), part(batch.neg, s)) for s in (slice(0, cut), slice(cut, None))]  # fmt: skip
 
 
+def run_objective(objective, model, batch, normaliser, backward=True):
+    """One micro-batch through the objective contract: plan, then forward/backward."""
+    plan = objective.plan(batch, 0, training=backward)
+    return objective.forward_backward(model, plan, normaliser, backward=backward)
+
+
 @pytest.mark.parametrize("loss", ["pairwise", "lambda_return", "mc"])
 def test_objective_micro_batch_split_is_invariant(loss):
     torch.manual_seed(0)
@@ -211,13 +217,14 @@ def test_objective_micro_batch_split_is_invariant(loss):
     with torch.no_grad():  # a non-trivial last layer so that values differ per token
         model.head[-1].weight.normal_(0, 0.5)
     objective = CriticObjective(loss, lam=LambdaSchedule("linear", 1.0, 0.5, hold=0, decay=4))
-    objective.weighting.step = 2
+    objective.begin_step(2, 10)
     batch = pair_batch(6, 10, seed=1)
 
     def run(parts: list[PairBatch]) -> tuple[float, list[torch.Tensor], torch.Tensor]:
         model.zero_grad()
-        dens = sum(objective.denominators(p) for p in parts)
-        outs = [objective(model, p, dens) for p in parts]
+        plans = [objective.plan(p, i) for i, p in enumerate(parts)]
+        dens = sum(plan.denominators for plan in plans)
+        outs = [objective.forward_backward(model, plan, dens) for plan in plans]
         grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
         return sum(float(o[0]) for o in outs), grads, sum(o[1] for o in outs)
 
@@ -234,27 +241,27 @@ def test_objective_micro_batch_split_is_invariant(loss):
     assert metrics["loss"] == pytest.approx(full_loss, rel=1e-5)
     assert {"pair_accuracy", "margin", "value_pos", "value_neg", "spikiness", "position_corr"} <= set(metrics)  # fmt: skip
     if loss == "lambda_return":
-        assert objective.weighting.metrics() == {"lambda": pytest.approx(0.75)}
+        assert objective.step_metrics(objective.end_step()) == {"lambda": pytest.approx(0.75)}
 
 
 def test_regression_objective_hand_values_and_validation_lambda():
     model = critic("linear", bias_init=0.5)
     batch = pair_batch(3, 8, seed=2)
     # Every value is 0.5; targets 1 (correct) and 0 (incorrect) -> squared error 0.25.
-    loss, _ = CriticObjective("mc")(model, batch, None, backward=False)
+    loss, _ = run_objective(CriticObjective("mc"), model, batch, None, backward=False)
     assert loss.item() == pytest.approx(0.25)
     # Validation uses λ = 1 whatever the schedule, so λ-return MSE equals MC MSE.
     objective = CriticObjective("lambda_return", regression="mse", lam=LambdaSchedule(start=0.0))
-    val_loss, _ = objective(model, batch, None, backward=False)
+    val_loss, _ = run_objective(objective, model, batch, None, backward=False)
     assert val_loss.item() == pytest.approx(0.25)
-    train_loss, _ = objective(model, batch, None, backward=True)  # λ = 0: targets v_next
+    train_loss, _ = run_objective(objective, model, batch, None)  # λ = 0: targets v_next
     assert train_loss.item() < 0.25
 
 
 def test_pairwise_needs_pairs():
     batch = pair_batch(2, 6, seed=0).pos
     with pytest.raises(TypeError, match="PairBatch"):
-        CriticObjective()(critic(), batch, None)
+        run_objective(CriticObjective(), critic(), batch, None)
 
 
 # ---- λ-return ----
@@ -348,27 +355,27 @@ def test_tiny_critic_learns_pairwise_task():
     objective = CriticObjective("pairwise")
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     started = time.perf_counter()
-    for _ in range(150):
+    for step in range(150):
+        objective.begin_step(step, 150)
         batch = synthetic_pairs(16, gen)
-        objective(model, batch, objective.denominators(batch))
+        run_objective(objective, model, batch, objective.plan(batch, 0).denominators)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        objective.weighting.on_step_end()
+        objective.end_step()
     held_out = synthetic_pairs(256, torch.Generator().manual_seed(123))
     model.eval()
-    _, stats = objective(model, held_out, None, backward=False)
+    _, stats = run_objective(objective, model, held_out, None, backward=False)
     metrics = objective.summarize(stats)
     print(f"held-out pair accuracy {metrics['pair_accuracy']:.3f} "
           f"margin {metrics['margin']:.3f} in {time.perf_counter() - started:.1f} s")  # fmt: skip
     assert metrics["pair_accuracy"] >= 0.95
-    assert objective.weighting.state_dict() == {"step": 150}
     # Its TD weights should single out the token that decides correctness.
-    from weighted_mtp.config import WeightingConfig
-    from weighted_mtp.train.weighting import CriticTD
+    from weighted_mtp.config import CriticTDConfig
+    from weighted_mtp.train.weighting import CriticTD, Micro
 
-    td = CriticTD(model, WeightingConfig(clip_max=100.0))
+    td = CriticTD(CriticTDConfig(clip_max=100.0), critic=model)
     correct = held_out.pos
-    weights = td.dense_weights(correct, 1).reshape(correct.tokens.shape)
+    weights = td.weigh(correct, 1, Micro(training=False)).dense.reshape(correct.tokens.shape)
     decisive = correct.tokens == 7
     hits = (weights.argmax(dim=1) == decisive.float().argmax(dim=1)).float().mean().item()
     print(f"largest TD weight on the decisive token in {hits:.1%} of held-out samples")

@@ -6,6 +6,7 @@ control arms."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,12 +14,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weighted_mtp.config import WeightingConfig
-from weighted_mtp.data.collate import Batch
-from weighted_mtp.train.objectives import IGNORE_INDEX, head_denominators
+from weighted_mtp.config import CriticTDConfig
+from weighted_mtp.data.collate import IGNORE_INDEX, Batch
+from weighted_mtp.train.mtp_loss import head_denominators
 from weighted_mtp.train.weighting import (
     AdvantageEMA,
     CriticTD,
+    Micro,
     Uniform,
     apply_control,
     control_generator,
@@ -29,6 +31,7 @@ from weighted_mtp.train.weighting import (
 )
 
 V = torch.tensor([[0.2, 0.4, 0.5, 0.3, 0.9, 0.0]])
+CLIP = {"beta": 1.0, "clip_min": 0.1, "clip_max": 3.0}
 M = torch.tensor([[0, 0, 1, 1, 1, 0]], dtype=torch.bool)
 N_HEADS = 4
 
@@ -126,11 +129,14 @@ def test_gae_long_rows_stay_finite():
 def test_weights_golden():
     adv = gae_advantages(V, M, 1.0, 0.95)
     torch.testing.assert_close(
-        td_weights(adv, M, (0.1, 0.2)), torch.tensor([[0.0, 0, 3, 3, 3, 0]]), atol=1e-6, rtol=0
+        td_weights(adv, M, (0.1, 0.2), **CLIP),
+        torch.tensor([[0.0, 0, 3, 3, 3, 0]]),
+        atol=1e-6,
+        rtol=0,
     )
     # A_hat = 0.015, -0.8, 1.5 -> exp = 1.0151, 0.4493, 4.4817 (clipped to 3.0)
     torch.testing.assert_close(
-        td_weights(adv, M, (0.45, 0.1)),
+        td_weights(adv, M, (0.45, 0.1), **CLIP),
         torch.tensor([[0, 0, 1.0151, 0.4493, 3.0, 0]]),
         atol=1e-4,
         rtol=0,
@@ -139,7 +145,7 @@ def test_weights_golden():
 
 def test_weights_without_stats_are_the_mask():
     assert masked_batch_stats(torch.tensor([[0.3, 0.7]]), torch.tensor([[False, True]])) is None
-    torch.testing.assert_close(td_weights(V, M, None), M.float())
+    torch.testing.assert_close(td_weights(V, M, None, **CLIP), M.float())
 
 
 def two_point(mean: float, std: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +154,7 @@ def two_point(mean: float, std: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_ema_upstream_rule_golden():
-    ema = AdvantageEMA(momentum=0.1, rule="upstream", warmup=10)
+    ema = AdvantageEMA(0.1, "upstream", 10)
     assert ema.stats() is None
     ema.accumulate(*two_point(0.3, 0.5))
     ema.update()
@@ -165,7 +171,7 @@ def test_ema_bias_corrected_by_hand():
     # Step 2: m1 = 0.9*0.03 + 0.1*0.1 = 0.037, m2 = 0.9*0.034 + 0.1*0.1 = 0.0406;
     #   correction 1 - 0.81 = 0.19 -> mean 0.037/0.19 = 0.1947368,
     #   E[A^2] 0.0406/0.19 = 0.2136842, sigma sqrt(0.2136842 - 0.1947368^2) = 0.4192400.
-    ema = AdvantageEMA(momentum=0.1)
+    ema = AdvantageEMA(0.1, "bias_corrected", 10)
     ema.accumulate(*two_point(0.3, 0.5))
     ema.update()
     assert ema.stats() == pytest.approx((0.3, 0.5))
@@ -175,7 +181,7 @@ def test_ema_bias_corrected_by_hand():
 
 
 def test_ema_skips_steps_without_tokens():
-    ema = AdvantageEMA()
+    ema = AdvantageEMA(0.1, "bias_corrected", 10)
     ema.update()  # nothing accumulated
     ema.accumulate(torch.ones(1, 3), torch.zeros(1, 3, dtype=torch.bool))
     ema.update()
@@ -216,35 +222,33 @@ def concat(a: Batch, b: Batch) -> Batch:
     )
 
 
-def run_step(weighting: CriticTD, micro: list[Batch]) -> list[torch.Tensor]:
-    """The loop's call order: all denominators, then the forwards, then on_step_end."""
-    for batch in micro:
-        weighting.denominators(batch, N_HEADS)
-    weights = [weighting.dense_weights(batch, N_HEADS) for batch in micro]
-    weighting.on_step_end()
+def run_step(weighting: CriticTD, micro: list[Batch], step: int = 0) -> list[torch.Tensor]:
+    """The loop's call order: one ``weigh`` per micro-batch, then ``end_step``."""
+    weights = [weighting.weigh(b, N_HEADS, Micro(step, i)).dense for i, b in enumerate(micro)]
+    weighting.end_step()
     return weights
 
 
-def adv_of(batch: Batch, config: WeightingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def adv_of(batch: Batch, config: CriticTDConfig) -> tuple[torch.Tensor, torch.Tensor]:
     mask = batch.labels != IGNORE_INDEX
     return gae_advantages(batch.extras["values"], mask, config.gamma, config.td_lambda), mask
 
 
 def test_step_one_whitens_each_micro_batch_by_its_own_stats():
-    config = WeightingConfig()
-    td = CriticTD(None, config)
+    config = CriticTDConfig()
+    td = CriticTD(config)
     a, b = make_batch(1), make_batch(2)
     wa, wb = run_step(td, [a, b])
     for batch, w in ((a, wa), (b, wb)):
         adv, mask = adv_of(batch, config)
         stats = masked_batch_stats(adv, mask)
         assert stats is not None and stats != (0.0, 1.0)
-        torch.testing.assert_close(w, td_weights(adv, mask, stats, 1.0, 0.1, 3.0))
+        torch.testing.assert_close(w, td_weights(adv, mask, stats, **CLIP))
 
 
 def test_ema_updates_once_per_step_from_all_micro_batches():
-    config = WeightingConfig()
-    split, whole = CriticTD(None, config), CriticTD(None, config)
+    config = CriticTDConfig()
+    split, whole = CriticTD(config), CriticTD(config)
     a, b = make_batch(1), make_batch(2)
     run_step(split, [a, b])
     run_step(whole, [concat(a, b)])
@@ -253,47 +257,47 @@ def test_ema_updates_once_per_step_from_all_micro_batches():
     # Step 2: both micro-batches use the statistics from before step 2's update.
     stats = split.ema.stats()
     c, d = make_batch(3), make_batch(4)
-    _, wd = run_step(split, [c, d])
+    _, wd = run_step(split, [c, d], step=1)
     adv, mask = adv_of(d, config)
-    torch.testing.assert_close(wd, td_weights(adv, mask, stats, 1.0, 0.1, 3.0))
+    torch.testing.assert_close(wd, td_weights(adv, mask, stats, **CLIP))
     assert split.ema.steps == 2 and split.ema.stats() != stats
 
 
 def test_validation_is_frozen():
-    td = CriticTD(None, WeightingConfig())
+    td = CriticTD()
     run_step(td, [make_batch(1)])
+    td.take_sums()  # the training step's statistics
     before = td.ema.state_dict()
     val = make_batch(9)
-    w_val = td.dense_weights(val, N_HEADS)  # the loop's validation path: no denominators
-    with td.frozen():
-        td.denominators(make_batch(8), N_HEADS)
-        assert not td.training
-    assert td.training
-    td.on_step_end()  # nothing accumulated: N = 0, the update is skipped
+    w_val = td.weigh(val, N_HEADS, Micro(1, 0, training=False)).dense  # the loop's validation
+    td.weigh(make_batch(8), N_HEADS, Micro(1, 1, training=False))
+    assert not td.take_sums().any()  # no statistics recorded either
+    td.end_step()  # nothing accumulated: N = 0, the update is skipped
     assert td.ema.state_dict() == before
-    adv, mask = adv_of(val, WeightingConfig())
-    expected = td_weights(adv, mask, td.ema.stats(), 1.0, 0.1, 3.0)
+    adv, mask = adv_of(val, CriticTDConfig())
+    expected = td_weights(adv, mask, td.ema.stats(), **CLIP)
     torch.testing.assert_close(w_val, expected)  # frozen training statistics, not val's own
 
 
 def test_state_dict_round_trip_reproduces_the_next_step_exactly():
-    config = WeightingConfig()
-    first = CriticTD(None, config, control="shuffled", seed=7)
-    for seed in range(3):
-        run_step(first, [make_batch(seed), make_batch(seed + 10)])
-    resumed = CriticTD(None, config, control="shuffled", seed=7)
+    config = CriticTDConfig()
+    first = CriticTD(config, control="shuffled", seed=7)
+    for step in range(3):
+        run_step(first, [make_batch(step), make_batch(step + 10)], step)
+    resumed = CriticTD(config, control="shuffled", seed=7)
     resumed.load_state_dict(first.state_dict())
     nxt = [make_batch(20), make_batch(21)]
-    for w1, w2 in zip(run_step(first, nxt), run_step(resumed, nxt), strict=True):
+    for w1, w2 in zip(run_step(first, nxt, 3), run_step(resumed, nxt, 3), strict=True):
         assert torch.equal(w1, w2)
     assert first.ema.state_dict() == resumed.ema.state_dict()
 
 
 def test_metrics_present_sane_and_reset():
-    td = CriticTD(None, WeightingConfig())
+    td = CriticTD()
     run_step(td, [make_batch(1), make_batch(2)])
-    run_step(td, [make_batch(3, rows=6, length=30)])
-    metrics = td.metrics()
+    td.take_sums()  # the loop reads the sums every step
+    run_step(td, [make_batch(3, rows=6, length=30)], step=1)
+    metrics = td.metrics(dict(zip(td.stat_names, td.take_sums().tolist(), strict=True)))
     keys = {"weight_mean", "weight_std", "clip_low_frac", "clip_high_frac"}
     keys |= {"weight_entropy_norm", "ema_mean", "ema_std", "adv_mean", "adv_std"}
     assert {f"td/{k}" for k in keys} <= set(metrics)
@@ -301,23 +305,22 @@ def test_metrics_present_sane_and_reset():
     assert 0 <= metrics["td/clip_low_frac"] <= 1 and 0 <= metrics["td/clip_high_frac"] <= 1
     assert 0 < metrics["td/weight_entropy_norm"] <= 1 + 1e-9
     assert 0.1 <= metrics["td/weight_mean"] <= 3.0 and metrics["td/weight_std"] > 0
-    assert "td/weight_mean" not in td.metrics()  # reset after reading
+    assert not td.take_sums().any()  # reset after reading
 
 
 def test_denominators_weight_sum_and_token_count():
     batch = make_batch(5)
-    td = CriticTD(None, WeightingConfig())
-    dens = td.denominators(batch, N_HEADS)
-    w = td.dense_weights(batch, N_HEADS)
-    torch.testing.assert_close(dens, head_denominators(batch.labels, w, N_HEADS))
-    counts = CriticTD(None, WeightingConfig(), "token_count").denominators(batch, N_HEADS)
+    planned = CriticTD().weigh(batch, N_HEADS, Micro())
+    torch.testing.assert_close(
+        planned.denominators, head_denominators(batch.labels, planned.dense, N_HEADS)
+    )
+    counts = CriticTD(normalization="token_count").weigh(batch, N_HEADS, Micro()).denominators
     torch.testing.assert_close(
         counts, head_denominators(batch.labels, None, N_HEADS, "token_count")
     )
-    torch.testing.assert_close(
-        Uniform().denominators(batch, N_HEADS),
-        head_denominators(batch.labels, None, N_HEADS),
-    )
+    uniform = Uniform().weigh(batch, N_HEADS, Micro())
+    assert uniform.dense is None and uniform.weight_fn is None
+    torch.testing.assert_close(uniform.denominators, head_denominators(batch.labels, None, N_HEADS))
 
 
 def test_critic_is_called_without_precomputed_values():
@@ -329,11 +332,11 @@ def test_critic_is_called_without_precomputed_values():
         calls.append(tokens)
         return values
 
-    td = CriticTD(critic, WeightingConfig())
-    w = td.dense_weights(batch, N_HEADS)
+    td = CriticTD(critic=critic)
+    w = td.weigh(batch, N_HEADS, Micro(training=False)).dense
     assert len(calls) == 1 and torch.equal(calls[0], batch.tokens)
     batch.extras["values"] = values
-    assert torch.equal(w, td.dense_weights(batch, N_HEADS))
+    assert torch.equal(w, td.weigh(batch, N_HEADS, Micro(training=False)).dense)
 
 
 def test_critic_values_for_returns_one_tensor_per_example():
@@ -388,8 +391,8 @@ def test_random_matched_keeps_the_distribution_and_breaks_the_link():
 
 
 def test_critic_td_control_arm_applies_to_the_weights():
-    config = WeightingConfig()
-    plain, shuffled = CriticTD(None, config), CriticTD(None, config, control="shuffled")
+    config = CriticTDConfig()
+    plain, shuffled = CriticTD(config), CriticTD(config, control="shuffled")
     batch = make_batch(3, rows=4, length=40)
     w_plain = run_step(plain, [batch])[0]
     w_shuf = run_step(shuffled, [batch])[0]
@@ -401,7 +404,7 @@ def test_critic_td_control_arm_applies_to_the_weights():
         )
     assert plain.ema.stats() == shuffled.ema.stats()  # the EMA sees the true advantages
     with pytest.raises(ValueError):
-        CriticTD(None, config, control="bogus")
+        CriticTD(config, control="bogus")
 
 
 # ---- distributed: every rank joins the all-reduce (docs/METHOD.md §4) ----
@@ -412,7 +415,7 @@ def _ema_worker(rank: int, world: int, init_file: str, result_file: str) -> None
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        ema = AdvantageEMA()
+        ema = AdvantageEMA(0.1, "bias_corrected", 10)
         if rank == 0:  # rank 1 has no valid token this step and must still join the collective
             ema.accumulate(*two_point(0.3, 0.5))
         ema.update()
@@ -431,3 +434,72 @@ def test_ema_all_reduce_with_an_empty_rank(tmp_path):
     )
     for rank in range(2):
         assert torch.load(tmp_path / f"stats.{rank}") == pytest.approx((0.3, 0.5))
+
+
+# ---- a precomputing weighting frees its frozen helper ----
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (VmRSS), MiB."""
+    for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def big_reference() -> torch.nn.Module:
+    """A frozen reference LM of ~135 MB, almost all of it in two large tensors (embedding
+    and output), so that freeing it returns the pages to the system."""
+    from weighted_mtp.models.transformer import ModelArgs, Transformer, init_weights
+
+    args = ModelArgs(dim=512, n_layers=1, n_heads=4, vocab_size=32000, ffn_hidden_dim=512,
+                     n_future_tokens=1, max_seq_len=64)  # fmt: skip
+    model = Transformer(args)
+    init_weights(model, seed=0)  # writes every weight: its pages are resident
+    return model.requires_grad_(False).eval()
+
+
+def tiny_stream(n: int = 4, length: int = 12) -> SimpleNamespace:
+    lengths = [length - i for i in range(n)]
+    examples = [SimpleNamespace(length=k) for k in lengths]
+
+    def collate(indices: list[int]) -> Batch:
+        size = max(lengths[i] for i in indices)
+        tokens = torch.zeros(len(indices), size, dtype=torch.long)
+        labels = torch.full_like(tokens, IGNORE_INDEX)
+        for row, i in enumerate(indices):
+            tokens[row, : lengths[i]] = torch.arange(3, 3 + lengths[i])
+            labels[row, 4 : lengths[i]] = tokens[row, 4 : lengths[i]]
+        return Batch(tokens, labels, (tokens > 0).long())
+
+    return SimpleNamespace(data=SimpleNamespace(examples=examples), collate=collate, extras={})
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs /proc (Linux)")
+def test_precompute_frees_the_reference_and_its_memory():
+    import gc
+    import weakref
+
+    from weighted_mtp.config import Rho1Config
+    from weighted_mtp.train.weighting import Rho1
+
+    gc.collect()
+    helper = big_reference()
+    size = sum(p.numel() * p.element_size() for p in helper.parameters()) / 2**20
+    loaded = rss_mb()
+    weighting = Rho1(Rho1Config(precompute=True), reference=helper)
+    alive = weakref.ref(helper)
+    del helper
+    stream = tiny_stream()
+    weighting.prepare([stream], torch.device("cpu"), batch_size=2)
+    gc.collect()
+    freed = loaded - rss_mb()
+    print(f"helper {size:.0f} MiB; resident memory fell by {freed:.0f} MiB after prepare")
+    assert alive() is None and weighting.reference is None
+    assert freed >= 0.8 * size
+    # Training goes on from the precomputed signal alone.
+    assert [len(ce) for ce in stream.extras["ref_ce"]] == [12, 11, 10, 9]
+    batch = stream.collate([0, 1])
+    batch.extras["ref_ce"] = torch.nn.utils.rnn.pad_sequence(stream.extras["ref_ce"][:2], True)
+    planned = weighting.weigh(batch, 4, Micro())
+    assert planned.weight_fn is not None and planned.denominators.shape == (4,)

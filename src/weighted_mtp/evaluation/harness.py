@@ -190,16 +190,17 @@ def load_for_evaluation(
     """(model, tokenizer, default prompt mode): a training checkpoint (adapter merged, Alpaca
     prompts as in training) or a storage/base model folder (published ``compat`` prompts)."""
     from weighted_mtp.models.checkpoints import load_pretrained
-    from weighted_mtp.train.recipes import (
-        CHECKPOINT_INFO,
+    from weighted_mtp.train.checkpoint import (
+        is_checkpoint,
         load_trained,
+        read_info,
         resolve_model_path,
         tokenizer_for,
     )
 
     path = Path(checkpoint)
-    if (path / CHECKPOINT_INFO).is_file():
-        info = json.loads((path / CHECKPOINT_INFO).read_text())
+    if is_checkpoint(path):
+        info = read_info(path)
         model = load_trained(path, layout, device=device)
         return (
             model,

@@ -61,9 +61,12 @@ def scale_for(run: Run) -> WeightScale:
         return WeightScale("selection", 0.0, 1.0)
     weighting = run.config.get("weighting") if isinstance(run.config, dict) else None
     low, high, clipped = 0.5, 2.0, False
-    if run.recipe == "verifiable" and isinstance(weighting, dict):
-        low = float(weighting.get("clip_min") or low)
-        high = float(weighting.get("clip_max") or high)
+    name = weighting.get("name") if isinstance(weighting, dict) else None
+    if isinstance(weighting, dict) and (name or run.recipe) in ("verifiable", "critic_td"):
+        # ``weighting.critic_td.clip_*``; runs before 2026-11-30 kept them in ``weighting``.
+        section = weighting.get("critic_td") or weighting
+        low = float(section.get("clip_min") or low)
+        high = float(section.get("clip_max") or high)
         clipped = True
     positive = [w for w in values if w > 0]
     low = min([low, *positive]) if positive else low

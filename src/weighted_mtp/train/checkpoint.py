@@ -1,6 +1,12 @@
-"""One checkpoint format, written atomically, with exact resume.
+"""The checkpoint format: file names, save, load, resolve, merge, fingerprint; exact resume.
 
-``checkpoints/<experiment>/<run>/step_<N>/`` (and ``final/``) holds:
+This module is the only one that knows how a checkpoint folder is laid out; training writes
+through it and evaluation reads through it.
+
+``checkpoints/<experiment>/<run>/step_<N>/`` (and ``final/``, ``best/``) holds:
+
+* ``wmtp_checkpoint.json`` (``INFO_FILE``): the recipe, the base model it adapts, the number of
+  heads, the step, and recipe extras (a critic's value-head type and sizes);
 
 * ``adapter_config.json`` + ``adapter_model.safetensors``: the PEFT LoRA adapter in the standard
   file format (or ``model.safetensors`` with every trainable tensor when LoRA is off);
@@ -16,22 +22,31 @@ same code serves one process and FSDP2; only rank 0 writes.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from weighted_mtp.base.io import write_json_atomic
+from weighted_mtp.base.io import StorageError, write_json_atomic
+
+if TYPE_CHECKING:
+    from weighted_mtp.base.layout import StorageLayout
+    from weighted_mtp.models.tokenizer import Tokenizer
+    from weighted_mtp.models.transformer import Transformer
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 PEFT_PREFIX = "base_model.model."
+INFO_FILE = "wmtp_checkpoint.json"
+TENSOR_FILES = ("adapter_model.safetensors", "extra.safetensors", "model.safetensors")
 
 
 @dataclass
@@ -199,3 +214,132 @@ def resume(
         scheduler.load_state_dict(saved["scheduler"])
     set_rng_state(saved["rng"])
     return TrainState(saved["step"], saved["epoch"], saved["batches_in_epoch"], saved["extra"])
+
+
+# ---- what a checkpoint is: its info file, its base model, its tokenizer ----
+
+
+def write_info(ckpt: Path, info: dict[str, Any]) -> None:
+    """Write ``wmtp_checkpoint.json`` (rank 0, after ``save``)."""
+    write_json_atomic(ckpt / INFO_FILE, info)
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a finished training checkpoint (it has its info file)."""
+    return (path / INFO_FILE).is_file()
+
+
+def read_info(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's info; a clear error when ``ckpt`` is not a training checkpoint."""
+    if not is_checkpoint(ckpt):
+        raise StorageError(f"{ckpt}: not a training checkpoint (no {INFO_FILE})")
+    return json.loads((ckpt / INFO_FILE).read_text())
+
+
+def resolve_model_path(layout: StorageLayout, path: str) -> Path:
+    """A storage model name (``micro-mtp``) or a folder path."""
+    named = layout.model(path).root
+    if named.is_dir():
+        return named
+    if Path(path).is_dir():
+        return Path(path)
+    raise StorageError(
+        f"model {path!r}: neither {named} nor a folder; create it with `wmtp storage models`"
+    )
+
+
+def tokenizer_for(layout: StorageLayout, model_dir: Path) -> Tokenizer:
+    """The model folder's own tokenizer, else the storage's training tokenizer."""
+    from weighted_mtp.base.layout import training_tokenizer_path
+    from weighted_mtp.models.tokenizer import Tokenizer
+
+    own = model_dir / "tokenizer" / "tokenizer.model"
+    path = own if own.is_file() else training_tokenizer_path(layout)
+    if path is None:
+        raise StorageError(f"{own}: no tokenizer for this model and none in storage")
+    return Tokenizer(path)
+
+
+def resolve_checkpoint(layout: StorageLayout, path: str) -> Path:
+    """``checkpoints/<experiment>`` (newest run's ``final``), a run folder, or a checkpoint."""
+    candidate = Path(path)
+    if not candidate.is_absolute() and not candidate.exists():
+        candidate = layout.root / path
+    if is_checkpoint(candidate):
+        return candidate
+    finals = sorted(candidate.glob("final")) + sorted(
+        candidate.glob("*/final"), key=lambda p: p.stat().st_mtime
+    )
+    finals = [f for f in finals if is_checkpoint(f)]
+    if not finals:
+        raise StorageError(f"{candidate}: no finished training checkpoint (run that recipe first)")
+    return finals[-1]
+
+
+def fingerprint(ckpt: Path) -> str:
+    """SHA-256 over a checkpoint's info and tensors: a cache key part that changes with it."""
+    digest = hashlib.sha256()
+    for name in (INFO_FILE, *TENSOR_FILES):
+        if (ckpt / name).is_file():
+            digest.update(name.encode() + (ckpt / name).read_bytes())
+    return digest.hexdigest()
+
+
+# ---- loading a trained checkpoint as a plain model ----
+
+
+def merge_adapter(model: nn.Module, ckpt: Path) -> None:
+    """Fold a saved LoRA adapter into the base weights: ``W += (alpha / r) B A``."""
+    config = json.loads((ckpt / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    tensors = load_tensors(ckpt)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, a in tensors.items():
+            if ".lora_A.default.weight" not in name:
+                continue
+            b = tensors[name.replace("lora_A", "lora_B")]
+            linear = modules[name.split(".lora_A.")[0]]
+            linear.weight += (scale * (b.float() @ a.float())).to(linear.weight.dtype)
+
+
+def load_trained(
+    ckpt: Path,
+    layout: StorageLayout,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> Transformer:
+    """A trained policy checkpoint as a plain model: base weights with the adapter merged in."""
+    from weighted_mtp.models.checkpoints import load_pretrained
+
+    info = read_info(ckpt)
+    model = load_pretrained(resolve_model_path(layout, info["base_model"]), dtype=torch.float32)
+    if (ckpt / "adapter_config.json").is_file():
+        merge_adapter(model, ckpt)
+    else:
+        model.load_state_dict(load_tensors(ckpt), strict=False)
+    return model.to(device=device, dtype=dtype or torch.float32).eval()
+
+
+def load_critic(
+    ckpt: Path,
+    layout: StorageLayout,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """A trained critic checkpoint as a frozen value model (head type and sizes from the
+    checkpoint itself, so nothing is guessed)."""
+    from weighted_mtp.models.value import load_value_model
+
+    info = read_info(ckpt)
+    if "value_head" not in info:
+        raise StorageError(f"{ckpt}: not a critic checkpoint (recipe {info.get('recipe')!r})")
+    tensors = load_tensors(ckpt)
+    head = {k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")}
+    lora = {k: v for k, v in tensors.items() if ".lora_" in k}
+    adapter = ckpt / "adapter_config.json"
+    return load_value_model(
+        resolve_model_path(layout, info["base_model"]), info["value_head"], head,
+        lora or None, json.loads(adapter.read_text()) if adapter.is_file() else None,
+        dtype=dtype, device=device,
+    )  # fmt: skip

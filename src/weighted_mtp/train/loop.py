@@ -1,8 +1,10 @@
-"""THE training loop, shared by every recipe.
+"""THE training loop, shared by every recipe (docs/METHOD.md §8).
 
-Steps are optimizer steps (epochs are converted once). Each step accumulates ``grad_accum``
-micro-batches whose loss is normalised by the step's total (all micro-batches, all ranks), so
-a step's gradient does not depend on how it is split. AdamW (fp32 state for fp32 LoRA
+It knows a recipe's loss only through the ``Objective`` contract (``train/objectives.py``)
+and writes checkpoints only through ``train/checkpoint.py``. Steps are optimizer steps
+(epochs are converted once). Each step accumulates ``grad_accum`` micro-batches whose loss is
+normalised by the step's total (all micro-batches, all ranks), so a step's gradient does not
+depend on how it is split. AdamW (fp32 state for fp32 LoRA
 parameters), linear warmup then cosine to a floor, gradient clipping, bf16 autocast on CUDA,
 validation with the same objective, checkpoints that resume exactly.
 """
@@ -136,63 +138,46 @@ class Trainer:
                                  allow_fewer=True)  # fmt: skip
             if len(val):
                 streams.append(BatchStream(val, batch_size, sampling.seed, tok.pad_id))
-        if self.recipe.prepare is not None:
-            self.recipe.prepare(streams, self.device, batch_size)
+        self.recipe.objective.prepare(streams, self.device, batch_size)
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.run_dir / "manifest_train.json", train.manifest)
         self.val_stream = streams[1] if len(streams) > 1 else None
         return streams[0], streams[1].all_batches() if len(streams) > 1 else []
 
-    def coefficients(self) -> list[float] | None:
-        """Head coefficients of the current step when they are scheduled, else None."""
-        start, end = self.config.train.head_coefficients, self.config.train.head_coefficients_end
-        if start is None or end is None:
-            return None
-        if len(end) != len(start):
-            raise ValueError(
-                "train.head_coefficients_end must have as many entries as head_coefficients"
-            )
-        frac = self.state.step / max(1, self.total_steps - 1)
-        return [a + (b - a) * frac for a, b in zip(start, end, strict=True)]
-
     # ---- one optimizer step ----
 
     def step(self, micro: list) -> dict[str, float]:
         objective = self.recipe.objective
-        scheduled = self.coefficients()
-        if scheduled is not None:
-            objective.coefficients = scheduled
-        micro = [b.to(self.device) for b in micro]
-        dens = distributed.all_reduce_sum(
-            sum(objective.denominators(b) for b in micro).to(self.device)
-        )
+        objective.begin_step(self.state.step, self.total_steps)
+        plans = [objective.plan(b.to(self.device), i) for i, b in enumerate(micro)]
+        dens = distributed.all_reduce_sum(sum(plan.denominators for plan in plans).to(self.device))
         # The loss is normalised by the step's global total (all micro-batches, all ranks), so
         # rank gradients must be summed; FSDP2 averages them (gloo has no pre-scaled sum), so
         # each rank back-propagates world x its share.
         world = self.info.world
         stats, loss, tokens = 0, 0.0, 0
-        for i, batch in enumerate(micro):
-            distributed.set_gradient_sync(self.model, i == len(micro) - 1)
+        for i, plan in enumerate(plans):
+            distributed.set_gradient_sync(self.model, i == len(plans) - 1)
             with self.autocast:
-                part, part_stats = objective(self.model, batch, dens / world)
+                part, part_stats = objective.forward_backward(self.model, plan, dens / world)
             loss += float(part) / world
             stats = stats + part_stats
-            tokens += batch_tokens(batch)
+            tokens += batch_tokens(plan.batch)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in self.model.parameters() if p.requires_grad], self.config.optim.max_grad_norm
         )
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        objective.weighting.on_step_end()
+        sums = objective.end_step().to(self.device)
+        if sums.numel():  # the same length on every rank: one objective
+            sums = distributed.all_reduce_sum(sums)
         totals = distributed.all_reduce_sum(
             torch.cat([stats.flatten(), torch.tensor([loss, tokens], device=stats.device)])
         )
         metrics = objective.summarize(totals[:-2].view_as(stats))
-        metrics.update(objective.weighting.metrics())
-        if scheduled is not None:
-            metrics.update({f"coef/head{k + 1}": c for k, c in enumerate(scheduled)})
+        metrics.update(objective.step_metrics(sums))
         metrics.update(
             {
                 "loss": float(totals[-2]),
@@ -207,10 +192,10 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         objective, stats = self.recipe.objective, 0
         self.model.eval()
-        for batch in self.val_batches:
-            batch = batch.to(self.device)
+        for i, batch in enumerate(self.val_batches):
+            plan = objective.plan(batch.to(self.device), i, training=False)
             with self.autocast:
-                _, part = objective(self.model, batch, None, backward=False)
+                _, part = objective.forward_backward(self.model, plan, None, backward=False)
             stats = stats + part
         self.write_token_weights()
         self.model.train()
@@ -224,13 +209,14 @@ class Trainer:
         ``token_weights.jsonl`` (tokens as text, weights NaN -> null where a head has no
         target): what the report's heat maps show."""
         count, objective = self.config.log.token_weights, self.recipe.objective
-        if not count or not self.val_batches or not hasattr(objective, "token_weights"):
+        if not count or not self.val_batches:
             return
         batch = self.val_batches[0].to(self.device)
         with self.autocast:
-            weights = objective.token_weights(self.model, batch).float().cpu()
-        if not self.info.is_main:
+            weights = objective.token_weights(self.model, batch)
+        if weights is None or not self.info.is_main:
             return
+        weights = weights.float().cpu()
         lines = []
         for row in range(min(count, len(batch))):
             n = int(batch.attention_mask[row].sum())
@@ -248,14 +234,14 @@ class Trainer:
     # ---- checkpoints ----
 
     def save(self, name: str) -> Path:
-        self.state.extra["weighting"] = self.recipe.objective.weighting.state_dict()
+        self.state.extra["objective"] = self.recipe.objective.state_dict()
         path = checkpoint.save(
             self.run_dir, name, self.model, self.optimizer, self.scheduler, self.state,
             self.recipe.lora_config, self.info.is_main,
             keep_last=self.config.checkpoint.keep_last if name != "final" else None,
         )  # fmt: skip
         if self.info.is_main:
-            write_json_atomic(path / recipes.CHECKPOINT_INFO, {
+            checkpoint.write_info(path, {
                 "recipe": self.recipe.name, "base_model": self.recipe.base_model,
                 "n_heads": self.recipe.objective.n_heads, "step": self.state.step,
                 "experiment": self.config.experiment, "run": self.run_dir.name,
@@ -268,7 +254,9 @@ class Trainer:
         latest = checkpoint.latest(self.run_dir) if self.config.checkpoint.resume else None
         if latest is not None:
             self.state = checkpoint.resume(latest, self.model, self.optimizer, self.scheduler)
-            self.recipe.objective.weighting.load_state_dict(self.state.extra.get("weighting", {}))
+            extra = self.state.extra  # checkpoints before 2026-11-30 kept only "weighting"
+            state = extra.get("objective") or {"weighting": extra.get("weighting", {})}
+            self.recipe.objective.load_state_dict(state)
             if self.info.is_main:
                 print(f"resumed from {latest} at step {self.state.step}", flush=True)
 

@@ -1,254 +1,248 @@
-"""Training objectives: the weighted multi-token-prediction (MTP) cross-entropy.
+"""The ``Objective`` contract: all the training loop knows about a recipe's loss.
 
-Conventions (ALGORITHMS 2): ``labels[b, j]`` is the token on response positions and -100
-elsewhere; head ``k`` (1-based) at input position ``t`` is scored against target ``j = t + k``;
-``M_k[b, j] = labels[b, j] != -100 and j >= k``. Weights are target-indexed ``W[b, j, k-1]``
-(a 2-D ``[B, L]`` weight applies to every head) and masked targets weigh 0 whatever W says.
+One optimizer step, as the loop runs it (docs/ARCHITECTURE.md, "Contracts"):
 
-    L = sum_k c_k * sum_{b,j} W[b,j,k] M_k[b,j] ce_k[b,j] / (den_k + eps)
+    objective.begin_step(step, total_steps)               # schedules (head coefficients, λ)
+    plans = [objective.plan(batch, i) for i, batch in enumerate(micro_batches)]
+    normaliser = all_reduce_sum(sum(p.denominators for p in plans))
+    for plan in plans:
+        loss, stats = objective.forward_backward(model, plan, normaliser / world)
+    ... optimizer step ...
+    sums = all_reduce_sum(objective.end_step())            # per-step hooks (the EMA update)
+    metrics = objective.summarize(all_reduce_sum(stats)) | objective.step_metrics(sums)
 
-``den_k`` is summed over a whole optimizer step (``head_denominators`` per micro-batch, added up
-and all-reduced by the loop), so a step's gradient does not depend on how it is split.
+``plan`` is where a micro-batch's weights are decided, ``forward_backward`` uses exactly
+those: the plan carries them, so nothing is cached between the two calls. The step's
+normaliser is summed over micro-batches and ranks, so a step's gradient does not depend on
+how it is split (docs/METHOD.md §1, §8). Validation calls ``plan(batch, i, training=False)``
+and ``forward_backward(model, plan, None, backward=False)``.
+
+``MTPObjective`` (the policies) and ``value_objectives.CriticObjective`` (the critic)
+implement it.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-IGNORE_INDEX = -100
-EPS = 1e-8
+from weighted_mtp.train.mtp_loss import (
+    head_weight_fn,
+    mtp_forward_backward,
+    target_weights,
+    valid_rows,
+)
+from weighted_mtp.train.weighting import Micro, MicroWeights, Weighting
 
-#: ``(head_index, ce [rows] fp32 detached, batch_idx [rows], target_pos [rows]) -> weights [rows]``
-WeightFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]
-Denominators = Tensor | Sequence[float | None] | None
+if TYPE_CHECKING:
+    from weighted_mtp.config import TrainConfig
+    from weighted_mtp.data.dataset import BatchStream
 
 
 @dataclass
-class MTPLossOutput:
-    """Detached results of one micro-batch; per-head fields are fp32 ``[n]``."""
+class MicroPlan:
+    """One micro-batch with what its objective decided before the forward pass."""
 
-    loss: Tensor  # scalar: the value of L (what was back-propagated)
-    weighted_ce_sum: Tensor  # sum W*M*ce
-    ce_sum: Tensor  # sum M*ce (unweighted)
-    n_tokens: Tensor  # sum M
-    weight_sum: Tensor  # sum W*M (the weights actually used, weight_fn's when given)
-
-
-def target_weights(labels: Tensor, weights: Tensor | None, n_heads: int) -> Tensor:
-    """Dense target-indexed weights ``[B, L, n]`` fp32 with every masked target set to 0."""
-    bsz, length = labels.shape
-    if weights is None:
-        w = torch.ones(bsz, length, n_heads, device=labels.device)
-    elif weights.dim() == 2:
-        w = weights.float().unsqueeze(-1).expand(bsz, length, n_heads)
-    else:
-        w = weights.float()
-    if w.shape != (bsz, length, n_heads):
-        raise ValueError(f"weights must be [B, L] or [B, L, n]; got {tuple(weights.shape)}")
-    mask = (labels != IGNORE_INDEX).unsqueeze(-1).expand(bsz, length, n_heads).clone()
-    for k in range(1, n_heads + 1):
-        mask[:, : min(k, length), k - 1] = False  # target j < k has no input position t >= 0
-    return torch.where(mask, w, torch.zeros((), device=w.device))
+    batch: Any
+    denominators: Tensor
+    """This micro-batch's share of the step's normaliser (summed over micro-batches and
+    ranks by the loop)."""
+    weights: MicroWeights | None = None
+    """The token weights the forward pass must use (weighted objectives only)."""
 
 
-def head_denominators(
-    labels: Tensor, weights: Tensor | None, n_heads: int, mode: str = "weight_sum"
-) -> Tensor:
-    """Per-head normaliser of one micro-batch, fp32 ``[n]``: sum of W*M ("weight_sum") or of
-    M ("token_count", the upstream convention). Sum over micro-batches and ranks of a step."""
-    if mode == "weight_sum":
-        return target_weights(labels, weights, n_heads).sum(dim=(0, 1))
-    if mode == "token_count":
-        return target_weights(labels, None, n_heads).sum(dim=(0, 1))
-    raise ValueError(f"unknown normalisation mode {mode!r} (weight_sum | token_count)")
+class Objective(Protocol):
+    """What the loop calls; see the module docstring for the order."""
+
+    n_heads: int
+    """Prediction heads trained (recorded in the checkpoint info; 1 for the critic's one
+    value per position)."""
+
+    def prepare(self, streams: list[BatchStream], device: torch.device, batch_size: int) -> None:
+        """Once, before training, on the train and validation streams (precompute frozen
+        signals, then free their models)."""
+
+    def begin_step(self, step: int, total_steps: int) -> None:
+        """Before the step's first micro-batch; ``step`` = optimizer steps completed."""
+
+    def plan(self, batch: Any, index: int, training: bool = True) -> MicroPlan:
+        """The micro-batch's weights and its share of the normaliser; ``index`` is its
+        position in the step (or the validation pass) on this rank."""
+
+    def forward_backward(
+        self, model: nn.Module, plan: MicroPlan, normaliser: Tensor | None, backward: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """Loss of one planned micro-batch divided by ``normaliser`` (None: its own), and its
+        summable statistics; gradients accumulate when ``backward``."""
+
+    def end_step(self) -> Tensor:
+        """After the optimizer step, on every rank: per-step hooks; returns this rank's
+        statistic sums of the step (fp64 1-D), which the loop sums over ranks."""
+
+    def step_metrics(self, sums: Tensor) -> dict[str, float]:
+        """Metrics of the step from ``end_step``'s sums over all ranks."""
+
+    def summarize(self, stats: Tensor) -> dict[str, float]:
+        """Metrics from ``forward_backward`` statistics summed over micro-batches and ranks."""
+
+    def token_weights(self, model: nn.Module, batch: Any) -> Tensor | None:
+        """``[B, L, n]`` weights each head puts on each target (NaN where none), for the
+        report's heat maps; None when the objective has no token weights."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What an exact resume needs besides tensors, optimizer and data position."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def valid_rows(labels: Tensor, head: int) -> tuple[Tensor, Tensor]:
-    """``(batch_idx, target_pos)`` of every valid target of head ``head`` (1-based); the input
-    position is ``target_pos - head``. Only these rows ever reach the LM head."""
-    b_idx, t_idx = (labels[:, head:] != IGNORE_INDEX).nonzero(as_tuple=True)
-    return b_idx, t_idx + head
+@dataclass(frozen=True)
+class HeadCoefficients:
+    """Per-head loss coefficients ``c_k``: constant, or linear from ``start`` to ``end`` over
+    the run (``c(step) = start + (end - start) * step / (total_steps - 1)``)."""
 
+    start: tuple[float, ...]
+    end: tuple[float, ...] | None = None
 
-def per_token_ce(logits: Tensor, targets: Tensor) -> Tensor:
-    """fp32 cross-entropy per row (logits up-cast first); -100 targets give 0."""
-    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
-
-
-def _denominator_list(denominators: Denominators, n_heads: int) -> list[float]:
-    # NaN stands for "normalise by this micro-batch's own weight sum of that head".
-    if denominators is None:
-        return [math.nan] * n_heads
-    if isinstance(denominators, Tensor):
-        values = [float(v) for v in denominators.detach().float().cpu()]
-    else:
-        values = [math.nan if v is None else float(v) for v in denominators]
-    if len(values) != n_heads:
-        raise ValueError(f"expected {n_heads} denominators, got {len(values)}")
-    return values
-
-
-def head_weight_fn(weight_fn: WeightFn | Sequence[WeightFn | None] | None, head: int):
-    if weight_fn is None or callable(weight_fn):
-        return weight_fn
-    return weight_fn[head]
-
-
-def _chunk_bounds(
-    n_rows: int, chunk_rows: int, n_chunks: int | None = None
-) -> list[tuple[int, int]]:
-    # One empty chunk when there is no valid row, so that the shared norm/output still run
-    # (zero gradients rather than None, and the same module calls on every rank). Under FSDP
-    # every rank must call the sharded norm/output the same number of times, so the caller
-    # can fix ``n_chunks`` from the largest row count of all ranks (trailing chunks empty).
-    if n_chunks is None:
-        n_chunks = max(1, -(-n_rows // chunk_rows))
-    return [
-        (min(i * chunk_rows, n_rows), min((i + 1) * chunk_rows, n_rows)) for i in range(n_chunks)
-    ]
-
-
-def mtp_forward_backward(
-    model,
-    tokens: Tensor,
-    labels: Tensor,
-    weights: Tensor | None,
-    denominators: Denominators,
-    coefficients: Sequence[float],
-    *,
-    chunk_rows: int = 4096,
-    backward: bool = True,
-    weight_fn: WeightFn | Sequence[WeightFn | None] | None = None,
-    eps: float = EPS,
-    n_heads: int | None = None,
-    n_chunks: Sequence[int] | None = None,
-) -> MTPLossOutput:
-    """Weighted MTP loss of one micro-batch, forward and (if ``backward``) backward, head by
-    head (ALGORITHMS 1.7): the trunk runs once; each head's block, the shared norm/output and
-    an fp32 CE run only on rows with a valid target, ``chunk_rows`` rows at a time, each chunk
-    back-propagated at once, so at most one chunk of ``[rows, V]`` logits is alive and peak
-    memory does not grow with the number of heads. Gradients accumulate into ``.grad``.
-
-    ``weights``: ``[B, L]`` or ``[B, L, n]`` target-indexed, or None (all ones).
-    ``denominators``: per-head step totals from ``head_denominators`` (a tensor or a sequence).
-    An entry that is None/NaN (or ``denominators=None`` for all heads) means "divide by this
-    micro-batch's own weight sum of that head": per-micro-batch normalisation, e.g. for
-    validation or for ``weight_fn`` heads; to average such means over ``m`` micro-batches (and
-    ranks) scale ``coefficients`` by ``1/m`` (they compose with the token weights).
-    ``weight_fn``: a callable (every head) or a per-head sequence of optional callables,
-    ``fn(head_index_0_based, ce, batch_idx, target_pos) -> weights [rows]``, for weights that
-    depend on the policy's own detached per-token CE (Rho-1 excess loss). For such a head a
-    no-grad pass computes ``ce`` of all its valid rows first; the returned weights REPLACE
-    ``weights`` for that head (look other weights up through ``batch_idx, target_pos``), and
-    their sum is ``weight_sum[head]``. Pass a finite denominator for that head (e.g. the
-    step's expected selected count) or NaN to use that sum.
-
-    With ``backward=False`` the same numbers are computed without graphs (validation).
-    """
-    # ``n_heads`` < the model's heads trains the first heads only (head 1 alone: the NTP control).
-    n_heads = n_heads or model.n_future_tokens
-    if len(coefficients) != n_heads:
-        raise ValueError(f"expected {n_heads} coefficients, got {len(coefficients)}")
-    if backward and not torch.is_grad_enabled():
-        raise RuntimeError("backward=True under torch.no_grad(): pass backward=False")
-    dens = _denominator_list(denominators, n_heads)
-    dense_w = target_weights(labels, weights, n_heads)
-    stats = torch.zeros(4, n_heads, device=labels.device)  # weighted, ce, count, weight sum
-    loss = torch.zeros((), device=labels.device)
-    with nullcontext() if backward else torch.no_grad():
-        z = model.trunk(tokens)
-        train_trunk = backward and z.requires_grad
-        z_leaf = z.detach().requires_grad_() if train_trunk else z
-        for head in range(n_heads):
-            head_loss = _run_head(
-                model, z_leaf, labels, dense_w, head, dens[head], coefficients[head],
-                chunk_rows, backward, head_weight_fn(weight_fn, head), eps, stats,
-                n_chunks[head] if n_chunks is not None else None,
-            )  # fmt: skip
-            loss = loss + head_loss
-        if train_trunk and z_leaf.grad is not None:
-            z.backward(z_leaf.grad)
-    return MTPLossOutput(loss.detach(), *stats.unbind(0))
-
-
-def _run_head(
-    model, z_leaf, labels, dense_w, head, den, coef, chunk_rows, backward, fn, eps, stats, n_chunks
-) -> Tensor:
-    """One head's forward/backward; fills ``stats[:, head]`` and returns its detached loss."""
-    b_idx, j_idx = valid_rows(labels, head + 1)
-    targets = labels[b_idx, j_idx]
-    y = model.head_hidden(z_leaf, head)  # [B, L, d]; attention needs every position
-    train_head = backward and y.requires_grad
-    rows = y.detach()[b_idx, j_idx - (head + 1)]  # [R, d], the hidden states that predict
-    bounds = _chunk_bounds(rows.shape[0], chunk_rows, n_chunks)
-    if fn is None:
-        w = dense_w[b_idx, j_idx, head]
-    else:
-        with torch.no_grad():  # first, cheap pass: the policy's own CE for the weighting
-            ce = torch.cat(
-                [per_token_ce(model.unembed(rows[s:e]), targets[s:e]) for s, e in bounds]
-            )
-        w = fn(head, ce, b_idx, j_idx).detach().float().reshape(-1)
-        if w.shape != targets.shape:
+    @classmethod
+    def from_config(cls, train: TrainConfig, n_heads: int) -> HeadCoefficients:
+        """``train.head_coefficients`` (default ``1/n`` each) and ``head_coefficients_end``."""
+        start = train.head_coefficients or [1.0 / n_heads] * n_heads
+        if len(start) != n_heads:
             raise ValueError(
-                f"weight_fn returned {tuple(w.shape)}, expected {tuple(targets.shape)}"
+                f"train.head_coefficients has {len(start)} entries for {n_heads} heads"
             )
-    w_sum = w.sum()
-    scale = coef / ((w_sum if math.isnan(den) else den) + eps)
-    row_grad = torch.zeros_like(rows) if train_head else None
-    weighted = rows.new_zeros((), dtype=torch.float32)
-    plain = rows.new_zeros((), dtype=torch.float32)
-    for s, e in bounds:
-        chunk = rows[s:e].detach().requires_grad_(train_head)
-        # Inline so the [rows, V] logits are freed once log-softmax has consumed them.
-        ce = per_token_ce(model.unembed(chunk), targets[s:e])
-        chunk_loss = (w[s:e] * ce).sum() * scale
-        if backward and chunk_loss.requires_grad:
-            chunk_loss.backward()  # frees this chunk's logits now
-            if train_head:
-                row_grad[s:e] = chunk.grad
-        weighted = weighted + (w[s:e] * ce).sum().detach()
-        plain = plain + ce.sum().detach()
-    if train_head:
-        # One backward through the head block, with the gradients of its gathered rows.
-        y_rows = y[b_idx, j_idx - (head + 1)]
-        y_rows.backward(row_grad)
-    stats[:, head] = torch.stack([weighted, plain, w.new_tensor(float(len(targets))), w_sum])
-    return (weighted * scale).detach()
+        end = train.head_coefficients_end
+        if end is not None and len(end) != n_heads:
+            raise ValueError(
+                "train.head_coefficients_end must have as many entries as head_coefficients"
+            )
+        return cls(tuple(start), tuple(end) if end is not None else None)
+
+    @property
+    def scheduled(self) -> bool:
+        return self.end is not None
+
+    def at(self, step: int, total_steps: int) -> list[float]:
+        if self.end is None:
+            return list(self.start)
+        frac = step / max(1, total_steps - 1)
+        return [a + (b - a) * frac for a, b in zip(self.start, self.end, strict=True)]
 
 
-def naive_mtp_loss(
-    model,
-    tokens: Tensor,
-    labels: Tensor,
-    weights: Tensor | None,
-    denominators: Denominators,
-    coefficients: Sequence[float],
-    eps: float = EPS,
-    n_heads: int | None = None,
-) -> Tensor:
-    """Reference: the same L from the full ``[B, L, n, V]`` logits of ``model(tokens)``, with
-    plain autograd (tests and the benchmark's baseline). None/NaN denominators mean this
-    micro-batch's weight sum, as in ``mtp_forward_backward``; ``n_heads`` likewise."""
-    logits = model(tokens)
-    length = logits.shape[1]
-    n_heads = n_heads or logits.shape[2]
-    dens = _denominator_list(denominators, n_heads)
-    dense_w = target_weights(labels, weights, n_heads)
-    loss = logits.new_zeros((), dtype=torch.float32)
-    for head in range(n_heads):
-        k = head + 1
-        if k >= length:
-            continue
-        ce = per_token_ce(logits[:, : length - k, head].flatten(0, 1), labels[:, k:].flatten())
-        w = dense_w[:, k:, head].flatten()
-        den = w.sum() if math.isnan(dens[head]) else dens[head]
-        loss = loss + coefficients[head] * (w * ce).sum() / (den + eps)
-    return loss
+class MTPObjective:
+    """Weighted MTP cross-entropy over the first ``n_heads`` heads of a policy, with the
+    token weights of one ``Weighting``."""
+
+    def __init__(
+        self,
+        weighting: Weighting,
+        n_heads: int,
+        coefficients: HeadCoefficients,
+        chunk_rows: int = 4096,
+    ) -> None:
+        self.weighting, self.n_heads, self.chunk_rows = weighting, n_heads, chunk_rows
+        self.schedule = coefficients
+        self.coefficients = coefficients.at(0, 1)
+        self.step = 0
+
+    # ---- the step ----
+
+    def prepare(self, streams: list[BatchStream], device: torch.device, batch_size: int) -> None:
+        self.weighting.prepare(streams, device, batch_size)
+
+    def begin_step(self, step: int, total_steps: int) -> None:
+        self.step = step
+        self.coefficients = self.schedule.at(step, total_steps)
+
+    def plan(self, batch: Any, index: int, training: bool = True) -> MicroPlan:
+        weights = self.weighting.weigh(batch, self.n_heads, Micro(self.step, index, training))
+        return MicroPlan(batch, weights.denominators, weights)
+
+    def forward_backward(
+        self, model: nn.Module, plan: MicroPlan, normaliser: Tensor | None, backward: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        batch, weights = plan.batch, plan.weights
+        out = mtp_forward_backward(
+            model, batch.tokens, batch.labels, weights.dense, normaliser, self.coefficients,
+            chunk_rows=self.chunk_rows, backward=backward, weight_fn=weights.weight_fn,
+            n_heads=self.n_heads, n_chunks=self._global_chunks(batch.labels),
+        )  # fmt: skip
+        stats = torch.stack([out.weighted_ce_sum, out.ce_sum, out.n_tokens, out.weight_sum])
+        return out.loss, stats
+
+    def end_step(self) -> Tensor:
+        self.weighting.end_step()
+        self.step += 1  # until the next begin_step, validation sees the steps completed
+        return self.weighting.take_sums()
+
+    def step_metrics(self, sums: Tensor) -> dict[str, float]:
+        values = dict(zip(self.weighting.stat_names, sums.tolist(), strict=True))
+        metrics = self.weighting.metrics(values)
+        if self.schedule.scheduled:
+            metrics.update({f"coef/head{k + 1}": c for k, c in enumerate(self.coefficients)})
+        return metrics
+
+    def summarize(self, stats: Tensor) -> dict[str, float]:
+        """Per-head unweighted and weighted CE from summed stats (always both)."""
+        metrics = {}
+        for k in range(self.n_heads):
+            wsum, ce, count, weight = (float(v) for v in stats[:, k])
+            metrics[f"ce/head{k + 1}"] = ce / count if count else float("nan")
+            metrics[f"wce/head{k + 1}"] = wsum / weight if weight else float("nan")
+            metrics[f"weight_mean/head{k + 1}"] = weight / count if count else float("nan")
+        metrics["ce"] = float(stats[1].sum() / stats[2].sum().clamp(min=1))
+        return metrics
+
+    # ---- checkpoint state ----
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weighting": self.weighting.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.weighting.load_state_dict(state.get("weighting", {}))
+
+    # ---- logging ----
+
+    @torch.no_grad()
+    def token_weights(self, model: nn.Module, batch: Any) -> Tensor:
+        """The weight each head puts on each target token of ``batch``, ``[B, L, n]`` fp32,
+        NaN where that head has no target (prompt, padding, the first k tokens): exactly the
+        weights of a validation pass, for heat maps. Under FSDP every rank must call it."""
+        n = self.n_heads
+        planned = self.plan(batch, 0, training=False).weights
+        weights = target_weights(batch.labels, planned.dense, n)
+        fn = planned.weight_fn
+        if fn is not None:
+            recorded = weights.clone()
+
+            def record(head: int, ce: Tensor, batch_idx: Tensor, target_pos: Tensor) -> Tensor:
+                head_fn = head_weight_fn(fn, head)
+                if head_fn is None:  # this head keeps its dense weights
+                    return weights[batch_idx, target_pos, head]
+                w = head_fn(head, ce, batch_idx, target_pos)
+                recorded[batch_idx, target_pos, head] = w.float()
+                return w
+
+            mtp_forward_backward(
+                model, batch.tokens, batch.labels, None, None, [1.0] * n,
+                chunk_rows=self.chunk_rows, backward=False, weight_fn=record, n_heads=n,
+                n_chunks=self._global_chunks(batch.labels),
+            )  # fmt: skip
+            weights = recorded
+        valid = target_weights(batch.labels, None, n) > 0
+        return torch.where(valid, weights, torch.full_like(weights, float("nan")))
+
+    def _global_chunks(self, labels: Tensor) -> Sequence[int] | None:
+        """Under FSDP, chunk counts from the largest row count of any rank (see mtp_loss)."""
+        if not torch.distributed.is_initialized():
+            return None
+        rows = torch.tensor(
+            [valid_rows(labels, k + 1)[0].numel() for k in range(self.n_heads)],
+            device=labels.device,
+        )
+        torch.distributed.all_reduce(rows, op=torch.distributed.ReduceOp.MAX)
+        return [max(1, -(-int(r) // self.chunk_rows)) for r in rows]

@@ -1,10 +1,10 @@
-"""Critic losses (ALGORITHMS 3.2, 3.3) and the objective the training loop runs for them.
+"""Critic losses (docs/METHOD.md §3) and the objective the training loop runs for them.
 
 Every loss returns a *sum* over pairs or sequences; the objective divides it by the count of
-the whole optimizer step (all micro-batches, all ranks: ``denominators``), so splitting a step
-into micro-batches does not change its gradient (ALGORITHMS 10 C5).
+the whole optimizer step (all micro-batches, all ranks: the plan's ``denominators``), so
+splitting a step into micro-batches does not change its gradient (docs/METHOD.md §8).
 
-Besides the loss, the objective reports the critic's token-level diagnostics (10 C6): the
+Besides the loss, the objective reports the critic's token-level diagnostics: the
 pairwise BT model only supervises each sequence's *mean* value, so per-token values can be
 spiky or simply track position; ``spikiness`` and ``position_corr`` expose that.
 """
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from weighted_mtp.data.collate import IGNORE_INDEX, Batch, PairBatch
+from weighted_mtp.train.objectives import MicroPlan
 
 LOSSES = ("pairwise", "lambda_return", "mc")
 STATS = (
@@ -28,7 +29,7 @@ STATS = (
 )  # fmt: skip
 
 
-# ---- pairwise Bradley-Terry (ALGORITHMS 3.2) ----
+# ---- pairwise Bradley-Terry (docs/METHOD.md §3) ----
 
 
 def sequence_means(values: Tensor, mask: Tensor) -> Tensor:
@@ -86,7 +87,7 @@ def pairwise_bt_loss(
     return loss_sum, stats
 
 
-# ---- lambda-return regression (ALGORITHMS 3.3) ----
+# ---- lambda-return regression (docs/METHOD.md §3) ----
 
 
 def lambda_schedule(
@@ -113,7 +114,7 @@ def lambda_schedule(
 
 def _affine_scan(a: Tensor, b: Tensor) -> Tensor:
     """``x_i = a_i x_{i-1} + b_i`` along the last dim with ``x_{-1} = 0``, in log2(L)
-    doubling steps (no Python loop over positions, no host sync; ALGORITHMS 10 D5)."""
+    doubling steps (no Python loop over positions, no host sync)."""
     a, b = a.clone(), b.clone()
     d = 1
     while d < a.shape[-1]:
@@ -177,31 +178,6 @@ def value_regression_loss(
 # ---- the objective the loop runs ----
 
 
-class CriticProgress:
-    """Stands in for the policy objectives' ``weighting``: the loop calls its hooks every step.
-
-    It counts optimizer steps (for the λ schedule, restored on resume through ``state_dict``)
-    and reports the current λ."""
-
-    name = "critic"
-
-    def __init__(self) -> None:
-        self.step = 0
-        self.lam: float | None = None
-
-    def on_step_end(self) -> None:
-        self.step += 1
-
-    def metrics(self) -> dict[str, float]:
-        return {} if self.lam is None else {"lambda": self.lam}
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state.get("step", 0))
-
-
 def _rows(batch: PairBatch | Batch) -> tuple[Batch, int, Tensor | None]:
     """(rows to forward, number of pairs (0 for a plain batch), rewards per row or None)."""
     if isinstance(batch, PairBatch):
@@ -228,12 +204,13 @@ class LambdaSchedule:
 
 @dataclass
 class CriticObjective:
-    """The critic's loss for the training loop, shaped like ``MTPObjective``.
+    """The critic's loss for the training loop (the ``Objective`` contract).
 
     ``loss``: ``pairwise`` (BT on sequence means; needs a ``PairBatch``), ``lambda_return``
     or ``mc`` (regression with R = 1 for the correct side, 0 for the incorrect one, or a
     plain ``Batch`` with a ``reward`` extra). One forward of the stacked ``[2P, L]`` batch.
-    Validation (``backward=False``) uses λ = 1, as upstream.
+    λ follows ``lam`` by optimizer step; validation (``backward=False``) uses λ = 1, as
+    upstream.
     """
 
     loss: str = "pairwise"
@@ -242,42 +219,68 @@ class CriticObjective:
     huber_delta: float = 0.5
     gamma: float = 1.0
     lam: LambdaSchedule = field(default_factory=LambdaSchedule)
-    weighting: CriticProgress = field(default_factory=CriticProgress)
-    n_heads: int = 1  # the loop records it in the checkpoint info
+    n_heads: int = 1
+    """One value per position: the value head."""
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"critic loss {self.loss!r}: choose from {', '.join(LOSSES)}")
+        self.lam_now = self.lam(0)
 
-    def denominators(self, batch: PairBatch | Batch) -> Tensor:
+    def prepare(self, streams: list, device: torch.device, batch_size: int) -> None:
+        return None
+
+    def begin_step(self, step: int, total_steps: int) -> None:
+        self.lam_now = self.lam(step)
+
+    def count(self, batch: PairBatch | Batch) -> Tensor:
         """Pairs (pairwise) or sequences with a response token (regression): ``[1]``."""
         rows, pairs, _ = _rows(batch)
         if self.loss == "pairwise":
             return torch.tensor([float(pairs)], device=rows.tokens.device)
         return (rows.labels != IGNORE_INDEX).any(-1).sum().float().reshape(1)
 
-    def __call__(
+    def plan(self, batch: PairBatch | Batch, index: int, training: bool = True) -> MicroPlan:
+        return MicroPlan(batch, self.count(batch))
+
+    def forward_backward(
         self,
         model: nn.Module,
-        batch: PairBatch | Batch,
-        denominators: Tensor | None,
+        plan: MicroPlan,
+        normaliser: Tensor | None,
         backward: bool = True,
     ) -> tuple[Tensor, Tensor]:
+        batch = plan.batch
         rows, pairs, rewards = _rows(batch)
         mask = rows.labels != IGNORE_INDEX
         with torch.set_grad_enabled(backward):
             values = model(rows.tokens)
             loss_sum, stats = self._loss(values, mask, pairs, rewards, backward)
-            count = self.denominators(batch) if denominators is None else denominators
+            count = plan.denominators if normaliser is None else normaliser
             loss = self.coef * loss_sum / count.reshape(()).clamp(min=1)
         if backward:
             loss.backward()
         stats["loss_sum"] = self.coef * loss_sum.detach()
-        stats["count"] = self.denominators(batch).reshape(())
+        stats["count"] = plan.denominators.reshape(())
         device = values.device
         return loss.detach(), torch.stack(
             [stats.get(k, torch.zeros((), device=device)).float().reshape(()) for k in STATS]
         )
+
+    def end_step(self) -> Tensor:
+        return torch.zeros(0, dtype=torch.float64)
+
+    def step_metrics(self, sums: Tensor) -> dict[str, float]:
+        return {"lambda": self.lam_now} if self.loss == "lambda_return" else {}
+
+    def token_weights(self, model: nn.Module, batch: Any) -> Tensor | None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # λ depends on the step only, which the loop restores
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
 
     def _loss(
         self, values: Tensor, mask: Tensor, pairs: int, rewards: Tensor | None, training: bool
@@ -297,9 +300,7 @@ class CriticObjective:
         if self.loss == "mc":
             targets = mc_targets(mask, rewards)
         else:
-            lam = self.lam(self.weighting.step) if training else 1.0
-            if training:
-                self.weighting.lam = lam
+            lam = self.lam_now if training else 1.0
             targets = lambda_return_targets(values, mask, rewards, lam, self.gamma)
         kind = "mse" if self.loss == "mc" else self.regression
         loss_sum, _ = value_regression_loss(values, targets, mask, kind, self.huber_delta)
@@ -340,7 +341,7 @@ def critic_diagnostics(
         batch = stream.collate(chosen).to(device)
         stacked = batch.stacked()
         values = model(stacked.tokens).float()
-        mask = (stacked.labels != -100).float()
+        mask = (stacked.labels != IGNORE_INDEX).float()
         means = (values * mask).sum(1) / mask.sum(1).clamp(min=1)
         lengths = mask.sum(1).long().tolist()
         p = len(chosen)

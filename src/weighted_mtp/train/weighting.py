@@ -1,67 +1,245 @@
-"""Per-token weights behind one interface: ``Uniform``, ``Rho1`` and ``CriticTD``.
+"""Per-token weights: the ``Weighting`` contract, ``Uniform``, ``Rho1``, ``CriticTD`` and the
+control arms, and the registry that maps ``weighting.name`` to a class.
 
-A weighting tells the objective three things about a micro-batch: the per-head normaliser it
-contributes to the optimizer step (summed over micro-batches and ranks by the loop), dense
-target-indexed weights ``W[b, j, k]`` when they are known before the forward pass, and a
-``weight_fn`` when they depend on the policy's own per-token loss (Rho-1).
+The contract (docs/ARCHITECTURE.md, "Contracts"): for every micro-batch the objective makes
+ONE call, ``weigh(batch, n_heads, micro)``, and gets back a ``MicroWeights``: that
+micro-batch's share of the step's per-head normaliser, and its target-indexed weights, either
+dense (known before the forward pass) or as a ``weight_fn`` of the policy's own per-token CE
+(Rho-1). The objective keeps what ``weigh`` returned next to the batch until its forward pass,
+so nothing is cached inside the weighting. Statistics are sums over micro-batches (``add``),
+summed over ranks by the loop, so ``metrics`` describes the whole step on every rank count.
+
+A new weighting is one subclass (``name``, optional ``Settings`` section, ``weigh``) plus one
+entry in ``WEIGHTINGS``; its knobs are then ``weighting.<name>.*`` in YAML.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
+import hashlib
+import json
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from pydantic import BaseModel
 from torch import Tensor
 
+import weighted_mtp.config as config_module
+from weighted_mtp.config import CriticTDConfig, Rho1Config
+from weighted_mtp.data.collate import IGNORE_INDEX
 from weighted_mtp.train.distributed import all_reduce_sum
-from weighted_mtp.train.objectives import IGNORE_INDEX, WeightFn, head_denominators
+from weighted_mtp.train.mtp_loss import WeightFn, head_denominators
+
+if TYPE_CHECKING:
+    from weighted_mtp.base.layout import StorageLayout
+    from weighted_mtp.data.dataset import BatchStream
+
+CONTROLS = ("none", "shuffled", "random_matched")
 
 
-class Weighting(Protocol):
-    name: str
+@dataclass(frozen=True)
+class Micro:
+    """Where a micro-batch sits: the optimizer step (steps completed before it), its index
+    within that step on this rank, and whether it trains. Statistics accumulate only while
+    training; validation and heat-map passes use the current state and change nothing."""
 
-    def denominators(self, batch: Any, n_heads: int) -> Tensor: ...
-    def dense_weights(self, batch: Any, n_heads: int) -> Tensor | None: ...
-    def weight_fn(self, batch: Any) -> WeightFn | None: ...
-    def on_step_end(self) -> None: ...
-    def metrics(self) -> dict[str, float]: ...
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, state: dict) -> None: ...
+    step: int = 0
+    index: int = 0
+    training: bool = True
 
 
-class Uniform:
+@dataclass
+class MicroWeights:
+    """What a weighting says about one micro-batch."""
+
+    denominators: Tensor
+    """``[n]`` fp32: this micro-batch's share of the step's per-head normaliser."""
+    dense: Tensor | None = None
+    """``[B, L]`` (every head) or ``[B, L, n]`` target-indexed weights; None means 1."""
+    weight_fn: WeightFn | Sequence[WeightFn | None] | None = None
+    """Weights computed from the policy's own per-token CE during the forward pass; they
+    replace ``dense`` for the heads they cover (see ``objectives.mtp_forward_backward``)."""
+
+
+@dataclass
+class BuildContext:
+    """What a weighting may need to build itself: where its frozen helper lives, how to load
+    it, and the training settings it depends on."""
+
+    layout: StorageLayout | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    seed: int = 0
+    normalization: str = "weight_sum"
+    control: str = "none"
+    max_length: int | None = None
+    """Part of the key of precomputed signals (a different length cap, different examples)."""
+
+
+class Weighting:
+    """Base class of the weightings. A subclass sets ``name`` (its registry key), optionally
+    ``Settings`` (a config section class: ``weighting.<name>``) and ``stat_names`` (sums it
+    logs), and implements ``weigh``. Everything else has a working default:
+
+    * ``build(settings, ctx)``: construct from the config (override to load a frozen helper);
+    * ``prepare(streams, device, batch_size)``: once before training (precompute and free a
+      frozen helper);
+    * ``end_step()``: once per optimizer step on every rank, after the last micro-batch (may
+      be a collective);
+    * ``metrics(sums)``: step metrics from ``stat_names`` sums over micro-batches AND ranks;
+    * ``state_dict()`` / ``load_state_dict()``: what an exact resume needs.
+    """
+
+    name: ClassVar[str] = "weighting"
+    Settings: ClassVar[type[BaseModel] | None] = None
+    stat_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        settings: BaseModel | None = None,
+        *,
+        normalization: str = "weight_sum",
+        control: str = "none",
+        seed: int = 0,
+    ) -> None:
+        if control not in CONTROLS:
+            raise ValueError(f"unknown control {control!r} ({' | '.join(CONTROLS)})")
+        if settings is None and self.Settings is not None:
+            settings = self.Settings()
+        self.settings = settings
+        self.normalization, self.control, self.seed = normalization, control, seed
+        self._sums = torch.zeros(len(self.stat_names), dtype=torch.float64)
+
+    @classmethod
+    def build(cls, settings: BaseModel | None, ctx: BuildContext) -> Weighting:
+        return cls(settings, normalization=ctx.normalization, control=ctx.control, seed=ctx.seed)
+
+    def weigh(self, batch: Any, n_heads: int, micro: Micro) -> MicroWeights:
+        raise NotImplementedError
+
+    def prepare(self, streams: list[BatchStream], device: torch.device, batch_size: int) -> None:
+        return None
+
+    def end_step(self) -> None:
+        return None
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+    # ---- helpers for subclasses ----
+
+    def dense_weights(self, batch: Any, weights: Tensor | None, n_heads: int) -> MicroWeights:
+        """``MicroWeights`` for weights known before the forward pass, normalised by
+        ``train.normalization`` (their sum, or the token count)."""
+        return MicroWeights(
+            head_denominators(batch.labels, weights, n_heads, self.normalization), weights
+        )
+
+    def add(self, **values: float) -> None:
+        """Add to this step's sums (names from ``stat_names``)."""
+        for key, value in values.items():
+            self._sums[self.stat_names.index(key)] += float(value)
+
+    def take_sums(self) -> Tensor:
+        """This rank's sums since the last call (then reset), fp64 ``[len(stat_names)]``."""
+        sums, self._sums = self._sums, torch.zeros_like(self._sums)
+        return sums
+
+
+def release_memory() -> None:
+    """Give a dropped helper's memory back: collect cycles, empty the CUDA cache, and on glibc
+    return the freed heap pages (``malloc_trim``; smaller tensors live on the heap)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class Uniform(Weighting):
     """Weight 1 on every response token (Baseline, NTP, reference tuning)."""
 
     name = "uniform"
 
-    def __init__(self, normalization: str = "weight_sum"):
-        self.normalization = normalization
+    def weigh(self, batch: Any, n_heads: int, micro: Micro) -> MicroWeights:
+        return self.dense_weights(batch, None, n_heads)
 
-    def denominators(self, batch: Any, n_heads: int) -> Tensor:
-        return head_denominators(batch.labels, None, n_heads, self.normalization)
 
-    def dense_weights(self, batch: Any, n_heads: int) -> Tensor | None:
-        return None
+# ---- precomputed frozen signals ----
 
-    def weight_fn(self, batch: Any) -> WeightFn | None:
-        return None
 
-    def on_step_end(self) -> None:
-        pass
+def cached_per_example(
+    cache_dir: Path | None, kind: str, key: dict, stream: BatchStream,
+    compute: Callable[[], list[Tensor]],
+) -> list[Tensor]:  # fmt: skip
+    """Per-example 1-D signals of ``stream`` from ``<cache_dir>/<kind>/<key>.safetensors``,
+    computed by ``compute()`` and stored on a miss (no cache when ``cache_dir`` is None). The
+    key covers the frozen model's checkpoint and the exact data (file, sampled lines, length
+    cap), so a stale cache is never read."""
+    from safetensors.torch import load_file, save_file
 
-    def metrics(self) -> dict[str, float]:
-        return {}
+    from weighted_mtp.base.io import atomic_path
 
-    def state_dict(self) -> dict:
-        return {}
+    if cache_dir is None:
+        return compute()
+    payload = {**key, "file": stream.data.manifest.get("file"), "lines": stream.data.line_indices}
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    path = cache_dir / kind / f"{digest[:32]}.safetensors"
+    if path.is_file():
+        data = load_file(path)
+        return list(torch.split(data["values"], data["lengths"].tolist()))
+    values = compute()
+    lengths = torch.tensor([v.numel() for v in values], dtype=torch.long)
+    with atomic_path(path) as tmp:
+        save_file({"values": torch.cat(values).float().contiguous(), "lengths": lengths}, tmp)
+    return values
 
-    def load_state_dict(self, state: dict) -> None:
-        pass
+
+@dataclass
+class Precompute:
+    """Where a weighting's precomputed signal goes: ``batch.extras[extra]``, cached under
+    ``<cache_dir>/<kind>/`` with ``key`` (the helper's checkpoint fingerprint, length cap)."""
+
+    kind: str
+    extra: str
+    key: dict
+    cache_dir: Path | None = None
+
+    def fill(
+        self, streams: list[BatchStream],
+        compute: Callable[[BatchStream], list[Tensor]],
+    ) -> None:  # fmt: skip
+        for stream in streams:
+            stream.extras[self.extra] = cached_per_example(
+                self.cache_dir, self.kind, self.key, stream, lambda s=stream: compute(s)
+            )
+
+
+def _precompute_for(
+    kind: str, extra: str, helper: str, ckpt: Path, ctx: BuildContext
+) -> Precompute:
+    from weighted_mtp.train.checkpoint import fingerprint
+
+    cache_dir = ctx.layout.root / "cache" if ctx.layout is not None else None
+    key = {helper: fingerprint(ckpt), "max_length": ctx.max_length}
+    return Precompute(kind, extra, key, cache_dir)
+
+
+# ---- Rho-1 (docs/METHOD.md §5) ----
 
 
 def reference_ce(reference: torch.nn.Module, tokens: Tensor, labels: Tensor) -> Tensor:
@@ -89,98 +267,8 @@ def select_top(scores: Tensor, k_percent: float) -> Tensor:
     return (scores >= threshold).float()
 
 
-class Rho1:
-    """Rho-1 selection by excess loss against a frozen reference, target-indexed.
-
-    Each target token is scored once, with head 1's CE against the reference's next-token CE
-    (both condition on the same prefix ``x_<j``), the top ``k_percent`` of the micro-batch is
-    selected, and the same selection applies to every head that predicts that token. This is
-    ALGORITHMS 5.3 option 2: heads k >= 2 see ``x_<=j-k`` only, so comparing them with a
-    next-token reference would mostly measure their look-ahead handicap, not the token. The
-    normaliser is ``k_percent`` times the step's token count (the paper's ``N * k%``), known
-    before the forward pass, so a step's gradient does not depend on its split.
-    """
-
-    name = "rho1"
-
-    def __init__(
-        self,
-        reference: torch.nn.Module,
-        k_percent: float,
-        score: str = "signed",
-        normalization: str = "weight_sum",
-        control: str = "none",
-        seed: int = 0,
-    ):
-        self.reference = reference
-        self.k_percent = k_percent
-        self.score = score
-        self.normalization = normalization
-        self.control = control
-        self.seed = seed
-        self.step = 0
-        self._micro = 0
-        self._selected_sum = 0.0
-        self._valid_sum = 0.0
-
-    def denominators(self, batch: Any, n_heads: int) -> Tensor:
-        counts = head_denominators(batch.labels, None, n_heads, "token_count")
-        return counts * self.k_percent if self.normalization == "weight_sum" else counts
-
-    def dense_weights(self, batch: Any, n_heads: int) -> Tensor | None:
-        return None
-
-    def _score(self, policy_ce: Tensor, ref_ce: Tensor) -> Tensor:
-        if self.score == "signed":
-            return policy_ce - ref_ce
-        if self.score == "absolute":
-            return (policy_ce - ref_ce).abs()
-        return ref_ce  # "difficult": the reference's own loss
-
-    def weight_fn(self, batch: Any) -> WeightFn:
-        ref_ce = batch.extras.get("ref_ce")
-        if ref_ce is None:
-            ref_ce = reference_ce(self.reference, batch.tokens, batch.labels)
-        selected = torch.zeros_like(ref_ce)
-
-        def fn(head: int, ce: Tensor, batch_idx: Tensor, target_pos: Tensor) -> Tensor:
-            if head == 0:
-                chosen = select_top(self._score(ce, ref_ce[batch_idx, target_pos]), self.k_percent)
-                selected[batch_idx, target_pos] = chosen
-                if self.control != "none":  # same count of selected tokens, other places
-                    valid = torch.zeros_like(selected)
-                    valid[batch_idx, target_pos] = 1.0
-                    generator = control_generator(self.seed, self.step, self._micro, stream=1)
-                    selected.copy_(apply_control(selected, valid, self.control, generator))
-                    self._micro += 1
-                    chosen = selected[batch_idx, target_pos]
-                self._selected_sum += float(chosen.sum())
-                self._valid_sum += chosen.numel()
-                return chosen
-            return selected[batch_idx, target_pos]
-
-        return fn
-
-    def on_step_end(self) -> None:
-        self.step += 1
-        self._micro = 0
-
-    def metrics(self) -> dict[str, float]:
-        if not self._valid_sum:
-            return {}
-        fraction = self._selected_sum / self._valid_sum
-        self._selected_sum = self._valid_sum = 0.0
-        return {"rho1/selected_fraction": fraction}
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = state.get("step", 0)
-
-
 def precompute_reference_ce(
-    reference: torch.nn.Module, stream, device: torch.device, batch_size: int
+    reference: torch.nn.Module, stream: BatchStream, device: torch.device, batch_size: int
 ) -> list[Tensor]:
     """The reference's target-indexed CE of every training example, computed once (the frozen
     reference then need not stay in memory during training)."""
@@ -194,18 +282,119 @@ def precompute_reference_ce(
     return out
 
 
-# ---- Verifiable Critic: GAE / TD weighting (ALGORITHMS 4) ----
+class Rho1(Weighting):
+    """Rho-1 selection by excess loss against a frozen reference, target-indexed.
+
+    Each target token is scored once, with head 1's CE against the reference's next-token CE
+    (both condition on the same prefix ``x_<j``), the top ``k_percent`` of the micro-batch is
+    selected, and the same selection applies to every head that predicts that token
+    (docs/METHOD.md §5): heads k >= 2 see ``x_<=j-k`` only, so comparing them with a
+    next-token reference would mostly measure their look-ahead handicap, not the token. The
+    normaliser is ``k_percent`` times the step's token count (the paper's ``N * k%``), known
+    before the forward pass, so a step's gradient does not depend on its split.
+    """
+
+    name = "rho1"
+    Settings = Rho1Config
+    stat_names = ("selected", "scored")
+    settings: Rho1Config
+
+    def __init__(
+        self,
+        settings: Rho1Config | None = None,
+        *,
+        reference: torch.nn.Module | None = None,
+        precompute: Precompute | None = None,
+        normalization: str = "weight_sum",
+        control: str = "none",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(settings, normalization=normalization, control=control, seed=seed)
+        self.reference = reference
+        self.precompute = precompute
+
+    @classmethod
+    def build(cls, settings: Rho1Config | None, ctx: BuildContext) -> Rho1:
+        from weighted_mtp.train.checkpoint import load_trained, resolve_checkpoint
+
+        settings = settings or Rho1Config()
+        if not settings.reference:
+            raise ValueError("rho1 needs weighting.rho1.reference (a ref_tuning checkpoint)")
+        ckpt = resolve_checkpoint(ctx.layout, settings.reference)
+        reference = load_trained(ckpt, ctx.layout, dtype=ctx.dtype, device=ctx.device)
+        reference.requires_grad_(False)
+        precompute = _precompute_for("reference_ce", "ref_ce", "reference", ckpt, ctx)
+        return cls(settings, reference=reference, precompute=precompute,
+                   normalization=ctx.normalization, control=ctx.control, seed=ctx.seed)  # fmt: skip
+
+    def prepare(self, streams: list[BatchStream], device: torch.device, batch_size: int) -> None:
+        """With ``precompute``: every example's reference CE into ``batch.extras["ref_ce"]``,
+        then the reference is dropped (this object held the only reference to it)."""
+        if not self.settings.precompute or self.reference is None:
+            return
+        precompute = self.precompute or Precompute("", "ref_ce", {})
+        precompute.fill(
+            streams, lambda s: precompute_reference_ce(self.reference, s, device, batch_size)
+        )
+        self.reference = None
+        release_memory()
+
+    def _score(self, policy_ce: Tensor, ref_ce: Tensor) -> Tensor:
+        if self.settings.score == "signed":
+            return policy_ce - ref_ce
+        if self.settings.score == "absolute":
+            return (policy_ce - ref_ce).abs()
+        return ref_ce  # "difficult": the reference's own loss
+
+    def weigh(self, batch: Any, n_heads: int, micro: Micro) -> MicroWeights:
+        counts = head_denominators(batch.labels, None, n_heads, "token_count")
+        k = self.settings.k_percent
+        ref_ce = batch.extras.get("ref_ce")
+        if ref_ce is None:
+            if self.reference is None:
+                raise ValueError("Rho1 without a reference needs batch.extras['ref_ce']")
+            ref_ce = reference_ce(self.reference, batch.tokens, batch.labels)
+        selected = torch.zeros_like(ref_ce)
+
+        def fn(head: int, ce: Tensor, batch_idx: Tensor, target_pos: Tensor) -> Tensor:
+            if head != 0:
+                return selected[batch_idx, target_pos]
+            chosen = select_top(self._score(ce, ref_ce[batch_idx, target_pos]), k)
+            selected[batch_idx, target_pos] = chosen
+            if self.control != "none":  # same count of selected tokens, other places
+                valid = torch.zeros_like(selected)
+                valid[batch_idx, target_pos] = 1.0
+                stream = 1 if micro.training else 2
+                generator = control_generator(self.seed, micro.step, micro.index, stream)
+                selected.copy_(apply_control(selected, valid, self.control, generator))
+                chosen = selected[batch_idx, target_pos]
+            if micro.training:
+                self.add(selected=float(chosen.sum()), scored=chosen.numel())
+            return chosen
+
+        return MicroWeights(counts * k if self.normalization == "weight_sum" else counts, None, fn)
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """``rho1/selected_fraction``: selected / scored target tokens of the step's training
+        micro-batches, over all ranks."""
+        if not sums["scored"]:
+            return {}
+        return {"rho1/selected_fraction": sums["selected"] / sums["scored"]}
+
+
+# ---- Verifiable Critic: GAE / TD weighting (docs/METHOD.md §4) ----
 
 
 def gae_advantages(
     values: Tensor, mask: Tensor, gamma: float, lam: float, initial_value: float = 0.5
 ) -> Tensor:
-    """GAE of ALGORITHMS 4.2, exactly, vectorised in fp32: ``[B, L]`` in, ``[B, L]`` out.
+    """GAE of docs/METHOD.md §4, exactly, vectorised in fp32: ``[B, L]`` in, ``[B, L]`` out.
 
     ``delta_t = gamma * v_t - v_{t-1}`` (``v_{-1} = initial_value``), zeroed after the row's
     last response position ``T_b``; ``A_t = sum_{s >= t} (gamma * lam)^(s - t) * delta_s``
     (the reverse recursion ``A_t = delta_t + gamma * lam * A_{t+1}``, as one product with the
-    upper-triangular Toeplitz matrix of 4.7), then ``A * m``. No lambda = 1 shortcut (A13).
+    upper-triangular Toeplitz matrix), then ``A * m``. No lambda = 1 shortcut: lambda = 1
+    follows the same recursion.
     A row without a response token gives zeros; left or right padding: the mask decides.
     """
     v = values.float()
@@ -226,7 +415,7 @@ def gae_advantages(
 
 
 def masked_batch_stats(adv: Tensor, mask: Tensor) -> tuple[float, float] | None:
-    """Masked mean and Bessel-corrected std of ``adv`` (ALGORITHMS 4.3, no external stats);
+    """Masked mean and Bessel-corrected std of ``adv`` (docs/METHOD.md §4, no external stats);
     None when at most one token is valid."""
     valid = adv[mask.to(torch.bool)].double()
     if valid.numel() <= 1:
@@ -238,12 +427,14 @@ def td_weights(
     adv: Tensor,
     mask: Tensor,
     stats: tuple[float, float] | None,
-    beta: float = 1.0,
-    clip_min: float = 0.1,
-    clip_max: float = 3.0,
+    *,
+    beta: float,
+    clip_min: float,
+    clip_max: float,
 ) -> Tensor:
-    """``clamp(exp(((A - mu) / (sigma + 1e-8)) / beta), clip_min, clip_max) * m`` (ALGORITHMS
-    4.3), fp32 ``[B, L]``; ``stats=None`` (no statistics at all) gives ``1 * m``."""
+    """``clamp(exp(((A - mu) / (sigma + 1e-8)) / beta), clip_min, clip_max) * m``
+    (docs/METHOD.md §4), fp32 ``[B, L]``; ``stats=None`` (no statistics at all) gives
+    ``1 * m``."""
     m = mask.to(torch.bool).float()
     if stats is None:
         return m
@@ -253,10 +444,10 @@ def td_weights(
 
 
 class AdvantageEMA:
-    """EMA of the advantage statistics (ALGORITHMS 4.4), updated once per optimizer step.
+    """EMA of the advantage statistics (docs/METHOD.md §4), updated once per optimizer step.
 
     ``accumulate`` adds a micro-batch's masked ``S1 = sum A``, ``S2 = sum A^2`` and ``N``;
-    ``update`` all-reduces them over ranks (every rank joins, even with ``N = 0``: E11), skips
+    ``update`` all-reduces them over ranks (every rank joins, even with ``N = 0``), skips
     the step when the global ``N`` is 0, and folds the step's population mean and second
     moment into the EMA. ``rule="bias_corrected"`` [REC]: EMA of the first and second
     moments with Adam-style bias correction, ``sigma = sqrt(max(m2_hat - m1_hat^2, 1e-8))``
@@ -265,7 +456,7 @@ class AdvantageEMA:
     ``stats()`` is None before the first update.
     """
 
-    def __init__(self, momentum: float = 0.1, rule: str = "bias_corrected", warmup: int = 10):
+    def __init__(self, momentum: float, rule: str, warmup: int):
         if rule not in ("bias_corrected", "upstream"):
             raise ValueError(f"unknown EMA rule {rule!r} (bias_corrected | upstream)")
         self.momentum, self.rule, self.warmup = momentum, rule, warmup
@@ -324,9 +515,6 @@ class AdvantageEMA:
         self._sums = None
 
 
-CONTROLS = ("none", "shuffled", "random_matched")
-
-
 def control_generator(seed: int, step: int, micro: int, stream: int = 0) -> torch.Generator:
     """CPU generator for a control arm, a pure function of (seed, step, micro-batch, stream),
     so a resumed run draws the same weights as an uninterrupted one."""
@@ -367,57 +555,60 @@ def apply_control(
     return out.to(weights.device) * m.float()
 
 
-class CriticTD:
-    """Verifiable Critic weights (ALGORITHMS 4): GAE of a frozen critic's values, whitened with
-    EMA statistics, ``clamp(exp(A_hat / beta), clip_min, clip_max)``, target-indexed ``[B, L]``.
+class CriticTD(Weighting):
+    """Verifiable Critic weights (docs/METHOD.md §4): GAE of a frozen critic's values, whitened
+    with EMA statistics, ``clamp(exp(A_hat / beta), clip_min, clip_max)``, target-indexed
+    ``[B, L]``.
 
-    Call order per optimizer step (the loop's): ``denominators(batch)`` for each micro-batch
-    before any forward pass computes the weights (with the statistics from BEFORE this step),
-    caches them for ``dense_weights`` and accumulates the step's advantage sums; then
-    ``on_step_end()`` updates the EMA once, from all micro-batches and all ranks. At step 1
-    (no statistics yet) each micro-batch is whitened by its own masked mean and Bessel std.
-
-    Validation freezing: statistics are accumulated only in ``denominators()`` and only while
-    ``self.training`` is True. The loop's validation never calls ``denominators`` (it passes
-    no denominator), so ``dense_weights`` alone computes weights with the frozen training
-    statistics and updates nothing; ``with weighting.frozen():`` makes it explicit anyway.
+    ``weigh`` computes a micro-batch's weights from the statistics from BEFORE this step and,
+    for a training micro-batch, adds its advantage sums to the step's; ``end_step`` updates
+    the EMA once, from all micro-batches and all ranks. At step 1 (no statistics yet) each
+    micro-batch is whitened by its own masked mean and Bessel std. Validation
+    (``micro.training`` False) uses the frozen training statistics and updates nothing.
     """
 
     name = "critic_td"
+    Settings = CriticTDConfig
+    stat_names = ("n", "w", "w2", "clip_low", "clip_high", "adv", "adv2", "entropy", "entropy_n")
+    settings: CriticTDConfig
 
     def __init__(
         self,
-        critic: Callable[[Tensor], Tensor] | None,
-        config: Any,
-        normalization: str = "weight_sum",
+        settings: CriticTDConfig | None = None,
         *,
+        critic: Callable[[Tensor], Tensor] | None = None,
+        precompute: Precompute | None = None,
+        normalization: str = "weight_sum",
         control: str = "none",
         seed: int = 0,
-        rule: str = "bias_corrected",
-        warmup: int = 10,
-        initial_value: float = 0.5,
-    ):
-        if control not in CONTROLS:
-            raise ValueError(f"unknown control {control!r} ({' | '.join(CONTROLS)})")
-        self.critic, self.normalization = critic, normalization
-        self.gamma, self.lam = config.gamma, config.td_lambda
-        self.beta, self.clip_min, self.clip_max = config.beta, config.clip_min, config.clip_max
-        self.initial_value, self.control, self.seed = initial_value, control, seed
-        self.ema = AdvantageEMA(config.ema_momentum, rule, warmup)
-        self.training = True
-        self.step = 0  # optimizer steps completed; seeds the control arms
-        self._micro = self._uncached = 0
-        self._cache: dict[int, tuple[Any, Tensor]] = {}
-        self._reset_metrics()
+    ) -> None:
+        super().__init__(settings, normalization=normalization, control=control, seed=seed)
+        self.critic, self.precompute = critic, precompute
+        s = self.settings
+        self.ema = AdvantageEMA(s.ema_momentum, s.ema_rule, s.ema_warmup)
 
-    @contextmanager
-    def frozen(self) -> Iterator[None]:
-        """Weights from the current statistics; nothing accumulated (validation)."""
-        before, self.training = self.training, False
-        try:
-            yield
-        finally:
-            self.training = before
+    @classmethod
+    def build(cls, settings: CriticTDConfig | None, ctx: BuildContext) -> CriticTD:
+        from weighted_mtp.train.checkpoint import load_critic, resolve_checkpoint
+
+        settings = settings or CriticTDConfig()
+        if not settings.critic_checkpoint:
+            raise ValueError("critic_td needs weighting.critic_td.critic_checkpoint (a critic run)")
+        ckpt = resolve_checkpoint(ctx.layout, settings.critic_checkpoint)
+        critic = load_critic(ckpt, ctx.layout, ctx.dtype, ctx.device)
+        precompute = _precompute_for("critic_values", "values", "critic", ckpt, ctx)
+        return cls(settings, critic=critic, precompute=precompute,
+                   normalization=ctx.normalization, control=ctx.control, seed=ctx.seed)  # fmt: skip
+
+    def prepare(self, streams: list[BatchStream], device: torch.device, batch_size: int) -> None:
+        """With ``precompute``: every example's critic values into ``batch.extras["values"]``,
+        then the critic is dropped (this object held the only reference to it)."""
+        if not self.settings.precompute or self.critic is None:
+            return
+        precompute = self.precompute or Precompute("", "values", {})
+        precompute.fill(streams, lambda s: critic_values_for(s, self.critic, device, batch_size))
+        self.critic = None
+        release_memory()
 
     def values(self, batch: Any) -> Tensor:
         if "values" in batch.extras:
@@ -428,116 +619,81 @@ class CriticTD:
             return self.critic(batch.tokens).float()
 
     def advantages(self, batch: Any) -> tuple[Tensor, Tensor]:
-        mask = batch.labels != IGNORE_INDEX
-        adv = gae_advantages(self.values(batch), mask, self.gamma, self.lam, self.initial_value)
+        s, mask = self.settings, batch.labels != IGNORE_INDEX
+        adv = gae_advantages(self.values(batch), mask, s.gamma, s.td_lambda, s.initial_value)
         return adv, mask
 
-    def weights(self, batch: Any, generator: torch.Generator | None = None) -> Tensor:
-        """Weights of one micro-batch from the statistics available now (no side effects)."""
+    def weigh(self, batch: Any, n_heads: int, micro: Micro) -> MicroWeights:
         adv, mask = self.advantages(batch)
-        return self._weights(adv, mask, generator)
-
-    def _weights(self, adv: Tensor, mask: Tensor, generator: torch.Generator | None) -> Tensor:
+        s = self.settings
         stats = self.ema.stats() or masked_batch_stats(adv, mask)
-        w = td_weights(adv, mask, stats, self.beta, self.clip_min, self.clip_max)
+        w = td_weights(adv, mask, stats, beta=s.beta, clip_min=s.clip_min, clip_max=s.clip_max)
         if self.control != "none":
-            w = apply_control(
-                w, mask, self.control, generator or control_generator(self.seed, 0, 0)
-            )
-        return w
-
-    def denominators(self, batch: Any, n_heads: int) -> Tensor:
-        adv, mask = self.advantages(batch)
-        generator = control_generator(self.seed, self.step, self._micro, stream=0)
-        self._micro += 1
-        w = self._weights(adv, mask, generator)
-        self._cache[id(batch)] = (batch, w)  # holding the batch keeps its id unique
-        if self.training:
+            stream = 0 if micro.training else 1
+            generator = control_generator(self.seed, micro.step, micro.index, stream)
+            w = apply_control(w, mask, self.control, generator)
+        if micro.training:
             self.ema.accumulate(adv, mask)
             self._record(adv, w, mask)
-        return head_denominators(batch.labels, w, n_heads, self.normalization)
+        return self.dense_weights(batch, w, n_heads)
 
-    def dense_weights(self, batch: Any, n_heads: int) -> Tensor | None:
-        cached = self._cache.pop(id(batch), None)
-        if cached is not None and cached[0] is batch:
-            return cached[1]
-        # Not announced by denominators(): validation or a one-off call; nothing accumulated.
-        generator = control_generator(self.seed, self.step, self._uncached, stream=1)
-        self._uncached += 1
-        return self.weights(batch, generator)
-
-    def weight_fn(self, batch: Any) -> WeightFn | None:
-        return None
-
-    def on_step_end(self) -> None:
-        self.ema.update()  # every rank, every step: the all-reduce is collective (E11)
-        self.step += 1
-        self._micro = self._uncached = 0
-        self._cache.clear()
-
-    def _reset_metrics(self) -> None:
-        self._acc = torch.zeros(7, dtype=torch.float64)  # n, Sw, Sw2, low, high, SA, SA2
-        self._entropy_sum, self._entropy_count = 0.0, 0
+    def end_step(self) -> None:
+        self.ema.update()  # every rank, every step: the all-reduce is collective
 
     def _record(self, adv: Tensor, w: Tensor, mask: Tensor) -> None:
-        valid_w = w[mask].double().cpu()
-        valid_a = adv[mask].double().cpu()
-        tol = 1e-6
-        self._acc += torch.stack([
-            valid_w.new_tensor(valid_w.numel()), valid_w.sum(), (valid_w**2).sum(),
-            (valid_w <= self.clip_min * (1 + tol)).sum().double(),
-            (valid_w >= self.clip_max * (1 - tol)).sum().double(),
-            valid_a.sum(), (valid_a**2).sum(),
-        ])  # fmt: skip
-        total = float(valid_w.sum())
+        valid_w, valid_a = w[mask].double().cpu(), adv[mask].double().cpu()
+        tol, total = 1e-6, float(valid_w.sum())
+        entropy = {}
         if valid_w.numel() > 1 and total > 0:
             p = valid_w / total
-            entropy = float(-(p * torch.log(p.clamp_min(1e-300))).sum())
-            self._entropy_sum += entropy / math.log(valid_w.numel())
-            self._entropy_count += 1
+            h = float(-(p * torch.log(p.clamp_min(1e-300))).sum())
+            entropy = {"entropy": h / math.log(valid_w.numel()), "entropy_n": 1.0}
+        self.add(
+            n=valid_w.numel(), w=total, w2=float((valid_w**2).sum()),
+            clip_low=float((valid_w <= self.settings.clip_min * (1 + tol)).sum()),
+            clip_high=float((valid_w >= self.settings.clip_max * (1 - tol)).sum()),
+            adv=float(valid_a.sum()), adv2=float((valid_a**2).sum()), **entropy,
+        )  # fmt: skip
 
-    def metrics(self) -> dict[str, float]:
-        """This rank's training micro-batches since the last read (then reset).
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """The step's training micro-batches over all ranks; ``td/ema_*`` after the update.
 
         ``td/weight_entropy_norm``: per micro-batch, the entropy of ``p = w / sum w`` over its
         valid tokens divided by ``log N`` (1 = uniform weights), averaged over micro-batches.
         """
-        n, sw, sw2, low, high, sa, sa2 = self._acc.tolist()
         out: dict[str, float] = {}
         stats = self.ema.stats()
         if stats is not None:
             out.update({"td/ema_mean": stats[0], "td/ema_std": stats[1]})
+        n = sums["n"]
         if n > 0:
-            w_mean, a_mean = sw / n, sa / n
+            w_mean, a_mean = sums["w"] / n, sums["adv"] / n
             out.update({
                 "td/weight_mean": w_mean,
-                "td/weight_std": math.sqrt(max(sw2 / n - w_mean**2, 0.0)),
-                "td/clip_low_frac": low / n,
-                "td/clip_high_frac": high / n,
+                "td/weight_std": math.sqrt(max(sums["w2"] / n - w_mean**2, 0.0)),
+                "td/clip_low_frac": sums["clip_low"] / n,
+                "td/clip_high_frac": sums["clip_high"] / n,
                 "td/adv_mean": a_mean,
-                "td/adv_std": math.sqrt(max(sa2 / n - a_mean**2, 0.0)),
+                "td/adv_std": math.sqrt(max(sums["adv2"] / n - a_mean**2, 0.0)),
             })  # fmt: skip
-        if self._entropy_count:
-            out["td/weight_entropy_norm"] = self._entropy_sum / self._entropy_count
-        self._reset_metrics()
+        if sums["entropy_n"]:
+            out["td/weight_entropy_norm"] = sums["entropy"] / sums["entropy_n"]
         return out
 
-    def state_dict(self) -> dict:
-        return {"ema": self.ema.state_dict(), "step": self.step}
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         if "ema" in state:
             self.ema.load_state_dict(state["ema"])
-        self.step = state.get("step", 0)
-        self._cache.clear()
 
 
 def critic_values_for(
-    stream, critic: Callable[[Tensor], Tensor], device: torch.device, batch_size: int
+    stream: BatchStream, critic: Callable[[Tensor], Tensor], device: torch.device, batch_size: int
 ) -> list[Tensor]:
     """The frozen critic's values ``v_t`` of every training example, computed once (1-D fp32,
     one per example, its full length); store them as ``stream.extras["values"]`` so that
-    ``CriticTD`` reads them instead of running the critic every step (ALGORITHMS 4.7)."""
+    ``CriticTD`` reads them instead of running the critic every step."""
     examples = stream.data.examples
     out: list[Tensor] = []
     for start in range(0, len(examples), batch_size):
@@ -547,3 +703,28 @@ def critic_values_for(
             values = critic(batch.tokens).float().cpu()
         out.extend(values[row, : examples[i].length].clone() for row, i in enumerate(chosen))
     return out
+
+
+# ---- the registry ----
+
+WEIGHTINGS: dict[str, type[Weighting]] = {
+    Uniform.name: Uniform,
+    Rho1.name: Rho1,
+    CriticTD.name: CriticTD,
+}
+"""``weighting.name`` -> class. A new weighting: one subclass and one entry here."""
+
+
+def _section_of(name: str) -> type[BaseModel] | None:
+    return getattr(WEIGHTINGS.get(name), "Settings", None)
+
+
+config_module.weighting_section = _section_of  # config validates sections through the registry
+
+
+def build_weighting(name: str, config: Any, ctx: BuildContext) -> Weighting:
+    """The weighting ``name`` built from its section of ``config`` (a ``WeightingConfig``)."""
+    if name not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {name!r}; choose from {', '.join(WEIGHTINGS)}")
+    cls = WEIGHTINGS[name]
+    return cls.build(config.settings(name, cls.Settings), ctx)
