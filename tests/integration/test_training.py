@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from tests.conftest import REPO
+from weighted_mtp.base.errors import UserError
 from weighted_mtp.base.io import StorageError
 from weighted_mtp.base.layout import StorageLayout
 from weighted_mtp.config import Section, load_config
@@ -166,7 +167,7 @@ def test_bad_critic_fails_before_training(trained, tmp_path):
     info["value_head"]["hidden_size"] = 2560
     (broken / "wmtp_checkpoint.json").write_text(json.dumps(info))
     with pytest.raises(
-        ValueError, match="critic checkpoint hidden size 2560 does not match the backbone's 64"
+        UserError, match="critic checkpoint hidden size 2560 does not match the backbone's 64"
     ):
         Trainer(config_for("verifiable", f"weighting.critic_td.critic_checkpoint={broken}"), layout)
 
