@@ -288,3 +288,22 @@ def test_run_many_reports_each_finished_program() -> None:
     ticks: list[int] = []
     results = run_many([ADD_OK, ADD_BAD + CHECK, ADD_OK], 2, on_done=lambda: ticks.append(1))
     assert [r.verdict for r in results] == ["passed", "failed", "passed"] and len(ticks) == 3
+
+
+def test_the_long_lived_tester_is_replaced_when_a_sample_ends_without_its_verdict() -> None:
+    """The jail's tester serves sample after sample; a sample that leaves it waiting (here a
+    candidate sleeping mid-call, stopped by the wall-clock backstop) costs it its life, and the
+    next samples get a fresh tester whose verdicts are theirs, never a late one."""
+    tests = {"setup": "", "test": "assert add(1, 2) == 3\nassert add(2, 2) == 4\n",
+             "entry_point": "add"}  # fmt: skip
+    sleepy = "def add(a, b):\n    import time\n    time.sleep(30)\n"
+    jobs = [
+        {"program": sleepy, "check": "function", "tests": tests},
+        {"program": "def add(a, b):\n    return a + b\n", "check": "function", "tests": tests},
+        {"program": ADD_BAD, "check": "function", "tests": tests},
+        {"program": "def add(a, b):\n    return a + b\n", "check": "function", "tests": tests},
+    ]
+    start = time.monotonic()
+    results = run_many(jobs, workers=1, timeout_s=0.5)
+    assert [r.verdict for r in results] == ["timeout", "passed", "failed", "passed"]
+    assert time.monotonic() - start < 10

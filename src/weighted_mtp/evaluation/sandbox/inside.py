@@ -12,9 +12,11 @@ Roles, all forked from one pre-warmed process per jail, the *zygote*:
   *runner*, which sets rlimits, ``no_new_privs``, a seccomp filter and a scrubbed environment and
   runs the candidate. When init dies the kernel kills everything left in its PID namespace; the
   tmpfs and IPC objects go with the namespaces.
-* **tester** (``_tester``, strict function tasks): runs the trusted test code and calls the
-  candidate's functions through a socket that carries plain data only (``encode``/``decode``).
-  It lives outside the sample's PID namespace, so the candidate can neither see nor signal it.
+* **tester** (``_tester``, strict function tasks): one long-lived trusted process per jail
+  that runs the test code of one sample at a time and calls the candidate's functions through
+  a socket that carries plain data only (``encode``/``decode``). It lives outside the samples'
+  PID namespaces, so no candidate can see or signal it; a sample that ends without its verdict
+  costs the tester its life (it may be stuck), and the next sample gets a fresh one.
 * **zygote** (``zygote``): receives one sample at a time from the supervisor (the payloads as
   file descriptors it never reads), forks the roles, enforces the CPU-time limit of the sample's
   processes, and reports exit status, the verdict line and CPU time back.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import builtins
 import ctypes
+import gc
 import json
 import os
 import platform
@@ -604,8 +607,8 @@ def run_tests(spec: dict[str, Any], remote: Remote) -> str:
     else:
         raise ProtocolError("malformed greeting")
     namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
-    exec(compile(spec["setup"], "<trusted setup>", "exec"), namespace)
-    test = compile(spec["test"], "<trusted test>", "exec")
+    setup, test = _compiled(spec)
+    exec(setup, namespace)
     wanted = sorted(
         n for n in referenced_names(test) if n not in namespace and not hasattr(builtins, n)
     )
@@ -633,28 +636,57 @@ def _verdict(exc: BaseException) -> str:
     return "error:" + type(exc).__name__
 
 
-def _tester() -> None:
-    """Forked from the zygote with fds 2 stderr, 3 test spec, 4 channel, 5 report."""
+_COMPILED: dict[tuple[str, str], tuple[Any, Any]] = {}  # the tester's cache of trusted code
+
+
+def _compiled(spec: dict[str, Any]) -> tuple[Any, Any]:
+    """The trusted setup and test code, compiled once per task (a task has many samples)."""
+    key = (spec["setup"], spec["test"])
+    if key not in _COMPILED:
+        if len(_COMPILED) >= 1024:
+            _COMPILED.clear()
+        _COMPILED[key] = (compile(key[0], "<trusted setup>", "exec"),
+                          compile(key[1], "<trusted test>", "exec"))  # fmt: skip
+    return _COMPILED[key]
+
+
+def _tester(sock_fd: int) -> None:
+    """The jail's trusted tester: one long-lived process (fd 3 its socket to the zygote) that
+    runs the tests of one sample at a time. Each job brings the test spec, the channel to the
+    sample and the sample's stderr as descriptors, under a sequence number the verdict echoes.
+    The zygote kills it whenever a sample ends without its verdict, and forks a fresh one."""
     try:
         drop_capabilities()
-        spec = json.loads(_read_fd(3))
-        remote = Remote(socket.socket(fileno=4))
+        jobs = socket.socket(fileno=sock_fd)
+        gc.freeze()
     except BaseException as exc:
         _fatal(exc)
-    import random
+    while True:
+        msg, fds, _, _ = socket.recv_fds(jobs, 64, 3)
+        if not msg:
+            os._exit(0)
+        spec_fd, chan_fd, err_fd = fds
+        # Closed through its object: a stale object must never close a reused descriptor.
+        chan = socket.socket(fileno=chan_fd)
+        import random
 
-    random.seed(0)
-    try:
-        verdict = run_tests(spec, remote)
-    except EOFError:
-        verdict = "no_result"
-    except ProtocolError:
-        verdict = "error:ProtocolError"
-    except BaseException as exc:
-        verdict = "harness_error"
-        os.write(2, f"HARNESS_ERROR: {exc!r}\n".encode())
-    os.write(5, f"{verdict}\n".encode())
-    os._exit(0)
+        random.seed(0)
+        try:
+            spec = json.loads(_read_fd(spec_fd))
+            verdict = run_tests(spec, Remote(chan))
+        except EOFError:
+            verdict = "no_result"
+        except ProtocolError:
+            verdict = "error:ProtocolError"
+        except BaseException as exc:
+            verdict = "harness_error"
+            try:
+                os.write(err_fd, f"HARNESS_ERROR: {exc!r}\n".encode())
+            except OSError:
+                pass
+        chan.close()
+        os.close(err_fd)
+        jobs.send(msg + b" " + verdict.encode())
 
 
 # --- the zygote --------------------------------------------------------------------------------
@@ -729,17 +761,49 @@ def _kill(pid: int | None) -> None:
             pass
 
 
+class _TesterHandle:
+    """The zygote's side of the jail's long-lived tester: started on first use, killed (and
+    reaped with the sample) whenever a sample ends without its verdict."""
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.sock: socket.socket | None = None
+        self.seq = 0
+
+    def submit(self, tests: int, chan: int, err: int) -> bytes:
+        if self.sock is None:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            null = os.open("/dev/null", os.O_RDWR)
+            self.pid = _fork(_tester, {0: null, 1: null, 2: null, 3: theirs.fileno()}, 3)
+            os.close(null)
+            theirs.close()
+            self.sock = ours
+        self.seq += 1
+        tag = b"%d" % self.seq
+        socket.send_fds(self.sock, [tag], [tests, chan, err])
+        return tag
+
+    def kill(self) -> int | None:
+        pid, self.pid = self.pid, None
+        _kill(pid)
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        return pid
+
+
+_TESTER = _TesterHandle()
+
+
 def _run_one(sock: socket.socket, cfg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
     program, tests, stdin, out, err = fds
     function = cfg["mode"] == "function"
     report_r, report_w = os.pipe()
     init_r, init_w = os.pipe()
-    tester = None
+    tag = b""
     if function:
         mine, theirs = socket.socketpair()
-        null = os.open("/dev/null", os.O_RDWR)
-        tester = _fork(_tester, {0: null, 1: null, 2: err, 3: tests, 4: mine.fileno(), 5: report_w})
-        os.close(null)
+        tag = _TESTER.submit(tests, mine.fileno(), err)
         mine.close()
         chan = theirs.fileno()
     else:
@@ -753,10 +817,10 @@ def _run_one(sock: socket.socket, cfg: dict[str, Any], fds: list[int]) -> dict[s
     init = None
     report = b""
     timed_out = False
-    skip = {1, os.getpid(), tester or 0}  # bubblewrap's init, the zygote, the tester
+    skip = {1, os.getpid(), _TESTER.pid or 0}  # bubblewrap's init, the zygote, the tester
     deadline_tick = time.monotonic()
     governor = _Governor(cfg.get("cpu_share"))
-    watch = [sock, report_r, init_r]
+    watch: list[Any] = [sock, init_r, _TESTER.sock if function else report_r]
     pidfd = os.pidfd_open(sample)
     watch.append(pidfd)
     sample_done = report_done = False
@@ -773,6 +837,14 @@ def _run_one(sock: socket.socket, cfg: dict[str, Any], fds: list[int]) -> dict[s
             report += chunk
             if not chunk or len(report) >= 256:
                 watch.remove(report_r)
+                report_done = True
+        if function and _TESTER.sock in ready:
+            reply = _TESTER.sock.recv(1024)
+            if not reply:  # the tester died: no verdict
+                watch.remove(_TESTER.sock)
+                report_done = True
+            elif reply.partition(b" ")[0] == tag:  # else a late verdict of an earlier sample
+                report = reply.partition(b" ")[2]
                 report_done = True
         if pidfd in ready:
             watch.remove(pidfd)
@@ -793,7 +865,7 @@ def _run_one(sock: socket.socket, cfg: dict[str, Any], fds: list[int]) -> dict[s
                 break
             governor.tick(now, cpu, pids)
     _kill(init)
-    _kill(tester)
+    tester = _TESTER.kill() if function and not report else None  # it may be stuck: a new one
     if governor.stopped:
         governor.release()  # a stopped process dies of SIGKILL too, but do not leave any stopped
     if init is None or not cfg["isolate"]:
@@ -839,6 +911,9 @@ def zygote(sock_fd: int) -> None:
     sock = socket.socket(fileno=sock_fd)
     _libc()
     _SECCOMP = seccomp_program()
+    # Objects made so far are never collected: a forked process's collector then leaves their
+    # pages shared instead of touching (and so copying) them.
+    gc.freeze()
     sock.send(b"ready")
     while True:
         msg, fds, _, _ = socket.recv_fds(sock, 1 << 16, 8)
