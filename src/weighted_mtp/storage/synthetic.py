@@ -150,15 +150,15 @@ class ProblemBuilder:
         self.dropped += 1
         return False
 
-    def mutants(self) -> list[tuple[Style, Mutation]]:
-        """Up to MAX_INCORRECT mutants that fail a test, as many different kinds as possible."""
+    def mutants(self, limit: int | None = MAX_INCORRECT) -> list[tuple[Style, Mutation]]:
+        """Up to ``limit`` mutants (None: all) that fail a test, of as many kinds as possible."""
         candidates = [(s, m) for s in self.family.styles for m in s.mutations]
         self.rng.shuffle(candidates)
         chosen: list[tuple[Style, Mutation]] = []
         kinds: set[str] = set()
         for fresh_kind_only in (True, False):
             for style, mutation in candidates:
-                if len(chosen) >= MAX_INCORRECT or (style, mutation) in chosen:
+                if (limit is not None and len(chosen) >= limit) or (style, mutation) in chosen:
                     continue
                 if fresh_kind_only and mutation.kind in kinds:
                     continue
@@ -189,9 +189,10 @@ class ProblemBuilder:
             raise AssertionError(f"{self.family.name}: the reference crashed")  # a bug here
         return {"input": [self.text(d) for d in data], "output": outputs}
 
-    def row(self, name: str) -> dict[str, Any]:
+    def row(self, name: str, every_mutation: bool = False) -> dict[str, Any]:
+        """The problem's source row; ``every_mutation`` keeps all the family's mutants (tests)."""
         self.draw_tests()
-        mutants = self.mutants()
+        mutants = self.mutants(None if every_mutation else MAX_INCORRECT)
         correct = [render(style, self.params).code for style in self.family.styles]
         wrong = [render(style, self.params, mutation) for style, mutation in mutants]
         return {
