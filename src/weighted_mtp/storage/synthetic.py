@@ -155,13 +155,16 @@ class ProblemBuilder:
         candidates = [(s, m) for s in self.family.styles for m in s.mutations]
         self.rng.shuffle(candidates)
         chosen: list[tuple[Style, Mutation]] = []
+        tried: set[tuple[str, int]] = set()
         kinds: set[str] = set()
         for fresh_kind_only in (True, False):
             for style, mutation in candidates:
-                if (limit is not None and len(chosen) >= limit) or (style, mutation) in chosen:
+                key = (style.name, style.mutations.index(mutation))
+                if (limit is not None and len(chosen) >= limit) or key in tried:
                     continue
                 if fresh_kind_only and mutation.kind in kinds:
                     continue
+                tried.add(key)
                 if self.fails(mutation.bug):
                     chosen.append((style, mutation))
                     kinds.add(mutation.kind)
