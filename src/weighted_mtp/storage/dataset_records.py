@@ -140,7 +140,9 @@ def _mutations(
             where,
             f"field '{label}' should hold start, end and kind lists, one per incorrect solution",
         )
-    original = value.get("original") or [None] * len(incorrect)
+    original = value.get("original")
+    if not isinstance(original, list) or len(original) != len(incorrect):
+        original = [None] * len(incorrect)
     spans = []
     for i, (start, end, kind) in enumerate(
         zip(value["start"], value["end"], value["kind"], strict=True)
@@ -179,9 +181,8 @@ class Problem:
     tests: dict[str, dict[str, list[str]]]
     solutions: list[tuple[int, str]]
     incorrect_solutions: list[tuple[int, str]]
-    mutations: list[dict[str, Any]] | None = (
-        None  # per incorrect solution, when the source has them
-    )
+    # Per incorrect solution, when the source has the mutation column.
+    mutations: list[dict[str, Any]] | None = None
 
     @property
     def time_limit_seconds(self) -> float | None:
