@@ -112,6 +112,44 @@ def add_verify_args(parser: argparse.ArgumentParser) -> None:
     add_storage_arg(parser)
 
 
+def add_synthetic_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out", required=True, help="folder to write code_contests/data/{train,valid,test}-*"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
+    parser.add_argument(
+        "--problems",
+        type=int,
+        nargs="+",
+        metavar="N",
+        default=None,
+        help="problems per split: TRAIN [VALID [TEST]] (default 1000 100 100; "
+        "VALID and TEST default to TRAIN/10, at least 1)",
+    )
+
+
+def run_synthetic(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from weighted_mtp.storage import synthetic
+
+    problems = None
+    if args.problems is not None:
+        if len(args.problems) > 3:
+            raise UsageError("--problems takes at most 3 counts: TRAIN [VALID [TEST]]")
+        train = args.problems[0]
+        rest = [*args.problems[1:], *[max(1, train // 10)] * (3 - len(args.problems))]
+        problems = dict(zip(synthetic.SPLITS, [train, *rest[:2]], strict=True))
+    summary = synthetic.run(Path(args.out), seed=args.seed, problems=problems)
+    for split, counts in summary["splits"].items():
+        print(
+            f"synthetic {split}: {counts['problems']} problems, {counts['correct']} correct and "
+            f"{counts['incorrect']} incorrect solutions, {counts['tests']} tests"
+        )
+    print(f"wrote {Path(args.out) / 'code_contests'} in {summary['seconds']:.1f} s")
+    return 0
+
+
 def run_models(args: argparse.Namespace) -> int:
     from weighted_mtp.storage import models
 
@@ -397,6 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
         storage_cmds.add_parser("datasets", help="process datasets into the seed's schema")
     )
     add_verify_args(storage_cmds.add_parser("verify", help="check integrity and schemas"))
+    add_synthetic_args(
+        storage_cmds.add_parser(
+            "synthetic", help="write a known-answer CodeContests source (mutation spans kept)"
+        )
+    )
     add_train_args(commands.add_parser("train", help="train a recipe from a config file"))
     add_score_args(commands.add_parser("score", help="score pre-generated samples in the sandbox"))
     add_evaluate_args(
@@ -415,6 +458,7 @@ HANDLERS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
     ("storage", "models"): run_models,
     ("storage", "datasets"): run_datasets,
     ("storage", "verify"): run_verify,
+    ("storage", "synthetic"): run_synthetic,
     ("train", None): run_train,
     ("score", None): run_score,
     ("evaluate", None): run_evaluate,

@@ -391,5 +391,8 @@ def schema_for(build: Build) -> dict[str, Any]:
             "(null when built with --no-token-lengths)",
             "CodeContests: Python 3 solutions only unless --include-python2; records over "
             "--max-length tokens dropped; correct records of a problem come first",
+            "CodeContests: an incorrect record from a source with mutation spans (wmtp storage "
+            "synthetic) has metadata.mutation = {start, end, kind, original}: character offsets "
+            "into output of the one mutated site",
         ],
     }

@@ -17,6 +17,8 @@ from weighted_mtp.base.errors import UserError
 PYTHON2, PYTHON3 = 1, 3
 LANGUAGES = {0: "unknown", 1: "python2", 2: "cpp", 3: "python3", 4: "java"}
 TASK_SUFFIX = re.compile(r"_(?:correct|incorrect)_\d+$")
+# Optional source column: per incorrect solution, the span of its one mutation (docs/DATA.md §4).
+MUTATION_COLUMN = "incorrect_solutions_mutation"
 
 ALPACA_FIELDS = ("instruction", "input", "output", "task_id")
 REQUIRED_FIELDS = {
@@ -121,6 +123,47 @@ def _solutions(raw: dict[str, Any], key: str, where: str) -> list[tuple[int, str
     return list(zip(languages, codes, strict=True))
 
 
+def _mutations(
+    raw: dict[str, Any], where: str, incorrect: list[tuple[int, str]]
+) -> list[dict[str, Any]] | None:
+    """The optional mutation spans: ``{start, end, kind, original}`` lists, one entry per
+    incorrect solution, ``0 <= start < end <= len(solution)`` (docs/DATA.md §4)."""
+    value = raw.get(MUTATION_COLUMN)
+    if value is None:
+        return None
+    label = MUTATION_COLUMN
+    if not isinstance(value, dict) or not all(
+        isinstance(value.get(k), list) and len(value[k]) == len(incorrect)
+        for k in ("start", "end", "kind")
+    ):
+        raise BadRecord(
+            where,
+            f"field '{label}' should hold start, end and kind lists, one per incorrect solution",
+        )
+    original = value.get("original")
+    if not isinstance(original, list) or len(original) != len(incorrect):
+        original = [None] * len(incorrect)
+    spans = []
+    for i, (start, end, kind) in enumerate(
+        zip(value["start"], value["end"], value["kind"], strict=True)
+    ):
+        code = incorrect[i][1]
+        if not (isinstance(start, int) and isinstance(end, int) and isinstance(kind, str)):
+            raise BadRecord(
+                where, f"field '{label}' entry {i}: start/end should be ints, kind a string"
+            )
+        if not 0 <= start < end <= len(code):
+            raise BadRecord(
+                where,
+                f"field '{label}' entry {i}: span [{start}, {end}) is not inside the solution",
+            )
+        span: dict[str, Any] = {"start": start, "end": end, "kind": kind}
+        if isinstance(original[i], str):
+            span["original"] = original[i]
+        spans.append(span)
+    return spans
+
+
 @dataclass
 class Problem:
     """One CodeContests problem, checked."""
@@ -138,6 +181,8 @@ class Problem:
     tests: dict[str, dict[str, list[str]]]
     solutions: list[tuple[int, str]]
     incorrect_solutions: list[tuple[int, str]]
+    # Per incorrect solution, when the source has the mutation column.
+    mutations: list[dict[str, Any]] | None = None
 
     @property
     def time_limit_seconds(self) -> float | None:
@@ -180,6 +225,7 @@ def parse_codecontests(raw: dict[str, Any], where: str, names: ProblemNames) -> 
         solutions=_solutions(raw, "solutions", where),
         incorrect_solutions=_solutions(raw, "incorrect_solutions", where),
     )
+    problem.mutations = _mutations(raw, where, problem.incorrect_solutions)
     if not 0 <= problem.difficulty <= 28:
         raise BadRecord(where, f"field 'difficulty' should be 0..28, got {problem.difficulty}")
     if not name.strip():
@@ -201,6 +247,16 @@ def codecontests_records(
             if language not in keep:
                 dropped[LANGUAGES[language]] += 1
                 continue
+            metadata = {
+                "source": "code_contests",
+                "difficulty": problem.difficulty,
+                "has_tests": has_tests,
+                "problem_id": problem.problem_id,
+                "language": LANGUAGES[language],
+            }
+            if not is_correct and problem.mutations is not None:
+                # Offsets into ``output``, which is the solution text unchanged.
+                metadata["mutation"] = dict(problem.mutations[i])
             records.append(
                 {
                     "instruction": problem.description,
@@ -208,13 +264,7 @@ def codecontests_records(
                     "output": code,
                     "task_id": f"{problem.problem_id}_{kind}_{i}",
                     "is_correct": is_correct,
-                    "metadata": {
-                        "source": "code_contests",
-                        "difficulty": problem.difficulty,
-                        "has_tests": has_tests,
-                        "problem_id": problem.problem_id,
-                        "language": LANGUAGES[language],
-                    },
+                    "metadata": metadata,
                 }
             )
     return records, dropped

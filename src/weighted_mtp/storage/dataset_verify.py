@@ -119,6 +119,8 @@ def _dataset_line_problem(record: dict[str, Any], meta: dict[str, Any], name: st
             str(meta["problem_id"])
         ):
             return "metadata.language/problem_id do not match the record"
+        if "mutation" in meta:
+            return _mutation_problem(record, meta["mutation"])
     elif name == "gsm8k":
         if not isinstance(meta["final_answer"], str) or not meta["final_answer"]:
             return "metadata.final_answer is empty"
@@ -129,6 +131,21 @@ def _dataset_line_problem(record: dict[str, Any], meta: dict[str, Any], name: st
         isinstance(meta[k], str) and meta[k] for k in ("prompt", "entry_point", "test")
     ):
         return "metadata.prompt/entry_point/test are not all non-empty strings"
+    return None
+
+
+def _mutation_problem(record: dict[str, Any], span: Any) -> str | None:
+    """An optional mutation span (docs/DATA.md §4): an incorrect record, a non-empty span of
+    ``output``, and a kind."""
+    if record["is_correct"]:
+        return "metadata.mutation on a correct solution"
+    if not isinstance(span, dict) or not isinstance(span.get("kind"), str):
+        return "metadata.mutation is not an object with a kind"
+    start, end = span.get("start"), span.get("end")
+    if not (isinstance(start, int) and isinstance(end, int)) or not (
+        0 <= start < end <= len(record["output"])
+    ):
+        return "metadata.mutation start/end are not a non-empty span of the output"
     return None
 
 
