@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from weighted_mtp.storage.dataset_sources import Origin, resolve_origin
 from weighted_mtp.base.io import StorageError, sha256_file, write_json_atomic
 from weighted_mtp.base.layout import DATASET_SPLITS, DatasetPaths, StorageLayout
+from weighted_mtp.storage.dataset_sources import Origin, resolve_origin
 
 # MBPP's few-shot split (task ids 1-10) is processed too: the 3-shot prompt uses ids 2, 3, 4.
 EXTRA_SPLITS = {"mbpp": ("prompt",)}

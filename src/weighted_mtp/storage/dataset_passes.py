@@ -15,8 +15,11 @@ from typing import Any
 
 from tqdm import tqdm
 
+from weighted_mtp.base.io import StorageError, sha256_file
+from weighted_mtp.base.layout import training_tokenizer_path
 from weighted_mtp.data.alpaca import format_text
 from weighted_mtp.data.jsonl import JsonlWriter
+from weighted_mtp.models.tokenizer import Tokenizer
 from weighted_mtp.storage.dataset_build import Build, Staging
 from weighted_mtp.storage.dataset_records import (
     METADATA_FIELDS,
@@ -33,9 +36,6 @@ from weighted_mtp.storage.dataset_records import (
     parse_codecontests,
 )
 from weighted_mtp.storage.dataset_sources import SOURCES, SourceRecord, count_problems, iter_records
-from weighted_mtp.base.io import StorageError, sha256_file
-from weighted_mtp.base.layout import training_tokenizer_path
-from weighted_mtp.models.tokenizer import Tokenizer
 
 EVAL_SPLITS = ("valid", "test")
 SOURCE_STEPS = ("process", "eval", "tests")

@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from weighted_mtp.data.jsonl import JsonlError, iter_raw_lines, parse_line
 from weighted_mtp.base.io import StorageError, atomic_path, write_json_atomic
+from weighted_mtp.data.jsonl import JsonlError, iter_raw_lines, parse_line
 
 if TYPE_CHECKING:
     from datasets import Features

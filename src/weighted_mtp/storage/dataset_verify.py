@@ -12,7 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from weighted_mtp.base.io import sha256_file
+from weighted_mtp.base.layout import DATASET_NAMES, SMALL_SIZES, DatasetPaths, StorageLayout
 from weighted_mtp.data.jsonl import JsonlError, JsonlFile, iter_jsonl, iter_raw_lines, load_index
+from weighted_mtp.storage.checks import Check
 from weighted_mtp.storage.dataset_build import dataset_splits
 from weighted_mtp.storage.dataset_metadata import MetadataBuilder
 from weighted_mtp.storage.dataset_records import (
@@ -20,9 +23,6 @@ from weighted_mtp.storage.dataset_records import (
     METADATA_FIELDS,
     REQUIRED_FIELDS,
 )
-from weighted_mtp.base.io import sha256_file
-from weighted_mtp.base.layout import DATASET_NAMES, SMALL_SIZES, DatasetPaths, StorageLayout
-from weighted_mtp.storage.checks import Check
 
 EVAL_SPLITS = ("valid", "test")
 

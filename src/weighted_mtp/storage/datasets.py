@@ -14,6 +14,8 @@ import datetime as dt
 import os
 from pathlib import Path
 
+from weighted_mtp.base.io import StorageError, write_json_atomic
+from weighted_mtp.base.layout import DATASET_NAMES, SMALL_SIZES, StorageLayout
 from weighted_mtp.data.jsonl import JsonlFile, JsonlWriter
 from weighted_mtp.data.metadata import load_problem_index
 from weighted_mtp.storage.dataset_build import Build, Options, Staging, dataset_splits
@@ -24,8 +26,6 @@ from weighted_mtp.storage.dataset_metadata import (
     split_summary,
 )
 from weighted_mtp.storage.dataset_passes import SourcePass
-from weighted_mtp.base.io import StorageError, write_json_atomic
-from weighted_mtp.base.layout import DATASET_NAMES, SMALL_SIZES, StorageLayout
 
 __all__ = ["SMALL_SEED", "dataset_splits", "run"]
 

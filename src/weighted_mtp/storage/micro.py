@@ -19,6 +19,8 @@ import json
 
 import torch
 
+from weighted_mtp.base.io import StorageError, write_json_atomic, write_sha256sums
+from weighted_mtp.base.layout import ModelPaths, StorageLayout
 from weighted_mtp.models.checkpoints import (
     _OURS_TO_HF,
     args_to_hf_config,
@@ -30,8 +32,6 @@ from weighted_mtp.models.checkpoints import (
 )
 from weighted_mtp.models.tokenizer import train_local_tokenizer
 from weighted_mtp.models.transformer import ModelArgs, Transformer, init_weights
-from weighted_mtp.base.io import StorageError, write_json_atomic, write_sha256sums
-from weighted_mtp.base.layout import ModelPaths, StorageLayout
 from weighted_mtp.storage.tokenizer_folder import write_tokenizer_folder
 
 MICRO_DIM, MICRO_FFN, MICRO_VOCAB, MICRO_HEAD_DIM = 512, 1365, 32000, 64

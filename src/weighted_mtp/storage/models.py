@@ -18,6 +18,14 @@ import torch
 import yaml
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
+from weighted_mtp.base.io import (
+    StorageError,
+    check_sha256sums,
+    copy_atomic,
+    write_sha256sums,
+    write_text_atomic,
+)
+from weighted_mtp.base.layout import MODEL_ALIASES, ModelPaths, StorageLayout
 from weighted_mtp.models.checkpoints import (
     DTYPES,
     CheckpointError,
@@ -26,15 +34,6 @@ from weighted_mtp.models.checkpoints import (
     write_safetensors,
 )
 from weighted_mtp.models.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizer
-from weighted_mtp.base.io import (
-    StorageError,
-    check_sha256sums,
-    copy_atomic,
-    write_json_atomic,
-    write_sha256sums,
-    write_text_atomic,
-)
-from weighted_mtp.base.layout import MODEL_ALIASES, ModelPaths, StorageLayout
 from weighted_mtp.storage.checks import Check
 from weighted_mtp.storage.micro import create_micro as build_micro
 from weighted_mtp.storage.tokenizer_folder import write_tokenizer_folder
@@ -383,4 +382,3 @@ def _report(checks: list[Check]) -> bool:
     for check in checks:
         say("  " + check.line())
     return all(c.ok for c in checks)
-
