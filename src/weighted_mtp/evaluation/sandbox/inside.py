@@ -6,12 +6,13 @@ project is mounted. Tests import it as an ordinary module (the codec, the seccom
 
 Roles, all forked from one pre-warmed process per jail, the *zygote*:
 
-* **sample** (``_sample``): enters fresh PID, IPC and mount namespaces and forks the sample's
-  *init* (PID 1 there), which mounts the sample's own ``/proc`` and one size-capped tmpfs (its
-  ``/tmp``, also bound on ``/var/tmp`` and ``/dev/shm``), drops every capability and forks the
-  *runner*, which sets rlimits, ``no_new_privs``, a seccomp filter and a scrubbed environment and
-  runs the candidate. When init dies the kernel kills everything left in its PID namespace; the
-  tmpfs and IPC objects go with the namespaces.
+* **sample** (``_fork_init``, ``_init``): the zygote forks the sample's *init* as PID 1 of a
+  fresh PID namespace; init enters fresh IPC, mount and network namespaces, mounts the sample's
+  own ``/proc`` and one size-capped tmpfs (its ``/tmp``, also bound on ``/var/tmp`` and
+  ``/dev/shm``), drops every capability and forks the *runner*, which sets rlimits,
+  ``no_new_privs``, a seccomp filter and a scrubbed environment and runs the candidate. When
+  init dies the kernel kills everything left in its PID namespace; the tmpfs and IPC objects
+  go with the namespaces.
 * **tester** (``_tester``, strict function tasks): one long-lived trusted process per jail
   that runs the test code of one sample at a time and calls the candidate's functions through
   a socket that carries plain data only (``encode``/``decode``). It lives outside the samples'
@@ -332,29 +333,48 @@ def _read_fd(fd: int) -> bytes:
 # --- the sample: namespaces, init, runner --------------------------------------------------------
 
 
-def _sample(cfg: dict[str, Any]) -> None:
-    """Forked from the zygote with fds 0-2 stdio, 3 program, 4 channel/report. Never returns."""
-    try:
-        os.setsid()
-        if cfg["isolate"]:
-            _call("unshare", CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWNS | CLONE_NEWNET)
-        init = os.fork()
-    except BaseException as exc:
-        _fatal(exc)
-    if init == 0:
-        _init(cfg)
-    os.write(5, b"%d\n" % init)  # the zygote kills the sample by killing its init
-    os.closerange(0, 6)  # hold nothing open: the tester sees EOF as soon as the sample is gone
-    _, status = os.waitpid(init, 0)
-    code = os.waitstatus_to_exitcode(status)
-    os._exit(code if code >= 0 else 128 - code)
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220}
+SIGCHLD_FLAG = 17  # the exit signal in clone's flags: SIGCHLD, as fork() has it
+
+
+def _fork_init(cfg: dict[str, Any], fds: dict[int, int]) -> int:
+    """Fork the sample's *init*: with isolation, PID 1 of a fresh PID namespace.
+
+    ``unshare(CLONE_NEWPID)`` would put every later child of the zygote (the tester too) in
+    that namespace, and ``--disable-userns`` denies the ``setns`` back; so the zygote makes the
+    namespace with the child, by the ``clone`` system call that ``fork()`` itself is made of,
+    with CPython's own before/after-fork hooks around it as ``os.fork`` has them."""
+    if not cfg["isolate"]:
+        return _fork(_init, fds, cfg)
+    api, libc = ctypes.pythonapi, _libc()
+    api.PyOS_BeforeFork()
+    pid = libc.syscall(ctypes.c_long(_SYS_CLONE[platform.machine()]),
+                       ctypes.c_ulong(CLONE_NEWPID | SIGCHLD_FLAG), ctypes.c_ulong(0),
+                       ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))  # fmt: skip
+    if pid == 0:
+        api.PyOS_AfterFork_Child()
+        try:
+            _arrange(fds)
+            _init(cfg)
+        except BaseException as exc:
+            _fatal(exc)
+        os._exit(HARNESS_EXIT)
+    errno = ctypes.get_errno()
+    api.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(errno, f"clone: {os.strerror(errno)}")
+    return pid
 
 
 def _init(cfg: dict[str, Any]) -> None:
-    """PID 1 of the sample's namespaces: private /proc and tmpfs, then run and reap."""
+    """PID 1 of the sample's PID namespace: fresh IPC, mount and network namespaces, a private
+    /proc and tmpfs, then the runner, reaping everything until it ends. fds: 0-2 stdio,
+    3 program, 4 channel (strict) or verdict pipe. Never returns."""
     try:
-        os.close(5)
+        os.setsid()  # the zygote's process group is not the sample's
         _call("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if cfg["isolate"]:
+            _call("unshare", CLONE_NEWIPC | CLONE_NEWNS | CLONE_NEWNET)
         if not cfg["isolate"]:  # --unsafe without a jail: a scratch dir of the same user
             import tempfile
 
@@ -400,16 +420,13 @@ def _runner(cfg: dict[str, Any]) -> None:
         os.dup2(4, 3)
         os.close(4)
         _call("prctl", PR_SET_DUMPABLE, 1, 0, 0, 0)  # its own /proc files stay its own
-        for name, value in cfg["limits"].items():
-            res = getattr(resource, name)
-            hard = resource.getrlimit(res)[1]
-            if hard != resource.RLIM_INFINITY:
-                value = min(value, hard)
+        for res, value in _rlimits(cfg["limits"]):
             resource.setrlimit(res, (value, value))
         _install_seccomp()
         os.chdir(cfg.get("workdir", "/tmp/work"))
-        os.environ.clear()
-        os.environ.update(cfg["env"])
+        if cfg["env"] != _ENV:
+            os.environ.clear()
+            os.environ.update(cfg["env"])
         sys.argv = [""]
     except BaseException as exc:
         _fatal(exc)
@@ -417,6 +434,35 @@ def _runner(cfg: dict[str, Any]) -> None:
         _serve(src)
     else:
         _run_program(src, cfg["mode"], cfg.get("nonce", ""))
+
+
+_ENV: dict[str, str] = {}  # the environment the zygote already has (so its samples inherit it)
+_RLIMITS: dict[str, list[tuple[int, int]]] = {}
+
+
+def _rlimits(limits: dict[str, int]) -> list[tuple[int, int]]:
+    """(resource, value) pairs, never above the inherited hard limits; the zygote works them
+    out once per set of limits, so a runner only sets them."""
+    key = json.dumps(limits, sort_keys=True)
+    if key not in _RLIMITS:
+        pairs = []
+        for name, value in limits.items():
+            res = getattr(resource, name)
+            hard = resource.getrlimit(res)[1]
+            pairs.append((res, value if hard == resource.RLIM_INFINITY else min(value, hard)))
+        _RLIMITS[key] = pairs
+    return _RLIMITS[key]
+
+
+def _prepare(cfg: dict[str, Any]) -> None:
+    """Per-sample work done once in the zygote instead of in every runner: the rlimits, and
+    (in a jail, where the zygote runs nothing else) the samples' environment."""
+    _rlimits(cfg["limits"])
+    if cfg["isolate"] and cfg["env"] != _ENV:
+        os.environ.clear()
+        os.environ.update(cfg["env"])
+        _ENV.clear()
+        _ENV.update(cfg["env"])
 
 
 def _run_program(src: str, mode: str, nonce: str) -> None:
@@ -799,7 +845,6 @@ def _run_one(sock: socket.socket, cfg: dict[str, Any], fds: list[int]) -> dict[s
     program, tests, stdin, out, err = fds
     function = cfg["mode"] == "function"
     report_r, report_w = os.pipe()
-    init_r, init_w = os.pipe()
     tag = b""
     if function:
         mine, theirs = socket.socketpair()
@@ -808,30 +853,23 @@ def _run_one(sock: socket.socket, cfg: dict[str, Any], fds: list[int]) -> dict[s
         chan = theirs.fileno()
     else:
         chan = report_w
-    sample = _fork(_sample, {0: stdin, 1: out, 2: err, 3: program, 4: chan, 5: init_w}, cfg)
+    init = _fork_init(cfg, {0: stdin, 1: out, 2: err, 3: program, 4: chan})
     if function:
         theirs.close()
-    for fd in (*fds, report_w, init_w):
+    for fd in (*fds, report_w):
         os.close(fd)
     sock.send(b"started")
-    init = None
     report = b""
     timed_out = False
     skip = {1, os.getpid(), _TESTER.pid or 0}  # bubblewrap's init, the zygote, the tester
     deadline_tick = time.monotonic()
     governor = _Governor(cfg.get("cpu_share"))
-    watch: list[Any] = [sock, init_r, _TESTER.sock if function else report_r]
-    pidfd = os.pidfd_open(sample)
-    watch.append(pidfd)
+    pidfd = os.pidfd_open(init)
+    watch: list[Any] = [sock, pidfd, _TESTER.sock if function else report_r]
     sample_done = report_done = False
     stopped: bytes | None = None
     while True:
         ready = select.select(watch, [], [], 0.02)[0]
-        if init_r in ready:
-            line = os.read(init_r, 64)
-            if line.strip().isdigit():
-                init = int(line)
-            watch.remove(init_r)
         if report_r in ready:
             chunk = os.read(report_r, 256)
             report += chunk
@@ -864,15 +902,13 @@ def _run_one(sock: socket.socket, cfg: dict[str, Any], fds: list[int]) -> dict[s
                 timed_out = True
                 break
             governor.tick(now, cpu, pids)
-    _kill(init)
+    _kill(init)  # with isolation the kernel kills the rest of its PID namespace
     tester = _TESTER.kill() if function and not report else None  # it may be stuck: a new one
     if governor.stopped:
         governor.release()  # a stopped process dies of SIGKILL too, but do not leave any stopped
-    if init is None or not cfg["isolate"]:
-        _kill(sample)
     if not cfg["isolate"]:
         try:
-            os.killpg(sample, signal.SIGKILL)  # the session the sample started in
+            os.killpg(init, signal.SIGKILL)  # the session the sample started in
         except OSError:
             pass
     os.set_blocking(report_r, False)
@@ -881,16 +917,16 @@ def _run_one(sock: socket.socket, cfg: dict[str, Any], fds: list[int]) -> dict[s
             report += chunk
     except BlockingIOError:
         pass
-    for fd in (report_r, init_r, pidfd):
+    for fd in (report_r, pidfd):
         os.close(fd)
-    pending = [pid for pid in (sample, tester) if pid]
+    pending = [pid for pid in (init, tester) if pid]
     rc = None
     if not (function and report.strip() not in (b"", b"no_result", b"harness_error")):
         # The exit status tells the story (compat, stdio, a candidate that went away): reap
         # now. Otherwise the tester's verdict stands, and the zygote reaps after reporting.
-        code = os.waitstatus_to_exitcode(os.waitpid(sample, 0)[1])
-        rc = 128 - code if code >= 128 else code  # exit 128+n: the sample died of signal n
-        pending.remove(sample)
+        code = os.waitstatus_to_exitcode(os.waitpid(init, 0)[1])
+        rc = 128 - code if code >= 128 else code  # init exits 128+n when the runner died of n
+        pending.remove(init)
     return {
         "rc": rc,
         "report": report[:256].decode("utf-8", "replace"),
@@ -926,7 +962,9 @@ def zygote(sock_fd: int) -> None:
                 os.close(fd)
             sock.send(b"error expected 5 descriptors")
             continue
-        result = _run_one(sock, json.loads(msg), fds)
+        cfg = json.loads(msg)
+        _prepare(cfg)
+        result = _run_one(sock, cfg, fds)
         pending = result.pop("pending")
         if result.pop("stopped") == b"":
             os._exit(0)  # the supervisor went away
