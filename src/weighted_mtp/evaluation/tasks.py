@@ -13,6 +13,7 @@ runs. Records are the processed records of ``weighted_mtp.storage.dataset_record
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -146,6 +147,7 @@ class HumanEval(Task):
         return {"program": f"{meta['prompt']}{completion}\n", "check": "function", "tests": tests}
 
 
+@functools.lru_cache(maxsize=4096)  # every sample of a task has the same prompt
 def _trusted_prompt(prompt: str) -> str:
     """The prompt as trusted setup code: as is when it compiles (HumanEval's end with the
     docstring), else with a ``pass`` body closing its last ``def``, else nothing."""
