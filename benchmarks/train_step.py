@@ -13,6 +13,7 @@ is one JSON object of the figures.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -23,6 +24,7 @@ from weighted_mtp.config import LoraConfig
 from weighted_mtp.data.collate import IGNORE_INDEX
 from weighted_mtp.models.checkpoints import meta_to_hf_qk
 from weighted_mtp.models.transformer import ModelArgs, Transformer, init_weights
+from weighted_mtp.train.loop import compile_blocks
 from weighted_mtp.train.mtp_loss import mtp_forward_backward
 from weighted_mtp.train.recipes import apply_lora
 
@@ -30,9 +32,12 @@ TARGETS = ["wq", "wk", "wv", "wo"]
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def ours(model: Transformer, rank: int, device: str, dtype: torch.dtype):
+def ours(model: Transformer, rank: int, device: str, dtype: torch.dtype, compile: bool = False):
     model = model.to(device=device, dtype=dtype)
+    torch.manual_seed(1)  # the same LoRA initialisation, compiled or not
     apply_lora(model, LoraConfig(rank=rank, alpha=2 * rank, dropout=0.0, targets=TARGETS))
+    if compile:
+        compile_blocks(model)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -116,6 +121,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled run")
     opts = parser.parse_args()
     batch, seq, reps = (2, 256, 3) if opts.quick else (opts.batch, opts.seq, 7)
     dtype = getattr(torch, opts.dtype)
@@ -131,6 +137,7 @@ def main() -> None:
     )
     base = Transformer(args)
     init_weights(base, seed=0)
+    compiled_base = None if opts.no_compile else copy.deepcopy(base)
     theirs_step = theirs(base, args, opts.rank, opts.device, dtype)
     _, ours_step = ours(base, opts.rank, opts.device, dtype)
     sync = torch.cuda.synchronize if opts.device.startswith("cuda") else (lambda: None)
@@ -138,15 +145,36 @@ def main() -> None:
     full = tokens.clone()
     half = tokens.clone()
     half[:, : seq // 2] = IGNORE_INDEX
+    steps = [ours_step, theirs_step]
     figures = {}
+    first_compiled_s = None
+    if compiled_base is not None:
+        _, compiled_step = ours(compiled_base, opts.rank, opts.device, dtype, compile=True)
+        sync()
+        start = time.perf_counter()
+        compiled_step(tokens, full)  # compiles the blocks' forward and backward graphs
+        sync()
+        first_compiled_s = time.perf_counter() - start
+        steps.append(compiled_step)
     for case, labels in (("no_prompt", full), ("half_prompt", half)):
-        a, b = interleaved_tokens_per_s([ours_step, theirs_step], tokens, labels, 1, reps, sync)
+        rates = interleaved_tokens_per_s(steps, tokens, labels, 1, reps, sync)
+        a, b = rates[:2]
         figures[f"ours_tokens_per_s_{case}"] = round(a, 1)
         figures[f"hf_peft_tokens_per_s_{case}"] = round(b, 1)
         figures[f"ratio_{case}"] = round(a / b, 3)
         print(
             f"{case:12s} ours {a:9.1f} tok/s   transformers+PEFT {b:9.1f} tok/s   ratio {a / b:.2f}x"
         )
+        if first_compiled_s is not None:
+            c = rates[2]
+            figures[f"compiled_tokens_per_s_{case}"] = round(c, 1)
+            figures[f"compiled_vs_eager_{case}"] = round(c / a, 3)
+            print(f"{case:12s} ours compiled {c:9.1f} tok/s   eager {a:9.1f} tok/s   "
+                  f"ratio {c / a:.2f}x")  # fmt: skip
+    if first_compiled_s is not None:
+        compile_s = first_compiled_s - tokens.numel() / figures["compiled_tokens_per_s_no_prompt"]
+        figures["compile_s"] = round(compile_s, 1)
+        print(f"compilation: {compile_s:.1f} s (first compiled step {first_compiled_s:.1f} s)")
     print(
         f"shape: B {batch} T {seq} d {opts.dim} layers {opts.layers} V 32000, LoRA r {opts.rank} "
         f"on {','.join(TARGETS)}, {opts.dtype} on {opts.device}"

@@ -424,6 +424,56 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORT_HELP = """\
+Write a trained policy (LoRA adapters merged) or a storage model for other tools.
+
+--format hf: head 1 (the trunk plus the next-token block) as a Hugging Face Llama folder
+(config.json, generation_config.json, model.safetensors, tokenizer files) that
+transformers, vLLM, lm-eval or bigcode-evaluation-harness load as a plain LLaMA; the other
+heads are left out. --format meta: every head as consolidated.pth + params.json in Meta's
+layout, which `wmtp train` (model.path) and `wmtp evaluate` read back.
+"""
+
+
+def add_export_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "source",
+        help="a training checkpoint folder (or checkpoints/<experiment>[/<run>]: its newest "
+        "final), a storage model name (micro-mtp) or a model folder",
+    )
+    parser.add_argument("out", help="the folder to write (must be absent or empty)")
+    parser.add_argument(
+        "--format", choices=("hf", "meta"), default="hf", help="hf (head 1) or meta (all heads)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="dtype of the written weights (default auto: the base model's stored dtype; "
+        "adapters are merged in float32 first)",
+    )
+    parser.add_argument("--force", action="store_true", help="replace OUT if it is not empty")
+    add_storage_arg(parser)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from weighted_mtp.models.checkpoints import DTYPES
+    from weighted_mtp.models.export import export
+    from weighted_mtp.train.checkpoint import load_policy
+
+    policy = load_policy(StorageLayout.from_arg(args.storage), args.source)
+    dtype = policy.stored_dtype if args.dtype == "auto" else DTYPES[args.dtype]
+    out = export(policy.model, args.format, args.out, policy.tokenizer_model, dtype, args.force)
+    what = "trained checkpoint" if policy.trained else "model"
+    heads = "head 1" if args.format == "hf" else f"{policy.model.n_future_tokens} heads"
+    tokenizer = policy.tokenizer_model or "none found, no tokenizer written"
+    print(
+        f"exported {what} {policy.source} ({heads}, {str(dtype).removeprefix('torch.')}) to {out}"
+    )
+    print(f"tokenizer: {tokenizer}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wmtp", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -451,6 +501,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     add_report_args(commands.add_parser("report", help="an HTML report of training runs"))
+    add_export_args(
+        commands.add_parser(
+            "export",
+            help="write a model for transformers/vLLM (hf, head 1) or in Meta's layout (meta)",
+            description=EXPORT_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     return parser
 
 
@@ -464,6 +522,7 @@ HANDLERS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
     ("evaluate", None): run_evaluate,
     ("quickstart", None): run_quickstart,
     ("report", None): run_report,
+    ("export", None): run_export,
 }
 
 

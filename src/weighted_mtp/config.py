@@ -96,6 +96,9 @@ class TrainConfig(Section):
     head_coefficients_end: list[float] | None = None
     """If set, c_k moves linearly from ``head_coefficients`` to these over the run."""
     normalization: Literal["weight_sum", "token_count"] = "weight_sum"
+    compile: bool = False
+    """Run every transformer block through ``torch.compile`` (inductor), in place: parameter
+    and checkpoint names do not change. The first steps pay the compilation."""
 
 
 class Rho1Config(Section):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import sysconfig
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -171,3 +172,118 @@ def train_local_tokenizer(
     tmp.write_bytes(model.getvalue())
     tmp.replace(out_path)
     return TrainedTokenizer(out_path, len(files), sum(len(x) for x in lines), digest.hexdigest())
+
+
+# ---- the same tokenizer as a Hugging Face ``tokenizer.json`` ----
+
+SPACE = "\u2581"
+PROBE_TEXTS = (
+    "",
+    " ",
+    "x",
+    "  leading spaces and trailing  ",
+    "def add(a, b):\n    return a + b\n\n\nprint(add(1, 2))\n",
+    "\tif x:\n\t\ty = [i ** 2 for i in range(10)]  # squares\n",
+    's = "héllo wörld 😀 中文"; n = 1234567890',
+    "class A(object):\n    '''Doc.'''\n    pass\n",
+)
+"""Strings an exported ``tokenizer.json`` must encode exactly as SentencePiece does."""
+
+
+def hf_tokenizer_json(model_path: str | Path, dummy_prefix: bool = True) -> dict:
+    """A ``tokenizers`` BPE pipeline that gives the ids of a SentencePiece BPE model.
+
+    SentencePiece BPE merges, at every step, the adjacent pair whose concatenation is the
+    highest-scoring piece; a ``tokenizers`` BPE merges the pair of lowest rank. Ranking every
+    (left, right) split of every piece by that piece's score makes the two agree. The text is
+    normalised as SentencePiece does it (a ``▁`` prepended, spaces turned into ``▁``), with no
+    pre-tokeniser: a ``Metaspace`` pre-tokeniser would not prepend ``▁`` to a text that
+    starts with a space, and leading indentation would be split differently. Characters
+    missing from the vocabulary fall back to byte pieces (``<0x0A>``), as in SentencePiece.
+    BOS is added in front, as :meth:`Tokenizer.encode` does with ``bos=True``.
+    """
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    size = sp.get_piece_size()
+    vocab = {sp.id_to_piece(i): i for i in range(size)}
+    special = [i for i in range(size) if sp.is_control(i) or sp.is_unknown(i)]
+    merges = []
+    for i in range(size):
+        if i in special or sp.is_byte(i) or sp.is_unused(i):
+            continue
+        piece = sp.id_to_piece(i)
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                merges.append((-sp.get_score(i), i, left, right))
+    merges.sort()
+    normalizers: list[dict] = [{"type": "Replace", "pattern": {"String": " "}, "content": SPACE}]
+    if dummy_prefix:
+        normalizers.insert(0, {"type": "Prepend", "prepend": SPACE})
+    bos = sp.id_to_piece(sp.bos_id())
+    first = {"SpecialToken": {"id": bos, "type_id": 0}}
+    decoders: list[dict] = [
+        {"type": "Replace", "pattern": {"String": SPACE}, "content": " "},
+        {"type": "ByteFallback"},
+        {"type": "Fuse"},
+    ]
+    if dummy_prefix:
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [_special_token(sp.id_to_piece(i), i) for i in special],
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": None,
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [first, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [
+                first,
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"SpecialToken": {"id": bos, "type_id": 1}},
+                {"Sequence": {"id": "B", "type_id": 1}},
+            ],
+            "special_tokens": {bos: {"id": bos, "ids": [sp.bos_id()], "tokens": [bos]}},
+        },
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": sp.id_to_piece(sp.unk_id()),
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": True,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [[left, right] for _, _, left, right in merges],
+        },
+    }
+
+
+def _special_token(content: str, token_id: int) -> dict:
+    return {
+        "id": token_id,
+        "content": content,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "special": True,
+    }
+
+
+def hf_tokenizer_mismatch(
+    tokenizer_json: dict, model_path: str | Path, texts: Iterable[str] = PROBE_TEXTS
+) -> str | None:
+    """The first text whose ids or decoded text differ between the two, or None."""
+    from tokenizers import Tokenizer as FastTokenizer
+
+    fast = FastTokenizer.from_str(json.dumps(tokenizer_json))
+    ours = Tokenizer(model_path)
+    for text in texts:
+        ids = ours.encode(text, bos=True)
+        if fast.encode(text).ids != ids or fast.decode(ids) != ours.decode(ids):
+            return text
+    return None

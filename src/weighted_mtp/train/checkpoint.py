@@ -343,3 +343,57 @@ def load_critic(
         lora or None, json.loads(adapter.read_text()) if adapter.is_file() else None,
         dtype=dtype, device=device,
     )  # fmt: skip
+
+
+@dataclass
+class LoadedPolicy:
+    """A language model to hand to other tools: the weights (fp32, adapter merged), the
+    SentencePiece file it was trained with, the dtype its base model is stored in."""
+
+    model: Transformer
+    tokenizer_model: Path | None
+    stored_dtype: torch.dtype
+    source: Path
+    trained: bool
+
+
+def load_policy(layout: StorageLayout, source: str) -> LoadedPolicy:
+    """A trained policy checkpoint (or an experiment/run folder: its newest ``final``), else a
+    storage model name or model folder, as a plain fp32 model with its tokenizer file."""
+    from weighted_mtp.base.layout import training_tokenizer_path
+    from weighted_mtp.models.checkpoints import load_pretrained, locate
+
+    try:
+        ckpt: Path | None = resolve_checkpoint(layout, source)
+    except StorageError:
+        ckpt = None
+    if ckpt is not None:
+        info = read_info(ckpt)
+        if "value_head" in info:
+            raise StorageError(
+                f"{ckpt}: a critic checkpoint (value model) has no language-model head to export"
+            )
+        model_dir = resolve_model_path(layout, info["base_model"])
+        model = load_trained(ckpt, layout)
+    else:
+        try:
+            model_dir = resolve_model_path(layout, source)
+        except StorageError:
+            raise StorageError(
+                f"{source}: neither a training checkpoint nor a model (a storage model name "
+                "or a model folder)"
+            ) from None
+        model = load_pretrained(model_dir, dtype=torch.float32)
+    located = locate(model_dir)
+    stored = next(
+        located.source.dtypes[name]
+        for name, ours in located.our_names()
+        if ours == "tok_embeddings.weight"
+    )
+    own = model_dir / "tokenizer" / "tokenizer.model"
+    if not own.is_file():
+        own = model_dir / "tokenizer.model"  # Meta raw and HF folders keep it beside the weights
+    tokenizer = own if own.is_file() else training_tokenizer_path(layout)
+    return LoadedPolicy(
+        model.float().eval(), tokenizer, stored, ckpt or model_dir, ckpt is not None
+    )

@@ -69,6 +69,23 @@ def memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def compile_blocks(model: torch.nn.Module) -> int:
+    """Compile the ``forward`` of every transformer block in place; returns how many.
+
+    Blocks, not the model: the MTP loss calls ``trunk``/``head_hidden``/``unembed`` rather than
+    ``forward``, so ``torch.compile(model)`` would compile nothing it runs. Replacing each
+    block's ``forward`` attribute keeps the module tree, so parameter names (and checkpoints)
+    have no ``_orig_mod.`` prefix, and hooks around ``forward`` (FSDP's gathers, activation
+    checkpointing) stay outside the compiled code (docs/DECISIONS.md, 2026-12-01). Every
+    block has the same code, so one graph serves them all; sequence lengths are dynamic.
+    """
+    base = getattr(model, "backbone", model)  # a value model holds its Transformer there
+    blocks = [*base.layers, *base.extra_heads]
+    for block in blocks:
+        block.forward = torch.compile(block.forward, dynamic=True)
+    return len(blocks)
+
+
 def run_dir_for(config: Config, layout: StorageLayout, info: distributed.DistInfo) -> Path:
     """``checkpoints/<experiment>/<run>``; on resume without a name, the newest run."""
     base = layout.checkpoint(config.experiment)
@@ -98,6 +115,8 @@ class Trainer:
         torch.manual_seed(config.train.seed)  # identical LoRA init on every rank
         self.recipe = recipes.build(config, layout, self.device)
         self.model = self.recipe.model
+        if config.train.compile:  # after LoRA, before sharding: FSDP's hooks stay eager
+            compile_blocks(self.model)
         if self.info.enabled:
             param_dtype = (
                 torch.bfloat16 if self.device.type == "cuda" and config.train.autocast else None
