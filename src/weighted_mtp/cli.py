@@ -243,12 +243,13 @@ def add_scoring_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def check_sandbox(unsafe: bool) -> None:
-    """Probe the sandbox once, print the isolation level, refuse to go on below the minimum."""
+def check_sandbox(unsafe: bool, workers: int = 1) -> None:
+    """Probe the sandbox once, print the isolation level, refuse to go on below the minimum
+    (the ``workers`` jails start meanwhile)."""
     from weighted_mtp.evaluation.sandbox import IsolationError, require_isolation
 
     try:
-        report = require_isolation(unsafe=unsafe)
+        report = require_isolation(unsafe=unsafe, workers=workers)
     except IsolationError as err:
         raise UsageError(str(err)) from None
     print(report["summary"], file=sys.stderr, flush=True)
@@ -292,7 +293,7 @@ def run_score(args: argparse.Namespace) -> int:
     )
     task = args.dataset or "humaneval"
     samples = list(iter_jsonl(samples_path))
-    check_sandbox(args.unsafe)
+    check_sandbox(args.unsafe, args.workers)
     rows = harness.score_samples(
         samples, problems, task, args.workers, args.timeout, scoring=args.scoring
     )
@@ -354,7 +355,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     layout = StorageLayout.from_arg(args.storage)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 runs generated code
-        check_sandbox(args.unsafe)
+        check_sandbox(args.unsafe, args.workers)
     checkpoint = Path(args.checkpoint)
     out = (
         Path(args.out)

@@ -16,13 +16,17 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from weighted_mtp.base.errors import UserError
 
-INDEX_DTYPE = np.dtype("<u8")
+if TYPE_CHECKING:
+    import numpy as np
+
+# Little-endian uint64 offsets. numpy is imported where an index is read or written, so that
+# only reading JSON lines (``wmtp score``) starts without it.
+INDEX_DTYPE = "<u8"
+INDEX_ITEMSIZE = 8
 
 
 class JsonlError(UserError):
@@ -97,6 +101,8 @@ class JsonlWriter:
         return self.count - 1
 
     def _flush_index(self) -> None:
+        import numpy as np
+
         self._index.write(np.asarray(self._pending, dtype=INDEX_DTYPE).tobytes())
         self._pending = []
 
@@ -122,11 +128,15 @@ class JsonlWriter:
 
 
 def write_index(offsets: Sequence[int] | np.ndarray, index_path: str | os.PathLike[str]) -> None:
+    import numpy as np
+
     np.asarray(offsets, dtype=INDEX_DTYPE).tofile(index_path)
 
 
 def build_index(path: str | os.PathLike[str], index_path: str | os.PathLike[str]) -> int:
     """Scan ``path`` and write its index to ``index_path``; return the number of lines."""
+    import numpy as np
+
     offsets, position, count = [0], 0, 0
     with open(path, "rb") as handle, open(index_path, "wb") as out:
         for raw in handle:
@@ -144,11 +154,13 @@ def load_index(
     path: str | os.PathLike[str], index_path: str | os.PathLike[str] | None = None
 ) -> np.ndarray:
     """The offsets of ``path`` (``n_lines + 1`` entries); raise if missing or stale."""
+    import numpy as np
+
     index_path = Path(index_path) if index_path else index_path_for(path)
     if not index_path.is_file():
         raise JsonlError(f"{index_path}: index missing (rebuild with the storage datasets step)")
     raw = index_path.read_bytes()
-    if len(raw) % INDEX_DTYPE.itemsize or not raw:
+    if len(raw) % INDEX_ITEMSIZE or not raw:
         raise JsonlError(f"{index_path}: not a whole number of uint64 offsets")
     offsets = np.frombuffer(raw, dtype=INDEX_DTYPE)
     size = os.path.getsize(path)
@@ -197,6 +209,8 @@ class JsonlFile:
         Offsets are looked up in one vectorised step and the lines are read in file order,
         which keeps a cold-cache read close to sequential.
         """
+        import numpy as np
+
         wanted = np.fromiter(indices, dtype=np.int64)
         if wanted.size and (wanted.min() < 0 or wanted.max() >= len(self)):
             bad = int(wanted[(wanted < 0) | (wanted >= len(self))][0])

@@ -25,6 +25,7 @@ from weighted_mtp.evaluation.sandbox.supervisor import (
     NPROC,
     TMPFS_OPTIONS,
     jail_plan,
+    prestart,
     rerun_flips,
     run_many,
     run_program,
@@ -40,6 +41,7 @@ __all__ = [
     "IsolationError",
     "SandboxUnavailable",
     "isolation_report",
+    "prestart",
     "require_isolation",
     "rerun_flips",
     "run_many",
@@ -213,14 +215,17 @@ def _summary(report: dict[str, Any]) -> str:
     return line
 
 
-def require_isolation(unsafe: bool = False) -> dict[str, Any]:
-    """Probe the sandbox and refuse to go on below the minimum level.
+def require_isolation(unsafe: bool = False, workers: int = 1) -> dict[str, Any]:
+    """Probe the sandbox and refuse to go on below the minimum level. The jails of the first
+    ``workers`` slots start meanwhile (:func:`prestart`), so they are ready when samples come.
 
     Returns :func:`isolation_report` (print its ``summary``). Raises :class:`IsolationError`
     with a one-line message saying what to install or enable, unless ``unsafe``; with
     ``unsafe`` samples run anyway (without a jail where none can be built).
     """
     set_unsafe(unsafe)
+    if not _REPORT:
+        prestart(max(1, workers))
     report = isolation_report()
     if report["missing"] and not unsafe:
         if report["jail"] is None:

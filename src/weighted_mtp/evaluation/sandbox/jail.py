@@ -249,7 +249,12 @@ _JOIN = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 97; shift; done; shift;
 class Jail:
     """One running jail: the bubblewrap process tree with the zygote inside, and its socket."""
 
-    def __init__(self, plan: JailPlan, index: int, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, plan: JailPlan, index: int, timeout_s: float = 30.0, wait: bool = True
+    ) -> None:
+        """Start the jail; with ``wait`` (the default) also wait until its zygote is ready,
+        else :meth:`wait_ready` does (so several jails can boot side by side)."""
+        self.ready = False
         self.uid = None if plan.uid_base is None else plan.uid_base + index
         self.cgroup: Cgroup | None = None
         if plan.cgroups and self.uid is not None:
@@ -279,7 +284,16 @@ class Jail:
         finally:
             theirs.close()
         self.sock = ours
-        ours.settimeout(timeout_s)
+        self._timeout_s = timeout_s
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until the zygote says it is ready; SandboxUnavailable (jail closed) if not."""
+        if self.ready:
+            return
+        ours = self.sock
+        ours.settimeout(self._timeout_s)
         try:
             msg = ours.recv(4096)
         except OSError as exc:
@@ -296,6 +310,7 @@ class Jail:
             raise SandboxUnavailable(f"the sandbox jail did not start: {last.strip()}")
         assert self.proc.stderr is not None
         self.proc.stderr.close()
+        self.ready = True
 
     def close(self) -> None:
         """Kill the whole jail: bubblewrap's process group; --die-with-parent does the rest."""
