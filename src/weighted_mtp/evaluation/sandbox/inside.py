@@ -45,7 +45,8 @@ CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWUSER = 0x20000, 0x08000000, 0x
 CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS = 1, 4, 22, 38
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME = 1, 4, 15
+PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS = 22, 38
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 HARNESS_EXIT = 120
 PREWARM = (
@@ -315,6 +316,11 @@ def _arrange(fds: dict[int, int]) -> None:
         os.set_inheritable(target, True)
 
 
+def _name(role: bytes) -> None:
+    """Name the process after its role (``ps``, ``top`` and profilers show it)."""
+    _libc().prctl(PR_SET_NAME, ctypes.c_char_p(b"wmtp-" + role), 0, 0, 0)
+
+
 def _fatal(exc: BaseException) -> None:
     try:
         os.write(2, f"HARNESS_ERROR: {exc!r}\n".encode())
@@ -372,6 +378,7 @@ def _init(cfg: dict[str, Any]) -> None:
     3 program, 4 channel (strict) or verdict pipe. Never returns."""
     try:
         os.setsid()  # the zygote's process group is not the sample's
+        _name(b"init")
         _call("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if cfg["isolate"]:
             _call("unshare", CLONE_NEWIPC | CLONE_NEWNS | CLONE_NEWNET)
@@ -416,6 +423,7 @@ def _reap(runner: int) -> None:
 
 def _runner(cfg: dict[str, Any]) -> None:
     try:
+        _name(b"sample")
         src = _read_fd(3).decode("utf-8", "surrogateescape")
         os.dup2(4, 3)
         os.close(4)
@@ -702,6 +710,7 @@ def _tester(sock_fd: int) -> None:
     sample and the sample's stderr as descriptors, under a sequence number the verdict echoes.
     The zygote kills it whenever a sample ends without its verdict, and forks a fresh one."""
     try:
+        _name(b"tester")
         drop_capabilities()
         jobs = socket.socket(fileno=sock_fd)
         gc.freeze()
@@ -945,7 +954,7 @@ def zygote(sock_fd: int) -> None:
             pass
     global _SECCOMP
     sock = socket.socket(fileno=sock_fd)
-    _libc()
+    _name(b"zygote")
     _SECCOMP = seccomp_program()
     # Objects made so far are never collected: a forked process's collector then leaves their
     # pages shared instead of touching (and so copying) them.

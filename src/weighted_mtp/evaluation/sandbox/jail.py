@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import marshal
 import os
 import shutil
 import socket
@@ -42,6 +44,31 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 JAIL_OVERHEAD_BYTES = 256 << 20  # zygote + tester, on top of the sample's own memory cap
 PIDS_PER_JAIL = 320  # the sample's RLIMIT_NPROC (256) plus the jail's own processes
 INSIDE_SOURCE = Path(__file__).with_name("inside.py")
+# The zygote's program arrives as marshalled bytecode on a descriptor: compiled here once, so
+# the jail's interpreter does not compile inside.py itself, which would leave it about 3 MiB
+# larger, and every sample is a fork of it. The jail's Python has our minor version
+# (``interpreter``), hence our bytecode format.
+BOOTSTRAP = (
+    "import marshal,os,sys\nf=int(sys.argv[3]);b=b''\nwhile c:=os.read(f,1<<20):b+=c\n"
+    "os.close(f);exec(marshal.loads(b),{'__name__':'__main__','__builtins__':__builtins__})"
+)
+
+
+@functools.cache
+def zygote_code() -> bytes:
+    """inside.py compiled and marshalled, for the jail's interpreter."""
+    return marshal.dumps(compile(INSIDE_SOURCE.read_text(), "<sandbox>", "exec", dont_inherit=True))
+
+
+def code_fd() -> int:
+    """A fresh, inheritable memfd holding :func:`zygote_code` (one per jail: the read offset
+    is shared by whoever holds it)."""
+    fd = os.memfd_create("wmtp-zygote", 0)
+    data = memoryview(zygote_code())
+    while data:
+        data = data[os.write(fd, data) :]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
 
 
 class SandboxUnavailable(RuntimeError):
@@ -87,8 +114,9 @@ def interpreter() -> tuple[str, str]:
     )
 
 
-def bwrap_command(bwrap: str, exe: str, prefix: str, sock_fd: int) -> list[str]:
-    """The bubblewrap command line of one jail running the zygote on ``sock_fd``."""
+def bwrap_command(bwrap: str, exe: str, prefix: str, sock_fd: int, code: int) -> list[str]:
+    """The bubblewrap command line of one jail running the zygote on ``sock_fd``, its code
+    read from the descriptor ``code`` (:func:`code_fd`)."""
     cmd = [
         bwrap, "--unshare-user", "--unshare-ipc", "--unshare-pid", "--unshare-net",
         "--unshare-uts", "--unshare-cgroup-try", "--disable-userns", "--die-with-parent",
@@ -106,7 +134,7 @@ def bwrap_command(bwrap: str, exe: str, prefix: str, sock_fd: int) -> list[str]:
         "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--dir", "/var/tmp",
         "--remount-ro", "/", "--chdir", "/", "--clearenv",
         "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
-        "--", exe, "-I", "-S", "-c", INSIDE_SOURCE.read_text(), "zygote", str(sock_fd),
+        "--", exe, "-I", "-S", "-c", BOOTSTRAP, "zygote", str(sock_fd), str(code),
     ]  # fmt: skip
     return cmd
 
@@ -262,7 +290,8 @@ class Jail:
                 self.cgroup = Cgroup(f"{os.getpid()}-{index}")
                 self.cgroup.allow(self.uid)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        cmd = bwrap_command(plan.bwrap, plan.exe, plan.prefix, theirs.fileno())
+        code = code_fd()
+        cmd = bwrap_command(plan.bwrap, plan.exe, plan.prefix, theirs.fileno(), code)
         if self.cgroup is not None:
             cmd = ["/bin/sh", "-c", _JOIN, "sh", *self.cgroup.procs_files(), "--", *cmd]
         ids = {} if self.uid is None else {"user": self.uid, "group": self.uid, "extra_groups": []}
@@ -272,7 +301,7 @@ class Jail:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                pass_fds=(theirs.fileno(),),
+                pass_fds=(theirs.fileno(), code),
                 env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
                 cwd="/",
                 start_new_session=True,
@@ -283,6 +312,7 @@ class Jail:
             raise
         finally:
             theirs.close()
+            os.close(code)
         self.sock = ours
         self._timeout_s = timeout_s
         if wait:
