@@ -1,26 +1,29 @@
 """The code that runs inside a worker's jail (docs/EVALUATION.md §4).
 
-Standard library only, and no import from this package: the supervisor starts it as
-``python -I -S -c <this file's source> zygote FD`` inside bubblewrap, where nothing of the
+Standard library only, and no import from this package: the supervisor compiles it and hands
+the bytecode to ``python -I -S`` inside bubblewrap (``jail.BOOTSTRAP``), where nothing of the
 project is mounted. Tests import it as an ordinary module (the codec, the seccomp filter).
 
 Roles, all forked from one pre-warmed process per jail, the *zygote*:
 
-* **sample** (``_fork_init``, ``_init``): the zygote forks the sample's *init* as PID 1 of a
-  fresh PID namespace; init enters fresh IPC, mount and network namespaces, mounts the sample's
-  own ``/proc`` and one size-capped tmpfs (its ``/tmp``, also bound on ``/var/tmp`` and
-  ``/dev/shm``), drops every capability and forks the *runner*, which sets rlimits,
-  ``no_new_privs``, a seccomp filter and a scrubbed environment and runs the candidate. When
-  init dies the kernel kills everything left in its PID namespace; the tmpfs and IPC objects
-  go with the namespaces.
+* **sample** (``_start_sample``, ``_sample``, ``_runner``): every sample gets a fresh PID
+  namespace whose PID 1 is a *holder* that only waits (a clone sharing the zygote's memory, no
+  Python), and the sample's process is forked into it as PID 2, so programs keep the signal
+  semantics of an ordinary process. It enters fresh IPC, mount and network namespaces, mounts
+  its own ``/proc`` and one size-capped tmpfs (its ``/tmp``, also bound on ``/var/tmp`` and
+  ``/dev/shm``), drops every capability, sets rlimits, ``no_new_privs``, a seccomp filter and a
+  scrubbed environment, and runs the candidate. Killing the holder ends the namespace: the
+  kernel kills everything in it; the tmpfs and IPC objects go with the namespaces.
 * **tester** (``_tester``, strict function tasks): one long-lived trusted process per jail
   that runs the test code of one sample at a time and calls the candidate's functions through
   a socket that carries plain data only (``encode``/``decode``). It lives outside the samples'
   PID namespaces, so no candidate can see or signal it; a sample that ends without its verdict
   costs the tester its life (it may be stuck), and the next sample gets a fresh one.
-* **zygote** (``zygote``): receives one sample at a time from the supervisor (the payloads as
-  file descriptors it never reads), forks the roles, enforces the CPU-time limit of the sample's
-  processes, and reports exit status, the verdict line and CPU time back.
+* **zygote** (``zygote``): first makes itself PID 1 of a PID namespace of its own (so it can
+  return there after starting each sample's), then receives one sample at a time from the
+  supervisor (the payloads as file descriptors it never reads), starts the roles, enforces the
+  CPU-time limit of the sample's processes, and reports exit status, the verdict line and CPU
+  time back.
 """
 
 # ruff: noqa: SIM105  (the driver binds what it needs before the candidate runs; no contextlib)
@@ -339,62 +342,78 @@ def _read_fd(fd: int) -> bytes:
 # --- the sample: namespaces, init, runner --------------------------------------------------------
 
 
-_SYS_CLONE = {"x86_64": 56, "aarch64": 220}
+CLONE_VM = 0x100
 SIGCHLD_FLAG = 17  # the exit signal in clone's flags: SIGCHLD, as fork() has it
+_OWN_PID_NS = -1  # the zygote's own PID namespace, to return to after starting a sample
+_HOLDER_STACK: Any = None  # the stack of the namespace holders (one alive at a time)
 
 
-def _fork_init(cfg: dict[str, Any], fds: dict[int, int]) -> int:
-    """Fork the sample's *init*: with isolation, PID 1 of a fresh PID namespace.
+def _own_pid_namespace() -> None:
+    """Make the zygote PID 1 of a PID namespace of its own, with its own /proc.
 
-    ``unshare(CLONE_NEWPID)`` would put every later child of the zygote (the tester too) in
-    that namespace, and ``--disable-userns`` denies the ``setns`` back; so the zygote makes the
-    namespace with the child, by the ``clone`` system call that ``fork()`` itself is made of,
-    with CPython's own before/after-fork hooks around it as ``os.fork`` has them."""
+    The jail's PID namespace belongs to bubblewrap's outer user namespace (``--disable-userns``
+    runs us in a nested one), so a process here could not ``setns`` back to it; into a
+    namespace made here it can, which is what starting each sample takes (``_start_sample``).
+    The process that was the zygote stays behind, waits for it and leaves with it."""
+    global _OWN_PID_NS
+    _call("unshare", CLONE_NEWPID | CLONE_NEWNS)
+    child = os.fork()
+    if child:
+        os.closerange(3, 1 << 16)
+        _, status = os.waitpid(child, 0)
+        code = os.waitstatus_to_exitcode(status)
+        os._exit(code if code >= 0 else 128 - code)
+    _mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None)
+    _mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    _OWN_PID_NS = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _start_sample(cfg: dict[str, Any], fds: dict[int, int]) -> tuple[int, int | None]:
+    """Start a sample: ``(runner, holder)``.
+
+    In a jail, the sample gets a fresh PID namespace whose PID 1 is a *holder*: a thread-like
+    clone sharing the zygote's memory that only waits in ``pause()`` (no Python, no copy of
+    the zygote's pages). The runner is forked into that namespace as PID 2, so a candidate
+    keeps the ordinary signal semantics of a non-init process; killing the holder ends the
+    namespace and everything in it. Orphans of the sample are re-parented to the holder and
+    stay zombies until then. Without a jail (--unsafe) the sample is the runner's parent
+    process, as ``_init`` describes."""
+    global _HOLDER_STACK
     if not cfg["isolate"]:
-        return _fork(_init, fds, cfg)
-    api, libc = ctypes.pythonapi, _libc()
-    api.PyOS_BeforeFork()
-    pid = libc.syscall(ctypes.c_long(_SYS_CLONE[platform.machine()]),
-                       ctypes.c_ulong(CLONE_NEWPID | SIGCHLD_FLAG), ctypes.c_ulong(0),
-                       ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))  # fmt: skip
-    if pid == 0:
-        api.PyOS_AfterFork_Child()
-        try:
-            _arrange(fds)
-            _init(cfg)
-        except BaseException as exc:
-            _fatal(exc)
-        os._exit(HARNESS_EXIT)
-    errno = ctypes.get_errno()
-    api.PyOS_AfterFork_Parent()
-    if pid < 0:
-        raise OSError(errno, f"clone: {os.strerror(errno)}")
-    return pid
+        return _fork(_init, fds, cfg), None
+    libc = _libc()
+    if _HOLDER_STACK is None:
+        _HOLDER_STACK = ctypes.create_string_buffer(1 << 16)
+    top = (ctypes.addressof(_HOLDER_STACK) + len(_HOLDER_STACK) - 64) & ~15
+    pause = ctypes.cast(libc.pause, ctypes.c_void_p)
+    _call("unshare", CLONE_NEWPID)
+    holder = runner = None
+    try:
+        holder = libc.clone(
+            pause, ctypes.c_void_p(top), ctypes.c_int(CLONE_VM | SIGCHLD_FLAG), None
+        )
+        if holder < 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"clone: {os.strerror(errno)}")
+        runner = _fork(_sample, fds, cfg)
+    finally:
+        _call("setns", _OWN_PID_NS, CLONE_NEWPID)
+        if runner is None and holder is not None and holder > 0:
+            _kill(holder)
+            os.waitpid(holder, 0)
+    return runner, holder
 
 
-def _init(cfg: dict[str, Any]) -> None:
-    """PID 1 of the sample's PID namespace: fresh IPC, mount and network namespaces, a private
-    /proc and tmpfs, then the runner, reaping everything until it ends. fds: 0-2 stdio,
-    3 program, 4 channel (strict) or verdict pipe. Never returns."""
+def _sample(cfg: dict[str, Any]) -> None:
+    """PID 2 of the sample's PID namespace: fresh IPC, mount and network namespaces, a private
+    /proc and tmpfs, no capabilities; then the runner. fds: 0-2 stdio, 3 program, 4 channel
+    (strict) or verdict pipe. Never returns."""
     try:
         os.setsid()  # the zygote's process group is not the sample's
-        _name(b"init")
         _call("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if cfg["isolate"]:
-            _call("unshare", CLONE_NEWIPC | CLONE_NEWNS | CLONE_NEWNET)
-        if not cfg["isolate"]:  # --unsafe without a jail: a scratch dir of the same user
-            import tempfile
-
-            cfg["workdir"] = tempfile.mkdtemp(prefix="wmtp-unsafe-")
-            cfg["env"].update(HOME=cfg["workdir"], TMPDIR=cfg["workdir"])
-            drop_capabilities()
-            runner = os.fork()
-            if runner == 0:
-                _runner(cfg)
-            _reap(runner)
+        _call("unshare", CLONE_NEWIPC | CLONE_NEWNS | CLONE_NEWNET)
         _mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None)
-        # /dev is the jail's own tmpfs, shared by all its samples: read-only from here on.
-        _remount_read_only("/dev")
+        # /dev is the jail's own tmpfs, read-only since the jail started (jail.py).
         _mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
         _mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, cfg["tmpfs"].encode())
         for path in (b"/var/tmp", b"/dev/shm"):
@@ -402,7 +421,23 @@ def _init(cfg: dict[str, Any]) -> None:
         os.mkdir("/tmp/work", 0o755)
         with open("/proc/self/oom_score_adj", "w") as fh:
             fh.write("1000")  # inherited: under memory pressure the sample goes first
-        _call("prctl", PR_SET_DUMPABLE, 0, 0, 0, 0)  # init cannot be traced or read
+        drop_capabilities()
+    except BaseException as exc:
+        _fatal(exc)
+    _runner(cfg)
+
+
+def _init(cfg: dict[str, Any]) -> None:
+    """--unsafe without a jail: a scratch directory of the same user, a runner, and this
+    process reaping until it ends. fds as for ``_sample``. Never returns."""
+    try:
+        os.setsid()
+        _call("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        _name(b"init")
+        import tempfile
+
+        cfg["workdir"] = tempfile.mkdtemp(prefix="wmtp-unsafe-")
+        cfg["env"].update(HOME=cfg["workdir"], TMPDIR=cfg["workdir"])
         drop_capabilities()
         runner = os.fork()
     except BaseException as exc:
@@ -862,7 +897,7 @@ def _run_one(sock: socket.socket, cfg: dict[str, Any], fds: list[int]) -> dict[s
         chan = theirs.fileno()
     else:
         chan = report_w
-    init = _fork_init(cfg, {0: stdin, 1: out, 2: err, 3: program, 4: chan})
+    runner, holder = _start_sample(cfg, {0: stdin, 1: out, 2: err, 3: program, 4: chan})
     if function:
         theirs.close()
     for fd in (*fds, report_w):
@@ -870,10 +905,10 @@ def _run_one(sock: socket.socket, cfg: dict[str, Any], fds: list[int]) -> dict[s
     sock.send(b"started")
     report = b""
     timed_out = False
-    skip = {1, os.getpid(), _TESTER.pid or 0}  # bubblewrap's init, the zygote, the tester
+    skip = {os.getpid(), _TESTER.pid or 0}  # the zygote, the tester
     deadline_tick = time.monotonic()
     governor = _Governor(cfg.get("cpu_share"))
-    pidfd = os.pidfd_open(init)
+    pidfd = os.pidfd_open(runner)
     watch: list[Any] = [sock, pidfd, _TESTER.sock if function else report_r]
     sample_done = report_done = False
     stopped: bytes | None = None
@@ -911,13 +946,13 @@ def _run_one(sock: socket.socket, cfg: dict[str, Any], fds: list[int]) -> dict[s
                 timed_out = True
                 break
             governor.tick(now, cpu, pids)
-    _kill(init)  # with isolation the kernel kills the rest of its PID namespace
+    _kill(holder or runner)  # in a jail the kernel kills the rest of the sample's namespace
     tester = _TESTER.kill() if function and not report else None  # it may be stuck: a new one
     if governor.stopped:
         governor.release()  # a stopped process dies of SIGKILL too, but do not leave any stopped
     if not cfg["isolate"]:
         try:
-            os.killpg(init, signal.SIGKILL)  # the session the sample started in
+            os.killpg(runner, signal.SIGKILL)  # the session the sample started in
         except OSError:
             pass
     os.set_blocking(report_r, False)
@@ -928,14 +963,15 @@ def _run_one(sock: socket.socket, cfg: dict[str, Any], fds: list[int]) -> dict[s
         pass
     for fd in (report_r, pidfd):
         os.close(fd)
-    pending = [pid for pid in (init, tester) if pid]
+    pending = [pid for pid in (runner, holder, tester) if pid]
     rc = None
     if not (function and report.strip() not in (b"", b"no_result", b"harness_error")):
         # The exit status tells the story (compat, stdio, a candidate that went away): reap
         # now. Otherwise the tester's verdict stands, and the zygote reaps after reporting.
-        code = os.waitstatus_to_exitcode(os.waitpid(init, 0)[1])
-        rc = 128 - code if code >= 128 else code  # init exits 128+n when the runner died of n
-        pending.remove(init)
+        code = os.waitstatus_to_exitcode(os.waitpid(runner, 0)[1])
+        # Without a jail the runner's parent exits 128+n when the runner died of signal n.
+        rc = 128 - code if code >= 128 and not cfg["isolate"] else code
+        pending.remove(runner)
     return {
         "rc": rc,
         "report": report[:256].decode("utf-8", "replace"),
@@ -945,8 +981,11 @@ def _run_one(sock: socket.socket, cfg: dict[str, Any], fds: list[int]) -> dict[s
     }
 
 
-def zygote(sock_fd: int) -> None:
-    """Serve samples from the supervisor, one at a time, until it closes the socket."""
+def zygote(sock_fd: int, jailed: bool = False) -> None:
+    """Serve samples from the supervisor, one at a time, until it closes the socket. In a
+    jail (``jailed``) it first becomes PID 1 of a namespace of its own."""
+    if jailed:
+        _own_pid_namespace()
     for name in PREWARM:
         try:
             __import__(name)
@@ -982,5 +1021,5 @@ def zygote(sock_fd: int) -> None:
             os.waitpid(pid, 0)
 
 
-if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "zygote":
-    zygote(int(sys.argv[2]))
+if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] in ("zygote", "jailed-zygote"):
+    zygote(int(sys.argv[2]), jailed=sys.argv[1] == "jailed-zygote")

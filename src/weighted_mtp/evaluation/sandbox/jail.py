@@ -132,9 +132,9 @@ def bwrap_command(bwrap: str, exe: str, prefix: str, sock_fd: int, code: int) ->
         cmd += ["--ro-bind", prefix, prefix]
     cmd += [
         "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--dir", "/var/tmp",
-        "--remount-ro", "/", "--chdir", "/", "--clearenv",
+        "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/", "--clearenv",
         "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
-        "--", exe, "-I", "-S", "-c", BOOTSTRAP, "zygote", str(sock_fd), str(code),
+        "--", exe, "-I", "-S", "-c", BOOTSTRAP, "jailed-zygote", str(sock_fd), str(code),
     ]  # fmt: skip
     return cmd
 
