@@ -180,6 +180,9 @@ class Cgroup:
             os.chown(path, uid, -1)
 
     def set_memory(self, limit: int) -> None:
+        """Cap the jail's memory (written only when the cap changes)."""
+        if limit == getattr(self, "_memory_limit", None):
+            return
         mem = self.dirs["memory"]
         if self.version == 2:
             (mem / "memory.max").write_text(str(limit))
@@ -195,6 +198,13 @@ class Cgroup:
             tcp = mem / "memory.kmem.tcp.limit_in_bytes"
             if tcp.exists():
                 tcp.write_text(str(limit))
+        self._memory_limit = limit
+
+    def oom_kills_since_last(self) -> bool:
+        """Whether the kernel killed anything for memory in this cgroup since the last call."""
+        now = self.oom_kills()
+        before, self._oom_seen = getattr(self, "_oom_seen", 0), now  # a new cgroup has none
+        return now > before
 
     def oom_kills(self) -> int:
         mem = self.dirs["memory"]

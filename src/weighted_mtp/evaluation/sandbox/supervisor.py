@@ -293,7 +293,6 @@ def _run_in_slot(
     }
     if jail.cgroup is not None:
         jail.cgroup.set_memory((memory_mb << 20) + jails.JAIL_OVERHEAD_BYTES)
-        oom_before = jail.cgroup.oom_kills()
     fds = [
         _memfd("program", program.encode("utf-8", "surrogateescape")),
         _memfd("tests", None if tests is None else json.dumps(tests).encode()),
@@ -320,7 +319,7 @@ def _run_in_slot(
     finally:
         os.close(out_r)
         os.close(err_r)
-    oom = jail.cgroup is not None and slot.jail is jail and jail.cgroup.oom_kills() > oom_before
+    oom = jail.cgroup is not None and slot.jail is jail and jail.cgroup.oom_kills_since_last()
     stdout = sup["stdout"][:limit].decode("utf-8", errors="replace")
     stderr = sup["stderr"][-_STDERR_KEEP:].decode("utf-8", errors="replace")
     verdict = classify(check, sup["reason"], sup["done"], nonce, stderr, oom)
