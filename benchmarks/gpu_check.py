@@ -241,7 +241,7 @@ def linear_params(args: ModelArgs) -> int:
     return attn + 3 * args.dim * args.hidden_dim
 
 
-def lora_step_flops(args: ModelArgs, seq: int, rows: int, rank: int, n_targets: int = 4) -> dict:
+def lora_step_flops(args: ModelArgs, seq: int, rows: int, rank: int) -> dict:
     """FLOPs of one LoRA training step on one row of ``seq`` tokens (model FLOPs: the forward
     that activation checkpointing recomputes is not counted, so MFU is comparable with it on
     or off).
@@ -265,8 +265,10 @@ def lora_step_flops(args: ModelArgs, seq: int, rows: int, rank: int, n_targets: 
     base = 4 * n_params * seq
     unembed = 4 * args.dim * args.vocab_size * rows
     attention = blocks * 6 * seq * seq * args.dim
-    # wq/wk/wv/wo: each maps d -> d here (n_kv_heads == n_heads in these shapes).
-    lora = blocks * n_targets * 6 * rank * (2 * args.dim) * seq
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    # d_in + d_out of wq, wk, wv, wo (the LoRA targets).
+    sides = (args.dim + q) + 2 * (args.dim + kv) + (q + args.dim)
+    lora = blocks * 6 * rank * sides * seq
     total = base + unembed + attention + lora
     return {"base": base, "unembed": unembed, "attention": attention, "lora": lora,
             "total": total, "matrix_params": n_params}  # fmt: skip
