@@ -545,6 +545,9 @@ def torchrun_worker(root: Path, device_name: str) -> None:
 # ---------------------------------------------------------------- main
 
 
+PART_SECONDS: dict[str, float] = {}
+
+
 def run_part(name: str, fn: Callable[[], dict], results: dict, errors: dict, dev: Device) -> None:
     print(f"-- {name} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
@@ -559,7 +562,8 @@ def run_part(name: str, fn: Callable[[], dict], results: dict, errors: dict, dev
     finally:
         if dev.cuda:
             torch.cuda.empty_cache()
-    print(f"-- {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    PART_SECONDS[name] = round(time.perf_counter() - start, 1)
+    print(f"-- {name}: {PART_SECONDS[name]} s", file=sys.stderr, flush=True)
 
 
 def table(results: dict, errors: dict) -> list[str]:
@@ -668,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
     total = round(time.perf_counter() - started, 1)
     print("\n".join(table(results, errors)))
     print(f"total {total} s")
-    print(json.dumps({**header, **results, "errors": errors, "seconds": total}))
+    print(json.dumps({**header, **results, "errors": errors, "part_seconds": PART_SECONDS,
+                      "seconds": total}))  # fmt: skip
     return 1 if errors else 0
 
 

@@ -69,8 +69,10 @@ def test_cpu_run_reports_every_part(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["errors"] == {}
+    assert set(result["part_seconds"]) == {"lora_step", "mtp_loss", "critic", "decode",
+                                           "autocast", "torchrun"}  # fmt: skip
     assert {"device", "shape", "policy_params", "lora_step", "mtp_loss", "critic", "decode",
-            "autocast", "torchrun", "seconds"} <= result.keys()  # fmt: skip
+            "autocast", "torchrun", "part_seconds", "seconds"} <= result.keys()  # fmt: skip
     assert result["shape"] == {"dim": 128, "blocks": 5, "trunk_blocks": 1, "heads": 4,
                                "attention_heads": 1, "ffn": 512, "vocab": 1000, "seq": 64,
                                "lora_rank": 8, "dtype": "float32"}  # fmt: skip
