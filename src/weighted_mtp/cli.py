@@ -101,6 +101,12 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="build without a tokenizer in storage: no token lengths, no length filter",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes measuring token lengths (default: one per core; same output for any)",
+    )
     parser.add_argument("--force", action="store_true", help="redo steps whose outputs exist")
     add_storage_arg(parser)
 
@@ -189,6 +195,7 @@ def run_datasets(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         force=args.force,
         token_lengths=not args.no_token_lengths,
+        workers=args.workers,
     )
     return 0
 

@@ -41,6 +41,10 @@ def test_every_bad_input_error_is_a_user_error():
     "argv, message",
     [
         (["storage", "datasets", "--datasets", "bogus"], "unknown dataset bogus"),
+        (
+            ["storage", "datasets", "--datasets", "codecontests", "--workers", "0"],
+            "--workers must be at least 1, got 0",
+        ),
         (["storage", "verify", "--check", "models", "--include-small"], "--include-small"),
         (["score", "--samples", "nope.jsonl", "--dataset", "humaneval"], "no such samples file"),
         (["report", "not-a-run"], "not a run folder"),

@@ -193,3 +193,58 @@ def test_small_splits_are_whole_seeded_problems_within_budget(tmp_path, layout, 
     first = paths.small_split("train").read_bytes()
     run(layout, ["codecontests"], ["small"], source=source, force=True)
     assert paths.small_split("train").read_bytes() == first
+
+
+def test_outputs_are_byte_identical_for_any_number_of_workers(
+    tmp_path, small_tokenizer, monkeypatch, capsys
+):
+    """1, 2 and 3 tokenising processes on a synthetic source give the same files, byte for byte.
+
+    Chunks of 16 records make the pool start and keep several chunks in flight, out of order
+    in the workers but written back in order; a length cap makes the filter part of it.
+    """
+    from weighted_mtp.storage import dataset_workers, synthetic
+
+    source = tmp_path / "synthetic"
+    synthetic.run(source, seed=1, problems={"train": 40, "valid": 6, "test": 6})
+    monkeypatch.setattr(dataset_workers, "CHUNK_RECORDS", 16)
+    steps = ["process", "metadata", "eval", "tests"]
+    root = tmp_path / "storage"  # one root: the metadata names the tokenizer's path
+    target = root / "models/micro-mtp/tokenizer/tokenizer.model"
+    target.parent.mkdir(parents=True)
+    shutil.copy(small_tokenizer, target)
+    built = {}
+    for workers in (1, 2, 3):
+        run(
+            StorageLayout(root),
+            ["codecontests"],
+            steps,
+            source=source,
+            max_length=400,
+            force=True,
+            workers=workers,
+        )
+        said = capsys.readouterr().out
+        assert (f"measured by {workers} worker processes" in said) == (workers > 1)
+        folder = root / "datasets/codecontests"
+        files = {
+            p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "manifest.json"
+        }
+        manifest = json.loads((folder / "manifest.json").read_text())
+        built[workers] = files, manifest["process"]["splits"]
+    files, splits = built[1]
+    assert "processed/train.jsonl" in files and splits["train"]["records"] > 100
+    assert 0 < splits["train"]["over_max_length"] < splits["train"]["records"]
+    for workers in (2, 3):
+        assert built[workers][0].keys() == files.keys()
+        different = [name for name in files if built[workers][0][name] != files[name]]
+        assert different == [], f"{workers} workers changed {different}"
+        assert built[workers][1] == splits
+
+
+def test_workers_must_be_positive(tmp_path, layout, cc_rows):
+    source = write_cc_source(tmp_path / "src", copy.deepcopy(cc_rows[:2]))
+    with pytest.raises(StorageError, match="--workers must be at least 1, got 0"):
+        run(layout, ["codecontests"], ["process"], source=source, workers=0)

@@ -55,6 +55,11 @@ def parse_line(raw: bytes, where: str) -> dict[str, Any]:
     return record
 
 
+def encode_line(record: dict[str, Any]) -> bytes:
+    """One record as the line the storage steps write: UTF-8 JSON (no ASCII escapes) + newline."""
+    return json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"
+
+
 def iter_raw_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, bytes]]:
     """``(line number from 1, raw bytes without the newline)`` of every line."""
     with open(path, "rb") as handle:
@@ -90,7 +95,10 @@ class JsonlWriter:
 
     def write(self, record: dict[str, Any]) -> int:
         """Append one record; return its 0-based index."""
-        data = json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"
+        return self.write_line(encode_line(record))
+
+    def write_line(self, data: bytes) -> int:
+        """Append one line made by :func:`encode_line` (newline included); return its index."""
         self._handle.write(data)
         self._digest.update(data)
         self.size += len(data)

@@ -30,6 +30,8 @@ class Options:
     max_length: int = 2048
     force: bool = False
     token_lengths: bool = True
+    # Processes measuring token lengths (None: one per core); the outputs do not depend on it.
+    workers: int | None = None
 
 
 class Staging:

@@ -17,9 +17,9 @@ from tqdm import tqdm
 
 from weighted_mtp.base.io import StorageError, sha256_file
 from weighted_mtp.base.layout import training_tokenizer_path
-from weighted_mtp.data.alpaca import format_text
 from weighted_mtp.data.jsonl import JsonlWriter
 from weighted_mtp.models.tokenizer import Tokenizer
+from weighted_mtp.storage import dataset_workers
 from weighted_mtp.storage.dataset_build import Build, Staging
 from weighted_mtp.storage.dataset_records import (
     METADATA_FIELDS,
@@ -36,6 +36,7 @@ from weighted_mtp.storage.dataset_records import (
     parse_codecontests,
 )
 from weighted_mtp.storage.dataset_sources import SOURCES, SourceRecord, count_problems, iter_records
+from weighted_mtp.storage.dataset_workers import Encoded, RecordEncoder
 
 EVAL_SPLITS = ("valid", "test")
 SOURCE_STEPS = ("process", "eval", "tests")
@@ -76,15 +77,25 @@ def convert(
 
 
 class ProcessSink:
-    """``<split>.jsonl`` + index: Python solutions, templated token lengths, length filter."""
+    """``<split>.jsonl`` + index: Python solutions, templated token lengths, length filter.
+
+    Records are counted and serialised by the :class:`RecordEncoder` (worker processes) in
+    chunks of whole problems; the lines come back in order and are filtered and written here.
+    """
 
     def __init__(
-        self, writer: JsonlWriter, tokenizer: Any, max_length: int | None, include_python2: bool
+        self,
+        writer: JsonlWriter,
+        encoder: RecordEncoder,
+        max_length: int | None,
+        include_python2: bool,
     ):
-        self.writer, self.tokenizer = writer, tokenizer
+        self.writer, self.encoder = writer, encoder
         self.max_length, self.include_python2 = max_length, include_python2
         self.counts: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
+        self.chunk: list[list[dict[str, Any]]] = []
+        self.chunk_records = 0
 
     def add(self, item: Problem | dict[str, Any]) -> None:
         if isinstance(item, Problem):
@@ -95,27 +106,36 @@ class ProcessSink:
             self.dropped.update(dropped)
         else:
             records = [item]
-        kept = 0
-        for record, length in zip(records, self.measure(records), strict=True):
-            record["metadata"]["token_length"] = length
-            if self.max_length is not None and length is not None and length > self.max_length:
-                self.counts["over_max_length"] += 1
-                continue
-            self.writer.write(record)
-            kept += 1
-            if "is_correct" in record:
-                self.counts["correct" if record["is_correct"] else "incorrect"] += 1
-        self.counts["problems"] += kept > 0
+        if not records:
+            return
+        self.chunk.append(records)
+        self.chunk_records += len(records)
+        if self.chunk_records >= dataset_workers.CHUNK_RECORDS:
+            self._submit(last=False)
 
-    def measure(self, records: list[dict[str, Any]]) -> list[int | None]:
-        """Exact training length: BOS + templated prompt and response + the appended EOS."""
-        if self.tokenizer is None or not records:
-            return [None] * len(records)
-        return [
-            len(ids) + 2 for ids in self.tokenizer.encode_batch([format_text(r) for r in records])
-        ]
+    def _submit(self, last: bool) -> None:
+        if not self.chunk:
+            return
+        flags = [[r.get("is_correct") for r in group] for group in self.chunk]
+        chunk, self.chunk, self.chunk_records = self.chunk, [], 0
+        self.encoder.submit(chunk, lambda encoded: self._write(encoded, flags), last)
+
+    def _write(self, encoded: Encoded, flags: list[list[bool | None]]) -> None:
+        for lines, correct in zip(encoded, flags, strict=True):
+            kept = 0
+            for (length, line), is_correct in zip(lines, correct, strict=True):
+                if self.max_length is not None and length is not None and length > self.max_length:
+                    self.counts["over_max_length"] += 1
+                    continue
+                self.writer.write_line(line)
+                kept += 1
+                if is_correct is not None:
+                    self.counts["correct" if is_correct else "incorrect"] += 1
+            self.counts["problems"] += kept > 0
 
     def finish(self) -> dict[str, Any]:
+        self._submit(last=True)
+        self.encoder.flush()
         self.writer.close()
         return {
             "records": len(self.writer),
@@ -215,10 +235,8 @@ class SourcePass:
                 build.say(step, "up to date")
         if not pending:
             return
-        tokenizer, token_info = (
-            self._tokenizer(tokenizer_path) if "process" in pending else (None, None)
-        )
-        results = self._pass(pending, tokenizer)
+        token_info = self._tokenizer(tokenizer_path) if "process" in pending else None
+        results = self._pass(pending, tokenizer_path)
         finished = dt.datetime.now().isoformat(timespec="seconds")
         for step in pending:
             value = {"options": options[step], "splits": results[step], "finished": finished}
@@ -233,10 +251,10 @@ class SourcePass:
             return None
         return training_tokenizer_path(self.build.layout)
 
-    def _tokenizer(self, path: Path | None) -> tuple[Any, dict[str, Any]]:
-        """The tokenizer (None with --no-token-lengths) and what the manifest says of it."""
+    def _tokenizer(self, path: Path | None) -> dict[str, Any]:
+        """What the manifest says of the tokenizer (None with --no-token-lengths)."""
         if path is None:
-            return None, {"computed": False, "reason": "built with --no-token-lengths"}
+            return {"computed": False, "reason": "built with --no-token-lengths"}
         tokenizer = Tokenizer(path)
         info = {
             "computed": True,
@@ -247,7 +265,7 @@ class SourcePass:
             "max_length": self.build.options.max_length,
             "length_filter": self.build.name == "codecontests",
         }
-        return tokenizer, info
+        return info
 
     def _options(self, step: str, tokenizer_path: Path | None) -> dict[str, Any]:
         build = self.build
@@ -285,7 +303,7 @@ class SourcePass:
         return step != "process" or self.build.paths.schema.is_file()
 
     def _sinks(
-        self, split: str, steps: list[str], staging: Staging, tokenizer: Any
+        self, split: str, steps: list[str], staging: Staging, encoder: RecordEncoder
     ) -> dict[str, Any]:
         build, sinks = self.build, {}
         for step in steps:
@@ -295,7 +313,7 @@ class SourcePass:
             if step == "process":
                 max_length = build.options.max_length if build.name == "codecontests" else None
                 sinks[step] = ProcessSink(
-                    JsonlWriter(*outputs), tokenizer, max_length, build.options.include_python2
+                    JsonlWriter(*outputs), encoder, max_length, build.options.include_python2
                 )
             elif step == "eval":
                 sinks[step] = EvalSink(JsonlWriter(*outputs))
@@ -303,21 +321,27 @@ class SourcePass:
                 sinks[step] = TestsSink(outputs[0])
         return sinks
 
-    def _pass(self, steps: list[str], tokenizer: Any) -> dict[str, dict[str, Any]]:
+    def _pass(self, steps: list[str], tokenizer_path: Path | None) -> dict[str, dict[str, Any]]:
         results: dict[str, dict[str, Any]] = {step: {} for step in steps}
+        workers = self.build.options.workers or dataset_workers.default_workers()
+        encoder = RecordEncoder(str(tokenizer_path) if tokenizer_path else None, workers)
         with Staging() as staging:
             for split in self.build.splits:
-                sinks = self._sinks(split, steps, staging, tokenizer)
+                sinks = self._sinks(split, steps, staging, encoder)
                 if not sinks:
                     continue
                 try:
                     bad = self._read(split, sinks)
+                    for step, sink in sinks.items():
+                        results[step][split] = {**sink.finish(), "bad_records": bad}
                 except BaseException:
+                    encoder.close(ok=False)
                     for sink in sinks.values():
                         _close(sink)
                     raise
-                for step, sink in sinks.items():
-                    results[step][split] = {**sink.finish(), "bad_records": bad}
+            if encoder.started_pool:
+                self.build.say("process", f"token lengths measured by {workers} worker processes")
+            encoder.close()
             if "process" in steps:
                 schema = staging.path(self.build.paths.schema)
                 schema.write_text(

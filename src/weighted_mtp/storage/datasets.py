@@ -43,14 +43,21 @@ def run(
     max_length: int = 2048,
     force: bool = False,
     token_lengths: bool = True,
+    workers: int | None = None,
 ) -> None:
-    """Run ``steps`` for each dataset in ``names`` (see the module docstring)."""
+    """Run ``steps`` for each dataset in ``names`` (see the module docstring).
+
+    ``workers`` processes measure token lengths (default: one per core); the outputs are
+    byte-identical for any number.
+    """
     if max_length <= 0:
         raise StorageError(f"--max-length must be positive, got {max_length}")
+    if workers is not None and workers < 1:
+        raise StorageError(f"--workers must be at least 1, got {workers}")
     unknown = [n for n in names if n not in DATASET_NAMES] + [s for s in steps if s not in STEPS]
     if unknown:
         raise StorageError(f"unknown dataset or step {', '.join(unknown)}")
-    options = Options(include_python2, skip_bad_records, max_length, force, token_lengths)
+    options = Options(include_python2, skip_bad_records, max_length, force, token_lengths, workers)
     for name in names:
         build = Build(layout, name, options, source)
         SourcePass(build).run([s for s in ("process", "eval", "tests") if s in steps])

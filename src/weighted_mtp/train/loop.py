@@ -147,7 +147,8 @@ class Trainer:
         train = build_examples(split_files(self.layout, data, data.train_split), sampling, tok,
                                data.max_length, sampling.n_samples, rank, world)  # fmt: skip
         if self.info.enabled:  # ranks may drop different numbers of too-long examples
-            count = torch.tensor([len(train.examples)])
+            # On the run's device: NCCL reduces CUDA tensors only.
+            count = torch.tensor([len(train.examples)], device=self.device)
             torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
             train.examples = train.examples[: int(count)]
         streams = [BatchStream(train, batch_size, self.config.train.seed, tok.pad_id)]
