@@ -3,7 +3,7 @@
 For the known-answer CodeContests ``valid`` and ``test`` problems (unseen instances, unseen
 wording) of a storage tree where ``wmtp storage micro-base`` has run: Alpaca prompts (the
 pretraining format), greedy decoding of ``micro-mtp`` three ways on the same prompts, one
-process, one after the other:
+process, plain and speculative alternating prompt by prompt:
 
 * plain greedy, one prompt at a time (head 1, KV cache);
 * self-speculative greedy, one prompt at a time (heads 2-4 draft, head 1 verifies);
@@ -64,27 +64,27 @@ def main() -> None:
     spec_total = SpecStats(draft_proposed=[0, 0, 0], draft_accepted=[0, 0, 0])
     for split in args.splits.split(","):
         problems = {
-            r["task_id"]: r
-            for r in iter_jsonl(layout.dataset("codecontests").eval_file(split))
+            r["task_id"]: r for r in iter_jsonl(layout.dataset("codecontests").eval_file(split))
         }
         ids = list(problems)[: args.max_tasks] if args.max_tasks else list(problems)
         prompts = [[tok.bos_id, *tok.encode(task.prompt(problems[t], "alpaca"))] for t in ids]
         kw = {"eos_id": tok.eos_id, "stop": stop}
         plain, spec = [], []
-        t0 = time.perf_counter()
+        t_plain = t_spec = 0.0
+        # Interleaved prompt by prompt, so a change in the machine's load hits both alike.
         for p in prompts:
+            t0 = time.perf_counter()
             plain.append(generate(model, [p], args.max_new_tokens, **kw)[0])
-        t_plain = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for p in prompts:
+            t1 = time.perf_counter()
             out, stats = speculative_generate(model, p, args.max_new_tokens, **kw)
+            t_spec += time.perf_counter() - t1
+            t_plain += t1 - t0
             spec.append(out)
             spec_total.steps += stats.steps
             spec_total.tokens += stats.tokens
             for i in range(3):
                 spec_total.draft_proposed[i] += stats.draft_proposed[i]
                 spec_total.draft_accepted[i] += stats.draft_accepted[i]
-        t_spec = time.perf_counter() - t0
         t0 = time.perf_counter()
         batched = []
         for start in range(0, len(prompts), 8):

@@ -58,15 +58,15 @@ CREATED_BY = "wmtp storage micro-base"
 class MicroBaseConfig:
     """Sizes and schedule of the pretraining (defaults: docs/DATA.md §6)."""
 
-    dim: int = 192
+    dim: int = 128
     trunk_layers: int = 3
     """MTP trunk blocks; the reference has ``trunk_layers + 1`` blocks (head 1's depth)."""
     n_future_tokens: int = 4
-    attention_heads: int = 6
-    ffn_hidden_dim: int = 512
+    attention_heads: int = 4
+    ffn_hidden_dim: int = 352
     vocab_size: int = 1024
     max_length: int = 512
-    batch_size: int = 16
+    batch_size: int = 8
     steps: int = 400
     """Optimizer steps of the MTP model."""
     reference_steps: int = 400
@@ -76,6 +76,9 @@ class MicroBaseConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
+    train_prompt: bool = True
+    """Targets on the prompt's tokens too (a base model reads whole documents), not only on
+    the solution: three times the supervised tokens per forward pass (docs/DATA.md §6)."""
     max_problems: int | None = None
     """Use only the first N training problems (tests use a handful)."""
 
@@ -228,7 +231,11 @@ def train_model(
         batch = collate([examples[i] for i in batches.pop(0)], pad_id)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config, steps)
-        losses = mtp_losses(model, batch.tokens, batch.labels)
+        labels = batch.labels
+        if config.train_prompt:  # every real token but BOS is a target
+            labels = batch.tokens.masked_fill(batch.attention_mask == 0, IGNORE_INDEX)
+            labels[:, 0] = IGNORE_INDEX
+        losses = mtp_losses(model, batch.tokens, labels)
         loss = losses.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -288,6 +295,29 @@ def _progress(enabled: bool) -> Progress:
         TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), transient=True,
         disable=not enabled,
     )  # fmt: skip
+
+
+def _train_with_progress(
+    micro_type: str,
+    examples: list[EncodedExample],
+    config: MicroBaseConfig,
+    pad_id: int,
+    steps: int,
+    progress: bool,
+) -> tuple[Transformer, dict[str, Any], float]:
+    t0 = time.perf_counter()
+    every = max(1, steps // 10)
+    with _progress(progress) as bar:
+        task = bar.add_task(f"micro-{micro_type}", total=steps, loss=float("nan"))
+
+        def on_step(step: int, loss: float) -> None:
+            bar.update(task, completed=step + 1, loss=loss)
+            if (step + 1) % every == 0:  # a line per 10%: logs of non-interactive runs
+                print(f"  step {step + 1}/{steps} loss {loss:.3f} "
+                      f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+
+        model, stats = train_model(micro_type, examples, config, pad_id, steps, on_step=on_step)
+    return model, stats, time.perf_counter() - t0
 
 
 def pretrain_micro_base(
@@ -359,21 +389,9 @@ def pretrain_micro_base(
             f"({DATASET} train, correct solutions), {threads} threads",
             flush=True,
         )
-        t0 = time.perf_counter()
-        with _progress(progress) as bar:
-            task = bar.add_task(f"micro-{micro_type}", total=steps, loss=float("nan"))
-            every = max(1, steps // 10)
-
-            def on_step(step: int, loss: float) -> None:
-                bar.update(task, completed=step + 1, loss=loss)
-                if (step + 1) % every == 0:  # a line per 10%: logs of non-interactive runs
-                    print(f"  step {step + 1}/{steps} loss {loss:.3f} "
-                          f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
-
-            model, stats = train_model(
-                micro_type, examples, config, tokenizer.pad_id, steps, on_step=on_step
-            )
-        seconds = time.perf_counter() - t0
+        model, stats, seconds = _train_with_progress(
+            micro_type, examples, config, tokenizer.pad_id, steps, progress
+        )
         args = model.args
         blocks = (
             f"layers.0-{args.n_trunk_layers - 1}: shared trunk; layers.{args.n_trunk_layers}: "
@@ -397,8 +415,12 @@ def pretrain_micro_base(
             "tensor_names": "huggingface" if micro_type == "reference" else "meta",
             "parameters": sum(p.numel() for p in model.parameters()),
             "dtype": "float32",
-            "sizes": {"dim": args.dim, "ffn_hidden_dim": args.hidden_dim,
-                      "attention_heads": args.n_heads, "vocab_size": args.vocab_size},  # fmt: skip
+            "sizes": {
+                "dim": args.dim,
+                "ffn_hidden_dim": args.hidden_dim,
+                "attention_heads": args.n_heads,
+                "vocab_size": args.vocab_size,
+            },
             "tokenizer": tokenizer_info,
             "data": {
                 "dataset": f"datasets/{DATASET}/processed/train.jsonl",
