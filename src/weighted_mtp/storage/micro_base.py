@@ -66,10 +66,10 @@ class MicroBaseConfig:
     ffn_hidden_dim: int = 352
     vocab_size: int = 1024
     max_length: int = 512
-    batch_size: int = 8
-    steps: int = 400
+    batch_size: int = 4
+    steps: int = 900
     """Optimizer steps of the MTP model."""
-    reference_steps: int = 400
+    reference_steps: int = 900
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
