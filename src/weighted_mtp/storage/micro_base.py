@@ -9,7 +9,8 @@ trained on that same text, and writes them where the random ones live
 command loads them unchanged.
 
 The recipe (docs/DATA.md §6): Alpaca prompt (BOS + ``format_prompt(instruction)``) and the
-solution + EOS, prompt masked, as the training loop encodes examples; the MTP model's loss is
+solution + EOS, encoded as the training loop encodes examples, but with the prompt's tokens as
+targets too (``train_prompt``: a base model reads whole documents); the MTP model's loss is
 the mean of its heads' cross-entropies (head k predicts the token k positions ahead), the
 reference's is plain next-token cross-entropy; AdamW with linear warm-up and a cosine decay,
 gradient clipping, length-grouped batches drawn from the seed. Same seed, same data and the
@@ -424,7 +425,8 @@ def pretrain_micro_base(
             "tokenizer": tokenizer_info,
             "data": {
                 "dataset": f"datasets/{DATASET}/processed/train.jsonl",
-                "selection": "correct solutions (is_correct), prompt masked, EOS trained",
+                "selection": "correct solutions (is_correct), EOS trained, "
+                + ("prompt tokens are targets too" if config.train_prompt else "prompt masked"),
                 "records": len(records),
                 "examples": len(examples),
                 "dropped_over_max_length": len(records) - len(examples),
