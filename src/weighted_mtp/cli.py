@@ -134,6 +134,61 @@ def add_synthetic_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# Option -> MicroBaseConfig field; unset options keep the config's defaults (docs/DATA.md §7),
+# so the parser does not import torch to show them.
+MICRO_BASE_OPTIONS = {
+    "dim": (int, "width"),
+    "trunk_layers": (int, "MTP trunk blocks (the reference has one more)"),
+    "attention_heads": (int, "attention heads per block"),
+    "ffn_hidden_dim": (int, "SwiGLU hidden size"),
+    "vocab_size": (int, "pieces of the tokenizer trained on the corpus"),
+    "steps": (int, "optimizer steps of micro-mtp"),
+    "reference_steps": (int, "optimizer steps of micro-reference"),
+    "batch_size": (int, "examples per step"),
+    "lr": (float, "peak learning rate"),
+    "max_length": (int, "longest example kept, in tokens"),
+    "seed": (int, "initialisation and batch order"),
+}
+
+
+def add_micro_base_args(parser: argparse.ArgumentParser) -> None:
+    for name, (kind, what) in MICRO_BASE_OPTIONS.items():
+        parser.add_argument(
+            "--" + name.replace("_", "-"), type=kind, default=None, help=f"{what} (docs/DATA.md §7)"
+        )
+    parser.add_argument(
+        "--only", choices=("mtp", "reference"), default=None, help="pretrain one model only"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    parser.add_argument("--force", action="store_true", help="redo even if already pretrained")
+    add_storage_arg(parser)
+
+
+def run_micro_base(args: argparse.Namespace) -> int:
+    import torch
+
+    from weighted_mtp.storage.micro_base import MicroBaseConfig, pretrain_micro_base
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    given = {k: getattr(args, k) for k in MICRO_BASE_OPTIONS if getattr(args, k) is not None}
+    types = (args.only,) if args.only else ("mtp", "reference")
+    results = pretrain_micro_base(
+        StorageLayout.from_arg(args.storage), MicroBaseConfig(**given), micro_types=types,
+        force=args.force,
+    )  # fmt: skip
+    for result in results.values():
+        print(
+            f"micro-{result.micro_type}: {result.steps} steps, loss {result.first_loss:.3f} -> "
+            f"{result.final_loss:.3f}, {result.seconds:.0f} s -> {result.paths.root}"
+        )
+    return 0
+
+
 def run_synthetic(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -498,6 +553,12 @@ def build_parser() -> argparse.ArgumentParser:
             "synthetic", help="write a known-answer CodeContests source (mutation spans kept)"
         )
     )
+    add_micro_base_args(
+        storage_cmds.add_parser(
+            "micro-base",
+            help="pretrain micro-mtp and micro-reference on the CodeContests train split",
+        )
+    )
     add_train_args(commands.add_parser("train", help="train a recipe from a config file"))
     add_score_args(commands.add_parser("score", help="score pre-generated samples in the sandbox"))
     add_evaluate_args(
@@ -525,6 +586,7 @@ HANDLERS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
     ("storage", "datasets"): run_datasets,
     ("storage", "verify"): run_verify,
     ("storage", "synthetic"): run_synthetic,
+    ("storage", "micro-base"): run_micro_base,
     ("train", None): run_train,
     ("score", None): run_score,
     ("evaluate", None): run_evaluate,

@@ -13,7 +13,7 @@ import hashlib
 import io
 import json
 import sysconfig
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,10 +113,9 @@ def default_corpus() -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
 
 
-def _corpus_lines(files: list[Path], max_bytes: int, digest) -> Iterator[str]:
+def _corpus_lines(documents: Iterable[bytes], max_bytes: int, digest) -> Iterator[str]:
     total = 0
-    for path in files:
-        data = path.read_bytes()
+    for data in documents:
         if total + len(data) > max_bytes:
             break
         total += len(data)
@@ -131,8 +130,12 @@ def train_local_tokenizer(
     vocab_size: int = 32000,
     files: list[Path] | None = None,
     max_bytes: int = 50_000_000,
+    texts: Sequence[str] | None = None,
 ) -> TrainedTokenizer:
     """Train a deterministic BPE SentencePiece model with LLaMA's special ids.
+
+    The corpus is ``texts`` (documents, in the given order) when given, else ``files`` (sorted),
+    else the Python standard library; ``corpus_files`` then counts the documents.
 
     Byte fallback keeps every string encodable (newlines become ``<0x0A>`` as in LLaMA-2),
     whitespace is kept as is so indentation survives a round trip, and the input order is
@@ -140,9 +143,13 @@ def train_local_tokenizer(
     """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    files = default_corpus() if files is None else sorted(files)
+    if texts is not None:
+        documents: Sequence[bytes] = [t.encode("utf-8") for t in texts]
+    else:
+        paths = default_corpus() if files is None else sorted(files)
+        documents = _LazyBytes(paths)
     digest = hashlib.sha256()
-    lines = list(_corpus_lines(files, max_bytes, digest))
+    lines = list(_corpus_lines(documents, max_bytes, digest))
     if not lines:
         raise ValueError("tokenizer corpus is empty")
     model = io.BytesIO()
@@ -171,7 +178,22 @@ def train_local_tokenizer(
     tmp = out_path.with_name(out_path.name + ".tmp")
     tmp.write_bytes(model.getvalue())
     tmp.replace(out_path)
-    return TrainedTokenizer(out_path, len(files), sum(len(x) for x in lines), digest.hexdigest())
+    return TrainedTokenizer(
+        out_path, len(documents), sum(len(x) for x in lines), digest.hexdigest()
+    )
+
+
+class _LazyBytes(Sequence[bytes]):
+    """File contents read one at a time (the standard library is ~40 MB)."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.paths[i].read_bytes()
 
 
 # ---- the same tokenizer as a Hugging Face ``tokenizer.json`` ----

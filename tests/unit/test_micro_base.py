@@ -1,0 +1,155 @@
+"""The micro-base pretraining step on a tiny config: layout, metadata, loss, loading, decoding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from weighted_mtp.base.errors import MissingInputError, UserError
+from weighted_mtp.base.layout import StorageLayout
+from weighted_mtp.cli import main
+from weighted_mtp.evaluation.generate import generate, speculative_generate
+from weighted_mtp.models.checkpoints import load_pretrained
+from weighted_mtp.models.tokenizer import Tokenizer
+from weighted_mtp.storage.micro_base import MicroBaseConfig, mtp_losses, pretrain_micro_base
+from weighted_mtp.storage.models import verify_model
+
+TINY = MicroBaseConfig(
+    dim=32, trunk_layers=1, attention_heads=2, ffn_hidden_dim=64, vocab_size=320,
+    max_length=256, batch_size=4, steps=40, reference_steps=20, lr=1e-2, warmup_steps=4,
+)  # fmt: skip
+
+
+def _records() -> list[dict]:
+    """Correct and incorrect solutions of a few tiny stdin/stdout problems."""
+    rows = []
+    for i in range(12):
+        k = 3 + i
+        problem = f"synthetic_train_{i:05d}_add"
+        statement = f"Read an integer x and print x plus {k}.\n\nInput\n\nOne integer.\n"
+        for j, (code, ok) in enumerate(
+            [(f"x = int(input())\nprint(x + {k})\n", True),
+             (f"print(int(input()) + {k})\n", True),
+             (f"x = int(input())\nprint(x - {k})\n", False)]
+        ):  # fmt: skip
+            rows.append({
+                "instruction": statement, "input": "", "output": code,
+                "task_id": f"{problem}_{j}", "is_correct": ok,
+                "metadata": {"problem_id": problem, "source": "code_contests"},
+            })  # fmt: skip
+    return rows
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is faster, and much faster on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def layout(tmp_path) -> StorageLayout:
+    layout = StorageLayout(tmp_path / "storage")
+    path = layout.dataset("codecontests").split("train")
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in _records()))
+    return layout
+
+
+def test_pretrain_writes_loadable_models_that_learned(layout):
+    results = pretrain_micro_base(layout, TINY, progress=False)
+    assert set(results) == {"mtp", "reference"}
+    for micro_type, result in results.items():
+        paths = layout.model(f"micro-{micro_type}")
+        for path in (paths.weights, paths.checksums, paths.configs / "config.json",
+                     paths.tokenizer, paths.metadata):  # fmt: skip
+            assert path.is_file(), path
+        assert all(check.ok for check in verify_model(paths)), verify_model(paths)
+        meta = json.loads(paths.metadata.read_text())
+        assert meta["init"] == "pretrained" and meta["micro_type"] == micro_type
+        assert meta["steps"] == (40 if micro_type == "mtp" else 20)
+        assert meta["data"]["records"] == 24  # the correct solutions only
+        assert meta["sizes"]["dim"] == 32 and meta["tokenizer"]["vocab_size"] == 320
+        assert meta["wall_seconds"] > 0 and meta["seed"] == 0
+        assert result.final_loss < 0.7 * result.first_loss, (result.first_loss, result.final_loss)
+    # Both models read the same tokenizer.
+    mtp, ref = layout.model("micro-mtp"), layout.model("micro-reference")
+    assert mtp.tokenizer.read_bytes() == ref.tokenizer.read_bytes()
+
+    model = load_pretrained(mtp.root)
+    assert model.n_future_tokens == 4 and model.args.dim == 32
+    reference = load_pretrained(ref.root)
+    assert reference.n_future_tokens == 1 and reference.args.n_layers == 2
+    names = json.loads(ref.metadata.read_text())["tensor_names"]
+    assert names == "huggingface"
+    tok = Tokenizer(mtp.tokenizer)
+    prompt = [tok.bos_id, *tok.encode("### Instruction:\nRead an integer x")]
+    plain = generate(model, [prompt], 12, eos_id=tok.eos_id)[0]
+    spec, stats = speculative_generate(model, prompt, 12, eos_id=tok.eos_id)
+    assert spec == plain  # greedy self-speculative decoding reproduces plain greedy
+    assert len(stats.draft_proposed) == 3
+    assert generate(reference, [prompt], 4, eos_id=tok.eos_id)[0] is not None
+
+
+def test_same_seed_same_weights_and_rerun_is_a_no_op(layout, tmp_path, capsys):
+    config = MicroBaseConfig(**{**TINY.__dict__, "steps": 6, "reference_steps": 3})
+    pretrain_micro_base(layout, config, micro_types=("mtp",), progress=False)
+    first = layout.model("micro-mtp").checksums.read_text()
+    other = StorageLayout(tmp_path / "other")
+    other.dataset("codecontests").processed.mkdir(parents=True)
+    src = layout.dataset("codecontests").split("train")
+    other.dataset("codecontests").split("train").write_bytes(src.read_bytes())
+    pretrain_micro_base(other, config, micro_types=("mtp",), progress=False)
+    assert other.model("micro-mtp").checksums.read_text() == first
+    capsys.readouterr()
+    again = pretrain_micro_base(layout, config, micro_types=("mtp",), progress=False)
+    assert again["mtp"].skipped and "already pretrained" in capsys.readouterr().out
+
+
+def test_mtp_losses_target_k_ahead():
+    """Head k is scored on labels[t + 1 + k]: a model whose head k outputs a one-hot of that
+    token has zero loss on every head."""
+    config = MicroBaseConfig(dim=8, trunk_layers=1, attention_heads=2, ffn_hidden_dim=8,
+                             vocab_size=300)  # fmt: skip
+    tokens = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    labels = torch.tensor([[-100, -100, 7, 8, 9, 10]])
+
+    class Fake(torch.nn.Module):
+        n_future_tokens = 2
+
+        def trunk(self, t):
+            return t
+
+        def head_hidden(self, h, k):
+            # position t "predicts" the input token at t + 1 + k (shifted, padded with 0)
+            return torch.cat([h[:, 1 + k :], torch.zeros_like(h[:, : 1 + k])], dim=1)
+
+        def unembed(self, z):
+            return torch.nn.functional.one_hot(z, config.vocab_size).float() * 1e4
+
+    model = Fake()
+    losses = mtp_losses(model, tokens, labels)  # type: ignore[arg-type]
+    assert losses.shape == (2,) and torch.all(losses < 1e-3)
+
+
+def test_errors_are_one_line(tmp_path):
+    with pytest.raises(MissingInputError, match="storage synthetic"):
+        pretrain_micro_base(StorageLayout(tmp_path), TINY, progress=False)
+    with pytest.raises(UserError, match="attention_heads"):
+        MicroBaseConfig(dim=30, attention_heads=4)
+    assert main(["storage", "micro-base", "--storage", str(tmp_path), "--steps", "2"]) == 1
+
+
+def test_cli_runs_the_step(layout, capsys):
+    code = main([
+        "storage", "micro-base", "--storage", str(layout.root), "--only", "reference",
+        "--dim", "32", "--trunk-layers", "1", "--attention-heads", "2", "--ffn-hidden-dim", "64",
+        "--vocab-size", "320", "--reference-steps", "3", "--batch-size", "4", "--threads", "1",
+    ])  # fmt: skip
+    assert code == 0
+    assert "micro-reference: 3 steps" in capsys.readouterr().out
+    assert not layout.model("micro-mtp").root.exists()
