@@ -83,7 +83,6 @@ def test_runs_and_evaluation_link_read_back_through_mlflow_server(tiny_storage, 
     layout = StorageLayout(tiny_storage)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     finals = {}
-    T0 = time.time()
     for experiment in ("baseline", "ntp"):
         config = load_config(
             REPO / f"configs/local/{experiment}.yaml",
@@ -107,7 +106,6 @@ def test_runs_and_evaluation_link_read_back_through_mlflow_server(tiny_storage, 
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}",
     }
-    print("TIMING trained", time.time() - T0, file=sys.stderr)
     scored = subprocess.run(
         [sys.executable, "-m", "weighted_mtp", "score", "--samples", str(samples),
          "--dataset", "humaneval", "--storage", str(tiny_storage), "--mlflow-uri", uri],
@@ -117,7 +115,6 @@ def test_runs_and_evaluation_link_read_back_through_mlflow_server(tiny_storage, 
     summary = json.loads(scored.stdout.strip().splitlines()[-1])
     assert summary["pass_at_k"]["pass@1"]["mean"] == pytest.approx(2 / 3)
 
-    print("TIMING scored", time.time() - T0, file=sys.stderr)
     # `wmtp report` by run id: the ntp run's id, and the baseline run through its id.
     out = tmp_path / "report"
     ids = [records["ntp"]["run_id"], records["baseline"]["run_id"]]
@@ -132,9 +129,7 @@ def test_runs_and_evaluation_link_read_back_through_mlflow_server(tiny_storage, 
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
     )  # fmt: skip
     try:
-        print("TIMING reported", time.time() - T0, file=sys.stderr)
         _wait_until_up(base, server)
-        print("TIMING up", time.time() - T0, file=sys.stderr)
         experiments = _post(base, "/api/2.0/mlflow/experiments/search", {"max_results": 100})
         ids_by_name = {e["name"]: e["experiment_id"] for e in experiments["experiments"]}
         assert {"baseline", "ntp", EVAL_EXPERIMENT} <= set(ids_by_name)

@@ -80,6 +80,8 @@ class MetricLogger:
         # ``run_dir`` None: MLflow (and the console) only, e.g. one evaluation summary.
         self.path = run_dir / "metrics.jsonl" if run_dir is not None else None
         self._mlflow: _MlflowRun | None = None
+        self.run_id: str | None = None
+        """The MLflow run id (kept after ``close``), None without MLflow."""
         if not enabled:
             return
         if run_dir is not None:
@@ -95,6 +97,7 @@ class MetricLogger:
             self._mlflow = _MlflowRun(
                 mlflow_uri, experiment, run_name, scrub(params or {}), tags or {}, resume_id
             )
+            self.run_id = self._mlflow.run_id
             if record_dir is not None:
                 record_dir.mkdir(parents=True, exist_ok=True)
                 write_json_atomic(
@@ -107,11 +110,6 @@ class MetricLogger:
                         "tracking_uri": mlflow_uri,
                     },
                 )
-
-    @property
-    def run_id(self) -> str | None:
-        """The MLflow run id, None without MLflow."""
-        return self._mlflow.run_id if self._mlflow is not None else None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
