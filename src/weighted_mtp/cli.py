@@ -451,9 +451,14 @@ def run_ui(args: argparse.Namespace) -> int:
     port = tracking.free_port(args.host, args.port)
     command = tracking.server_command(uri, args.host, port, layout.root / "mlartifacts")
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    url = f"http://{args.host}:{port}"
+    print(f"starting MLflow's server on {uri} ...", flush=True)
     server = subprocess.Popen(command, env=env)
-    print(f"MLflow UI: http://{args.host}:{port}  (store {uri}; Ctrl-C stops it)", flush=True)
     try:
+        if tracking.wait_for_server(url, server, 300):
+            print(f"MLflow UI: {url}  (Ctrl-C stops it)", flush=True)
+        elif server.poll() is None:
+            print(f"MLflow UI (still starting): {url}  (Ctrl-C stops it)", flush=True)
         return server.wait()
     except KeyboardInterrupt:
         server.send_signal(signal.SIGINT)

@@ -9,8 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from importlib import util
@@ -33,6 +31,7 @@ from weighted_mtp.train.tracking import (
     read_run_record,
     server_command,
     ui_missing,
+    wait_for_server,
 )
 
 pytestmark = pytest.mark.slow
@@ -58,20 +57,6 @@ def _get(base: str, path: str, **query: str) -> dict:
     url = f"{base}{path}?{urllib.parse.urlencode(query)}"
     with urllib.request.urlopen(url, timeout=30) as response:
         return json.loads(response.read())
-
-
-def _wait_until_up(base: str, server: subprocess.Popen, seconds: float = 90.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"mlflow server exited with {server.returncode}")
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.5)
-    raise AssertionError(f"mlflow server not answering at {base} after {seconds:.0f} s")
 
 
 @pytest.mark.skipif(
@@ -129,7 +114,7 @@ def test_runs_and_evaluation_link_read_back_through_mlflow_server(tiny_storage, 
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
     )  # fmt: skip
     try:
-        _wait_until_up(base, server)
+        assert wait_for_server(base, server, 180), "mlflow server did not answer /health"
         experiments = _post(base, "/api/2.0/mlflow/experiments/search", {"max_results": 100})
         ids_by_name = {e["name"]: e["experiment_id"] for e in experiments["experiments"]}
         assert {"baseline", "ntp", EVAL_EXPERIMENT} <= set(ids_by_name)

@@ -368,6 +368,22 @@ def free_port(host: str, preferred: int) -> int:
     raise UserError(f"no free port on {host}")
 
 
+def wait_for_server(url: str, server: subprocess.Popen, seconds: float) -> bool:
+    """Poll ``<url>/health`` until the server answers (True), exits or ``seconds`` pass."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    return False
+
+
 def server_command(uri: str, host: str, port: int, artifacts: Path) -> list[str]:
     """``mlflow server`` on the store ``uri``, listening on ``host:port`` only."""
     return [
