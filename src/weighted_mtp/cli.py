@@ -430,8 +430,12 @@ def resolve_run(arg: str, uri: str):
 
 
 def add_ui_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--port", type=int, default=5000, help="(default 5000, else a free one)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument(
+        "--port", type=int, default=5000, help="port (default 5000; a free one when it is taken)"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
     add_mlflow_args(parser, "")
     add_storage_arg(parser)
 
