@@ -114,5 +114,8 @@ def test_a_resumed_logger_continues_its_mlflow_run(tmp_path):
     fresh = MetricLogger(run, mlflow_uri=uri, experiment="e", run_name="r")
     fresh.close()
     assert again.run_id == first.run_id != fresh.run_id
+    assert json.loads((run / RUN_RECORD).read_text())["run_id"] == fresh.run_id
+    MetricLogger(run).close()  # a fresh untracked run drops the stale record
+    assert not (run / RUN_RECORD).exists()
     history = tracking.client(uri).get_metric_history(first.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.0)]

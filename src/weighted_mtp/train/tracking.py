@@ -86,8 +86,12 @@ class MetricLogger:
             return
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
+        record_dir = record_dir or run_dir
+        if not mlflow_uri and not resume and record_dir is not None:
+            # A fresh untracked run in a folder a tracked one used: the old record would link
+            # an evaluation of this run to that one.
+            (record_dir / RUN_RECORD).unlink(missing_ok=True)
         if mlflow_uri:
-            record_dir = record_dir or run_dir
             previous = read_run_record(record_dir) if resume and record_dir else None
             resume_id = (
                 previous["run_id"]
