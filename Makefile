@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup bwrap quickstart test lint format clean
+.PHONY: setup bwrap quickstart ui test lint format clean
 
 $(BIN)/wmtp: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,14 @@ bwrap:
 # baseline, ref_tuning -> rho1, evaluation with self-speculative decoding, the report.
 quickstart: setup
 	$(BIN)/wmtp quickstart
+
+# MLflow's UI on the storage's runs (127.0.0.1, port 5000 or a free one; PORT=5001, STORAGE=dir).
+# The full mlflow package is the optional `ui` extra: installed here when missing.
+ui: setup
+	@$(BIN)/python -c "import flask, importlib.metadata as m; m.version('mlflow')" 2>/dev/null || \
+	  $(BIN)/pip install -q torch==2.13.0 -e '.[dev,ui]' || { \
+	  echo "could not install the ui extra: run $(BIN)/pip install -e '.[ui]' where PyPI is reachable"; exit 1; }
+	$(BIN)/wmtp ui $(if $(PORT),--port $(PORT)) $(if $(STORAGE),--storage $(STORAGE))
 
 test: setup
 	$(BIN)/ruff check .

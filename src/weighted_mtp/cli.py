@@ -333,6 +333,13 @@ def add_score_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=5.0, help="CPU seconds per program (wall: 3 x that + 1 s)"
     )
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="the checkpoint the samples came from, to link the MLflow run to its training "
+        "run (default: the training run folder above --samples, if any)",
+    )
+    add_mlflow_args(parser)
     add_scoring_arg(parser)
     add_unsafe_arg(parser)
     add_storage_arg(parser)
@@ -350,9 +357,8 @@ def run_score(args: argparse.Namespace) -> int:
     problems_path = Path(args.problems) if args.problems else None
     if problems_path and not problems_path.is_file():
         raise UsageError(f"{problems_path}: no such problems file")
-    problems = harness.load_problems(
-        StorageLayout.from_arg(args.storage), args.dataset, problems_path
-    )
+    layout = StorageLayout.from_arg(args.storage)
+    problems = harness.load_problems(layout, args.dataset, problems_path)
     task = args.dataset or "humaneval"
     samples = list(iter_jsonl(samples_path))
     check_sandbox(args.unsafe, args.workers)
@@ -365,8 +371,28 @@ def run_score(args: argparse.Namespace) -> int:
     write_text_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
     summary = harness.summarize(rows, task, args.scoring)
     write_json_atomic(out.with_suffix(".summary.json"), summary)
+    uri = mlflow_uri(args, layout)
+    if uri:
+        source = Path(args.checkpoint) if args.checkpoint else samples_path
+        harness.log_summary(summary, uri, "score", source)
     print(json.dumps(summary))
     return 0
+
+
+def add_mlflow_args(parser: argparse.ArgumentParser, what: str = "log to") -> None:
+    parser.add_argument(
+        "--mlflow-uri",
+        default=None,
+        help="MLflow tracking URI (default: sqlite store mlflow.db under the storage root)",
+    )
+    if what:
+        parser.add_argument("--no-mlflow", action="store_true", help=f"do not {what} MLflow")
+
+
+def mlflow_uri(args: argparse.Namespace, layout: StorageLayout) -> str | None:
+    if getattr(args, "no_mlflow", False):
+        return None
+    return args.mlflow_uri or layout.mlflow_uri()
 
 
 def add_evaluate_args(parser: argparse.ArgumentParser) -> None:
@@ -399,12 +425,7 @@ def add_evaluate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", default=None, help="results folder (default: <checkpoint>/eval/<dataset>)"
     )
-    parser.add_argument(
-        "--mlflow-uri",
-        default=None,
-        help="MLflow tracking URI (default: sqlite store mlflow.db under the storage root)",
-    )
-    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    add_mlflow_args(parser)
     add_scoring_arg(parser)
     add_unsafe_arg(parser)
     add_storage_arg(parser)
@@ -431,8 +452,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_p=args.top_p, max_tasks=args.max_tasks,
         max_new_tokens=args.max_new_tokens, speculative=args.speculative, mode=args.mode,
         seed=args.seed, workers=args.workers, device=args.device,
-        mlflow_uri=None if args.no_mlflow else args.mlflow_uri or layout.mlflow_uri(),
-        scoring=args.scoring,
+        mlflow_uri=mlflow_uri(args, layout), scoring=args.scoring,
     )  # fmt: skip
     if summary is None:  # a torchrun rank other than 0: rank 0 scores and writes
         return 0
@@ -445,6 +465,9 @@ def add_quickstart_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--configs", default=None, help="folder of the local configs (default: configs/local)"
     )
+    parser.add_argument(
+        "--no-mlflow", action="store_true", help="do not log runs and evaluations to MLflow"
+    )
     add_unsafe_arg(parser)
     add_storage_arg(parser)
 
@@ -452,18 +475,24 @@ def add_quickstart_args(parser: argparse.ArgumentParser) -> None:
 def run_quickstart(args: argparse.Namespace) -> int:
     from weighted_mtp.quickstart import quickstart
 
-    quickstart(args.storage, args.configs, args.unsafe)
+    quickstart(args.storage, args.configs, args.unsafe, tracking=not args.no_mlflow)
     return 0
 
 
 def add_report_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", help="run folders (checkpoints/<experiment>/<run>)")
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        help="run folders (checkpoints/<experiment>/<run>) or MLflow run ids (a training run, "
+        "or an evaluation: its training run)",
+    )
     parser.add_argument(
         "--out", default=None, help="report folder (default: <storage>/reports/report-<time>)"
     )
     parser.add_argument(
         "--step", type=int, default=None, help="training step of the heat maps (default: last)"
     )
+    add_mlflow_args(parser, "tag the runs' MLflow runs with the report's path in")
     add_storage_arg(parser)
 
 
@@ -471,9 +500,10 @@ def run_report(args: argparse.Namespace) -> int:
     import datetime as dt
     from pathlib import Path
 
-    from weighted_mtp.report import build_report
+    from weighted_mtp.report import build_report, link_report
 
-    runs = [Path(r) for r in args.runs]
+    layout = StorageLayout.from_arg(args.storage)
+    runs = [resolve_run(r, args.mlflow_uri or layout.mlflow_uri()) for r in args.runs]
     missing = [str(r) for r in runs if not (r / "metrics.jsonl").is_file()]
     if missing:
         raise UsageError(f"not a run folder (no metrics.jsonl): {', '.join(missing)}")
@@ -481,8 +511,10 @@ def run_report(args: argparse.Namespace) -> int:
         out = Path(args.out)
     else:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = StorageLayout.from_arg(args.storage).reports_dir / f"report-{stamp}"
+        out = layout.reports_dir / f"report-{stamp}"
     page = build_report(runs, out, token_step=args.step)
+    if not args.no_mlflow:
+        link_report(runs, page)
     print(f"report: {page}")
     return 0
 
@@ -537,6 +569,61 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def resolve_run(arg: str, uri: str):
+    """A run folder as given, or the folder of an MLflow run id (looked up in ``uri``)."""
+    from pathlib import Path
+
+    from weighted_mtp.train.tracking import RUN_ID, resolve_run_dir
+
+    if Path(arg).exists() or not RUN_ID.fullmatch(arg):
+        return Path(arg)
+    return resolve_run_dir(arg, uri)
+
+
+def add_ui_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--port", type=int, default=5000, help="port (default 5000; a free one when it is taken)"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    add_mlflow_args(parser, "")
+    add_storage_arg(parser)
+
+
+def run_ui(args: argparse.Namespace) -> int:
+    import signal
+    import subprocess
+
+    from weighted_mtp.train import tracking
+
+    layout = StorageLayout.from_arg(args.storage)
+    uri = args.mlflow_uri or layout.mlflow_uri()
+    missing = tracking.ui_missing()
+    if missing:
+        raise UsageError(missing)
+    tracking.existing_client(uri)  # a missing store is one line, not an empty UI
+    port = tracking.free_port(args.host, args.port)
+    command = tracking.server_command(uri, args.host, port, layout.root / "mlartifacts")
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    url = f"http://{args.host}:{port}"
+    print(f"starting MLflow's server on {uri} ...", flush=True)
+    server = subprocess.Popen(command, env=env)
+    try:
+        if tracking.wait_for_server(url, server, 300):
+            print(f"MLflow UI: {url}  (Ctrl-C stops it)", flush=True)
+        elif server.poll() is None:
+            print(f"MLflow UI (still starting): {url}  (Ctrl-C stops it)", flush=True)
+        return server.wait()
+    except KeyboardInterrupt:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wmtp", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -578,6 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
+    add_ui_args(
+        commands.add_parser("ui", help="serve MLflow's UI on the storage's runs (the ui extra)")
+    )
     return parser
 
 
@@ -593,6 +683,7 @@ HANDLERS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
     ("quickstart", None): run_quickstart,
     ("report", None): run_report,
     ("export", None): run_export,
+    ("ui", None): run_ui,
 }
 
 

@@ -9,7 +9,8 @@ Every stage first checks its outputs (the storage checks for models and datasets
 ``final`` checkpoint of a run, an evaluation summary, a report newer than its inputs) and is
 skipped when they are there, so a second run takes seconds and an interrupted one resumes
 at the stage it stopped in (training itself resumes from its last checkpoint). Runs are
-named ``quickstart`` so the stages find each other's outputs.
+named ``quickstart`` so the stages find each other's outputs. Every training run and
+evaluation summary is logged to the storage's MLflow store, as ``wmtp train``/``evaluate`` do.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class Quickstart:
         max_new_tokens: int = MAX_NEW_TOKENS,
         workers: int = 2,
         unsafe: bool = False,
+        tracking: bool = True,
     ):
         self.layout = layout
         self.configs = configs or default_configs()
@@ -91,6 +93,8 @@ class Quickstart:
         self.max_new_tokens = max_new_tokens
         self.workers = workers
         self.unsafe = unsafe
+        # Like any run: the storage's MLflow store (docs/ARCHITECTURE.md, "Experiment tracking").
+        self.mlflow_uri = layout.mlflow_uri() if tracking else None
         self._sandbox_ok: bool | None = None
 
     # ---- where each stage's outputs live ----
@@ -175,7 +179,7 @@ class Quickstart:
             from weighted_mtp.config import load_config
             from weighted_mtp.train.loop import train
 
-            overrides = [f"run_name={RUN_NAME}", "log.mlflow=false"]
+            overrides = [f"run_name={RUN_NAME}", f"log.mlflow={self.mlflow_uri is not None}"]
             if experiment in DEPENDS:
                 key, upstream = DEPENDS[experiment]
                 overrides.append(f"{key}={self.final(upstream)}")
@@ -193,6 +197,7 @@ class Quickstart:
             summary = evaluate(
                 self.layout, str(self.final(policy)), EVAL_DATASET, self.eval_dir(policy),
                 speculative=True, max_new_tokens=self.max_new_tokens, workers=self.workers,
+                mlflow_uri=self.mlflow_uri,
             )  # fmt: skip
             if summary is not None:
                 pass_at_1 = summary["pass_at_k"]["pass@1"]
@@ -221,9 +226,11 @@ class Quickstart:
         return all(not f.exists() or f.stat().st_mtime <= built for f in inputs)
 
     def _build_report(self) -> None:
-        from weighted_mtp.report import build_report
+        from weighted_mtp.report import build_report, link_report
 
-        build_report(self._report_inputs(), self.report_dir)
+        page = build_report(self._report_inputs(), self.report_dir)
+        if self.mlflow_uri is not None:
+            link_report(self._report_inputs(), page)
 
     # ---- running ----
 
@@ -270,6 +277,12 @@ class Quickstart:
         self.console.print(
             f"\n[bold]Finished in {total:.0f} s.[/bold] Report: {self.report_dir / 'index.html'}"
         )
+        if self.mlflow_uri is not None:
+            self.console.print(
+                f"Runs and evaluations are in MLflow ({self.mlflow_uri}); open them with:\n"
+                f"  wmtp ui --storage {self.layout.root}      (or: make ui)",
+                markup=False,
+            )
         self.console.print(NEXT_STEPS.format(root=self.layout.root), markup=False)
         return results
 
@@ -289,8 +302,14 @@ Real models and data (Hugging Face token and licence acceptance for the 7B MTP m
 
 
 def quickstart(
-    storage: str | None = None, configs: str | None = None, unsafe: bool = False
+    storage: str | None = None,
+    configs: str | None = None,
+    unsafe: bool = False,
+    tracking: bool = True,
 ) -> list[StageResult]:
-    """Run every missing stage of the quickstart under ``storage``."""
+    """Run every missing stage of the quickstart under ``storage``; ``tracking`` logs the runs
+    and evaluation summaries to the storage's MLflow store."""
     layout = StorageLayout.from_arg(storage)
-    return Quickstart(layout, Path(configs) if configs else None, unsafe=unsafe).run()
+    return Quickstart(
+        layout, Path(configs) if configs else None, unsafe=unsafe, tracking=tracking
+    ).run()

@@ -56,7 +56,36 @@ def test_quickstart_builds_everything_then_skips_everything(tmp_path):
     assert not re.search(r"https?://", html)
     assert (layout.reports_dir / RUN_NAME / "figures/token_weights.png").is_file()
     assert first.count("done in") == 11 and "skipped" not in first
+    _assert_tracked(layout, page)
 
     second, seconds = _quickstart(storage)
     assert second.count("(done already, skipped)") == 11 and "done in" not in second
     assert seconds < 60, f"second run took {seconds:.0f} s"
+
+
+def _assert_tracked(layout: StorageLayout, page) -> None:
+    """Every training run and evaluation summary is in the storage's MLflow store, findable:
+    one experiment per recipe, evaluations linked to their training run, the report tagged."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=layout.mlflow_uri())
+    ids = {}
+    for experiment in TRAINED:
+        found = client.get_experiment_by_name(experiment)
+        (run,) = client.search_runs([found.experiment_id])
+        assert run.info.run_name == RUN_NAME and run.info.status == "FINISHED"
+        assert run.data.params["train.recipe"] == experiment
+        assert run.data.tags["wmtp.run_dir"] == str(
+            (layout.checkpoint(experiment) / RUN_NAME).resolve()
+        )
+        assert client.get_metric_history(run.info.run_id, "loss")
+        if experiment != "ref_tuning":  # the report shows the policies and the critic
+            assert run.data.tags["wmtp.report"] == str(page.resolve())
+        ids[experiment] = run.info.run_id
+    evaluation = client.get_experiment_by_name("evaluation")
+    runs = client.search_runs([evaluation.experiment_id])
+    assert sorted(r.data.tags["wmtp.training_run_id"] for r in runs) == sorted(
+        ids[p] for p in POLICIES
+    )
+    assert all("pass_at_1" in r.data.metrics for r in runs)
+    assert all(r.data.tags["wmtp.report"] == str(page.resolve()) for r in runs)

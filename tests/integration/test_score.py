@@ -20,7 +20,7 @@ def _write(path, rows):
 def _score(tmp_path, samples, *args):
     result = subprocess.run(
         [sys.executable, "-m", "weighted_mtp", "score", "--samples", str(samples), *args,
-         "--storage", str(tmp_path / "storage")],
+         "--storage", str(tmp_path / "storage"), "--no-mlflow"],
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]

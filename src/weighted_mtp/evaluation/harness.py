@@ -75,6 +75,8 @@ def load_problems(
 
 
 SCORING_MODES = ("strict", "compat")
+EVAL_EXPERIMENT = "evaluation"
+"""The MLflow experiment of every evaluation summary: one table compares the policies."""
 COMPAT_WARNING = (
     "compat scoring runs the asserts inside the candidate's own process, as published harnesses "
     "do: it is not robust to adversarial code"
@@ -361,14 +363,51 @@ def evaluate(
     write_text_atomic(out_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     write_json_atomic(out_dir / "summary.json", summary)
     if mlflow_uri:
-        log_summary(summary, mlflow_uri, run_name=f"eval-{dataset}-{Path(checkpoint).name}")
+        log_summary(summary, mlflow_uri, "evaluate", Path(checkpoint), out_dir)
     return summary
 
 
-def log_summary(summary: dict[str, Any], mlflow_uri: str, run_name: str) -> None:
+def log_summary(
+    summary: dict[str, Any],
+    mlflow_uri: str,
+    kind: str,
+    source: Path | None,
+    results: Path | None = None,
+    run_name: str | None = None,
+) -> str | None:
     """One MLflow run in the ``evaluation`` experiment: settings as params, pass@k (or
-    accuracy) with standard errors and decoding rates as metrics."""
-    from weighted_mtp.train.tracking import MetricLogger
+    accuracy) with standard errors and decoding rates as metrics; returns its run id.
+
+    ``source`` (a checkpoint folder, or a samples file inside one) links the run to the
+    training run recorded above it (docs/ARCHITECTURE.md, "Experiment tracking");
+    ``results`` (the folder of ``summary.json``) gets the run's ``mlflow_run.json``.
+    """
+    from weighted_mtp.train.tracking import (
+        TAG_KIND,
+        MetricLogger,
+        find_training_record,
+        source_tags,
+        training_link,
+    )
+
+    dataset = str(summary.get("dataset"))
+    if run_name is None:
+        found = find_training_record(source) if source is not None else None
+        if found is not None:
+            record, inside = found[1], Path(source).resolve().relative_to(found[0]).parts
+            owner = inside[0] if inside else "run"  # the checkpoint folder on the way down
+            what = f"{record.get('experiment')}/{record.get('run_name')}/{owner}"
+        else:
+            what = source.name if source is not None else "samples"
+        run_name = f"{kind}-{dataset}-{what}"
+    tags = {
+        TAG_KIND: kind,
+        "wmtp.dataset": dataset,
+        **({"wmtp.source": str(source)} if source is not None else {}),
+        **({"wmtp.results": str(Path(results).resolve())} if results is not None else {}),
+        **training_link(source),
+        **source_tags(),
+    }
 
     metrics: dict[str, float] = {}
     for name, value in {**summary.get("pass_at_k", {}), **(
@@ -383,11 +422,17 @@ def log_summary(summary: dict[str, Any], mlflow_uri: str, run_name: str) -> None
     for k, rate in enumerate(decoding.get("acceptance", []), start=2):
         metrics[f"decode/acceptance_head{k}"] = rate
     settings = {k: v for k, v in summary.get("settings", {}).items() if k != "task_ids"}
-    params = {"dataset": summary.get("dataset"), "problems": summary.get("problems"), **settings}
+    params = {
+        "dataset": summary.get("dataset"), "problems": summary.get("problems"),
+        "samples": summary.get("samples"), "scoring": summary.get("scoring"), **settings,
+    }  # fmt: skip
+    params = {k: v for k, v in params.items() if v is not None}
     logger = MetricLogger(
-        None, mlflow_uri=mlflow_uri, experiment="evaluation", run_name=run_name, params=params
-    )
+        None, mlflow_uri=mlflow_uri, experiment=EVAL_EXPERIMENT, run_name=run_name,
+        params=params, tags=tags, record_dir=results,
+    )  # fmt: skip
     try:
         logger.log(metrics, step=0)
     finally:
         logger.close()
+    return logger.run_id

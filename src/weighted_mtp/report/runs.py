@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from weighted_mtp.train.tracking import read_metrics
+from weighted_mtp.train.tracking import TAG_REPORT, read_metrics, tag_runs
 
 CHECKPOINT_INFO = "wmtp_checkpoint.json"
 DIAGNOSTICS = "critic_diagnostics.json"
@@ -32,6 +32,7 @@ class EvalResult:
     checkpoint: str
     dataset: str
     summary: dict[str, Any]
+    folder: Path | None = None
 
 
 @dataclass
@@ -134,7 +135,7 @@ def find_evals(run_dir: Path) -> list[EvalResult]:
         owner = summary_path.parent.parent.parent
         checkpoint = "run" if owner == run_dir else owner.name
         dataset = str(summary.get("dataset") or summary_path.parent.name)
-        results.append(EvalResult(checkpoint, dataset, summary))
+        results.append(EvalResult(checkpoint, dataset, summary, summary_path.parent))
     return results
 
 
@@ -220,3 +221,11 @@ def _get(data: dict[str, Any], *keys: str) -> Any:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def link_report(run_dirs: list[Path], page: Path) -> int:
+    """Tag the MLflow runs of the report's runs and of their evaluations with the page's
+    path (``wmtp.report``); runs logged without MLflow are left alone. Returns the count."""
+    folders = [Path(p) for p in run_dirs]
+    folders += [e.folder for p in run_dirs for e in find_evals(Path(p)) if e.folder is not None]
+    return tag_runs(folders, {TAG_REPORT: str(Path(page).resolve())})

@@ -29,7 +29,13 @@ from weighted_mtp.config import Config, OptimConfig, config_to_dict
 from weighted_mtp.data.dataset import BatchStream, batch_tokens, build_examples, split_files
 from weighted_mtp.train import checkpoint, distributed, recipes
 from weighted_mtp.train.checkpoint import TrainState
-from weighted_mtp.train.tracking import MetricLogger
+from weighted_mtp.train.tracking import (
+    TAG_KIND,
+    TAG_RECIPE,
+    TAG_RUN_DIR,
+    MetricLogger,
+    source_tags,
+)
 
 
 def build_optimizer(params: list[dict], optim: OptimConfig) -> torch.optim.AdamW:
@@ -307,6 +313,13 @@ class Trainer:
             run_name=self.run_dir.name,
             params=config_to_dict(config),
             console=progress.console.print,
+            tags={
+                TAG_KIND: "train",
+                TAG_RECIPE: config.train.recipe,
+                TAG_RUN_DIR: str(self.run_dir.resolve()),
+                **(source_tags() if info.is_main else {}),
+            },
+            resume=self.state.step > 0,
         )
         with progress:
             task = progress.add_task(
