@@ -361,6 +361,17 @@ def run_score(args: argparse.Namespace) -> int:
     problems = harness.load_problems(layout, args.dataset, problems_path)
     task = args.dataset or "humaneval"
     samples = list(iter_jsonl(samples_path))
+    uri = mlflow_uri(args, layout)
+    from weighted_mtp.train.tracking import find_training_record, prepare_client
+
+    if uri and not (args.mlflow_uri or args.checkpoint or find_training_record(samples_path)):
+        # Samples from elsewhere link to no training run; MLflow would cost more than the
+        # scoring (docs/DECISIONS.md, 2026-12-01), so it is asked for with --mlflow-uri.
+        print("not logged to MLflow: no training run to link (--mlflow-uri logs anyway)",
+              file=sys.stderr)  # fmt: skip
+        uri = None
+    if uri:
+        prepare_client(uri)  # MLflow loads while the sandbox scores
     check_sandbox(args.unsafe, args.workers)
     rows = harness.score_samples(
         samples, problems, task, args.workers, args.timeout, scoring=args.scoring
@@ -371,7 +382,6 @@ def run_score(args: argparse.Namespace) -> int:
     write_text_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
     summary = harness.summarize(rows, task, args.scoring)
     write_json_atomic(out.with_suffix(".summary.json"), summary)
-    uri = mlflow_uri(args, layout)
     if uri:
         source = Path(args.checkpoint) if args.checkpoint else samples_path
         harness.log_summary(summary, uri, "score", source)

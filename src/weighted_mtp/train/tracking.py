@@ -214,8 +214,33 @@ class _MlflowRun:
         self.client.set_terminated(self.run_id, "FINISHED")
 
 
+_PREPARED: dict[str, Any] = {}  # uri -> Future of a client being made in the background
+
+
+def prepare_client(uri: str) -> None:
+    """Start importing MLflow and opening ``uri`` on a background thread (several seconds on
+    a small machine), so that :func:`client` later finds it ready. For commands whose own
+    work (scoring in the sandbox) leaves the process waiting."""
+    if uri not in _PREPARED:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-prepare")
+        _PREPARED[uri] = pool.submit(_make_client, uri)
+        pool.shutdown(wait=False)
+
+
 def client(uri: str):
     """An ``MlflowClient`` on ``uri``; telemetry off (nothing leaves the machine)."""
+    future = _PREPARED.pop(uri, None)
+    if future is not None:
+        try:
+            return future.result()
+        except Exception:  # made again below, so the error surfaces where it is used
+            pass
+    return _make_client(uri)
+
+
+def _make_client(uri: str):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient
 
