@@ -49,11 +49,20 @@ def bootstrap_interval(
     values = np.asarray(scores, dtype=np.float64)
     if values.size == 0:
         raise ValueError("no problems to average")
+    _, low, high = _resampled_means(values, resamples, seed)
+    return float(values.mean()), low, high
+
+
+def _resampled_means(
+    values: np.ndarray, resamples: int, seed: int
+) -> tuple[np.ndarray, float, float]:
+    """The means of ``resamples`` draws of ``values`` with replacement (numpy's PCG64 seeded
+    with ``seed``) and their percentile interval."""
     rng = np.random.default_rng(seed)
     index = rng.integers(0, values.size, size=(resamples, values.size))
     means = values[index].mean(axis=1)
     low, high = np.quantile(means, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
-    return float(values.mean()), float(low), float(high)
+    return means, float(low), float(high)
 
 
 def paired_bootstrap(
@@ -70,15 +79,12 @@ def paired_bootstrap(
     if a.shape != b.shape or a.size == 0:
         raise ValueError("paired scores need the same, non-zero number of problems")
     diff = a - b
-    rng = np.random.default_rng(seed)
-    index = rng.integers(0, diff.size, size=(resamples, diff.size))
-    means = diff[index].mean(axis=1)
-    low, high = np.quantile(means, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
+    means, low, high = _resampled_means(diff, resamples, seed)
     observed = float(diff.mean())
     if observed == 0 and not diff.any():
         return 0.0, 0.0, 0.0, 1.0
     tail = np.mean(means <= 0) if observed > 0 else np.mean(means >= 0)
-    return observed, float(low), float(high), float(min(1.0, 2 * tail))
+    return observed, low, high, float(min(1.0, 2 * tail))
 
 
 def mcnemar(arm: Sequence[bool], baseline: Sequence[bool]) -> tuple[int, int, float]:

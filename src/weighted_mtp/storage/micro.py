@@ -112,6 +112,18 @@ def _random_state(micro_type: str) -> tuple[ModelArgs, dict]:
     return args, model.state_dict()
 
 
+def write_micro_weights(paths: ModelPaths, micro_type: str, args: ModelArgs, state: dict) -> None:
+    """The weights (Hugging Face names for the reference), their checksum and config.json of
+    a micro model."""
+    stored = _to_hf_names(args, state) if micro_type == "reference" else state
+    specs = {k: (tuple(v.shape), torch.float32) for k, v in stored.items()}
+    digest = write_safetensors(
+        paths.weights, specs, stored.__getitem__, {"wmtp": f"micro-{micro_type}"}
+    )
+    write_sha256sums(paths.safetensors_dir, {paths.weights.name: digest})
+    write_json_atomic(paths.configs / "config.json", args_to_hf_config(args))
+
+
 def _to_hf_names(args: ModelArgs, state: dict) -> dict:
     """Our (Meta) names and RoPE layout -> Hugging Face Llama names and layout."""
     out = {}
@@ -182,13 +194,7 @@ def create_micro(
         args, state = _sliced_state(layout, micro_type, source)
     else:
         args, state = _random_state(micro_type)
-    stored = _to_hf_names(args, state) if micro_type == "reference" else state
-    specs = {k: (tuple(v.shape), torch.float32) for k, v in stored.items()}
-    digest = write_safetensors(
-        paths.weights, specs, stored.__getitem__, {"wmtp": f"micro-{micro_type}"}
-    )
-    write_sha256sums(paths.safetensors_dir, {paths.weights.name: digest})
-    write_json_atomic(paths.configs / "config.json", args_to_hf_config(args))
+    write_micro_weights(paths, micro_type, args, state)
     tokenizer = _tokenizer_for_micro(layout, paths)
     blocks = (
         "layers.0-2: shared trunk; layers.3: head 1; extra_heads.0-2: heads 2-4"

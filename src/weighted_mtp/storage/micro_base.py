@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from weighted_mtp.base.errors import MissingInputError, UserError
-from weighted_mtp.base.io import StorageError, write_json_atomic, write_sha256sums
+from weighted_mtp.base.io import StorageError, write_json_atomic
 from weighted_mtp.base.layout import ModelPaths, StorageLayout
 from weighted_mtp.data.alpaca import format_prompt
 from weighted_mtp.data.collate import (
@@ -45,10 +45,9 @@ from weighted_mtp.data.collate import (
     length_grouped_batches,
 )
 from weighted_mtp.data.jsonl import iter_jsonl
-from weighted_mtp.models.checkpoints import args_to_hf_config, write_safetensors
 from weighted_mtp.models.tokenizer import Tokenizer, train_local_tokenizer
 from weighted_mtp.models.transformer import ModelArgs, Transformer, init_weights
-from weighted_mtp.storage.micro import _to_hf_names
+from weighted_mtp.storage.micro import write_micro_weights
 from weighted_mtp.storage.tokenizer_folder import write_tokenizer_folder
 
 DATASET = "codecontests"
@@ -266,15 +265,8 @@ def train_model(
 def _write_model(
     paths: ModelPaths, micro_type: str, model: Transformer, tokenizer_model: Path, meta: dict
 ) -> None:
-    args = model.args
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    stored = _to_hf_names(args, state) if micro_type == "reference" else state
-    specs = {k: (tuple(v.shape), torch.float32) for k, v in stored.items()}
-    digest = write_safetensors(
-        paths.weights, specs, stored.__getitem__, {"wmtp": f"micro-{micro_type}"}
-    )
-    write_sha256sums(paths.safetensors_dir, {paths.weights.name: digest})
-    write_json_atomic(paths.configs / "config.json", args_to_hf_config(args))
+    write_micro_weights(paths, micro_type, model.args, state)
     write_tokenizer_folder(tokenizer_model, paths, force=True)
     write_json_atomic(paths.metadata, meta)
 

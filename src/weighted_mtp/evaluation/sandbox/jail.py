@@ -148,6 +148,8 @@ class Cgroup:
     def __init__(self, name: str) -> None:
         self.version = 2 if (CGROUP_ROOT / "cgroup.controllers").is_file() else 1
         self.dirs: dict[str, Path] = {}
+        self._memory_limit: int | None = None  # the cap last written
+        self._oom_seen = 0  # OOM kills seen so far (a new cgroup has none)
         if self.version == 2:
             top = CGROUP_ROOT / "wmtp-sandbox"
             top.mkdir(exist_ok=True)
@@ -181,7 +183,7 @@ class Cgroup:
 
     def set_memory(self, limit: int) -> None:
         """Cap the jail's memory (written only when the cap changes)."""
-        if limit == getattr(self, "_memory_limit", None):
+        if limit == self._memory_limit:
             return
         mem = self.dirs["memory"]
         if self.version == 2:
@@ -203,7 +205,7 @@ class Cgroup:
     def oom_kills_since_last(self) -> bool:
         """Whether the kernel killed anything for memory in this cgroup since the last call."""
         now = self.oom_kills()
-        before, self._oom_seen = getattr(self, "_oom_seen", 0), now  # a new cgroup has none
+        before, self._oom_seen = self._oom_seen, now
         return now > before
 
     def oom_kills(self) -> int:
