@@ -489,6 +489,38 @@ def run_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_study_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", help="a study spec, e.g. configs/study/known_answer.yaml")
+    parser.add_argument(
+        "overrides", nargs="*", help="key.path=value overrides of the spec, e.g. seeds=[0]"
+    )
+    parser.add_argument(
+        "--configs",
+        default=None,
+        help="the recipes' config folder (default: the spec's `configs`, e.g. configs/local); "
+        "configs/production runs unchanged",
+    )
+    parser.add_argument("--only", default=None, help="run one arm only (and its helper)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the plan and what is finished, run nothing"
+    )
+    parser.add_argument(
+        "--no-mlflow", action="store_true", help="do not log runs, evaluations and the summary"
+    )
+    add_unsafe_arg(parser)
+    add_storage_arg(parser)
+
+
+def run_study(args: argparse.Namespace) -> int:
+    from weighted_mtp.study import study
+
+    study(
+        args.spec, args.storage, args.overrides, configs=args.configs, only=args.only,
+        dry_run=args.dry_run, tracking=not args.no_mlflow, unsafe=args.unsafe,
+    )  # fmt: skip
+    return 0
+
+
 def add_report_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "runs",
@@ -666,6 +698,12 @@ def build_parser() -> argparse.ArgumentParser:
             "quickstart", help="the whole pipeline on micro models, offline, in minutes"
         )
     )
+    add_study_args(
+        commands.add_parser(
+            "study",
+            help="arms x seeds on one budget, evaluated, pooled and compared with the baseline",
+        )
+    )
     add_report_args(commands.add_parser("report", help="an HTML report of training runs"))
     add_export_args(
         commands.add_parser(
@@ -691,6 +729,7 @@ HANDLERS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
     ("score", None): run_score,
     ("evaluate", None): run_evaluate,
     ("quickstart", None): run_quickstart,
+    ("study", None): run_study,
     ("report", None): run_report,
     ("export", None): run_export,
     ("ui", None): run_ui,
@@ -719,7 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options (``wmtp train c.yaml --storage s lr=1``)
-    if args.command == "train":
+    if args.command in ("train", "study"):
         args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
         extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
     if extra:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -199,6 +199,14 @@ def _no_sections(name: str) -> type[BaseModel] | None:
 weighting_section: Callable[[str], type[BaseModel] | None] = _no_sections
 
 
+HELPERS: dict[str, tuple[str, str]] = {
+    "verifiable": ("weighting.critic_td.critic_checkpoint", "critic"),
+    "rho1": ("weighting.rho1.reference", "ref_tuning"),
+}
+"""Recipe -> (the config key naming its frozen helper's checkpoint, the helper's recipe): what
+must be trained first (docs/METHOD.md §4, §5)."""
+
+
 class CriticConfig(Section):
     """The value model trained by the ``critic`` recipe (docs/METHOD.md §3)."""
 
@@ -319,6 +327,8 @@ def _format_error(err: ValidationError, lines: dict[str, int], source: str) -> s
     first = err.errors()[0]
     path = ".".join(str(p) for p in first["loc"])
     where = f"{source}:{lines[path]}: " if path in lines else ""
+    if not path:  # a check across keys (a model validator): its message names them
+        return f"{source}: {first['msg'].removeprefix('Value error, ')}"
     if first["type"] == "extra_forbidden":
         return f"{where}unknown config key '{path}'"
     return f"{where}config key '{path}': {first['msg']} (got {first.get('input')!r})"
@@ -326,6 +336,17 @@ def _format_error(err: ValidationError, lines: dict[str, int], source: str) -> s
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file's differences, then ``key=value`` overrides."""
+    return load_validated(Config, path, overrides)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_validated(
+    model: type[M], path: str | Path | None = None, overrides: list[str] | None = None
+) -> M:
+    """A YAML file (or nothing) validated as ``model`` after ``key=value`` overrides; errors
+    are one line with the key and, for keys read from the file, ``file:line``."""
     data: dict = {}
     lines: dict[str, int] = {}
     source = "<overrides>"
@@ -339,7 +360,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         apply_override(data, item)
         lines.pop(item.split("=", 1)[0].strip(), None)
     try:
-        return Config.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_error(err, lines, source)) from None
 

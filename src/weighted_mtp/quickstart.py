@@ -37,11 +37,6 @@ EVAL_DATASET = "humaneval_small"
 # Each policy completes the 32 small HumanEval problems with at most this many new tokens:
 # enough for a short function body, and about a minute per policy on two CPU cores.
 MAX_NEW_TOKENS = 48
-# The stages that consume another's checkpoint point at it by run name, not "newest run".
-DEPENDS = {
-    "verifiable": ("weighting.critic_td.critic_checkpoint", "critic"),
-    "rho1": ("weighting.rho1.reference", "ref_tuning"),
-}
 
 
 @dataclass
@@ -170,25 +165,28 @@ class Quickstart:
                 os.environ["HF_HUB_OFFLINE"] = previous
 
     def _trained(self, experiment: str) -> Callable[[], bool]:
-        from weighted_mtp.train.checkpoint import is_checkpoint
+        from weighted_mtp.train.checkpoint import finished
 
-        return lambda: is_checkpoint(self.final(experiment))
+        return lambda: finished(self.run_dir(experiment))
 
     def _trainer(self, experiment: str) -> Callable[[], None]:
         def run() -> None:
-            from weighted_mtp.config import load_config
+            from weighted_mtp.config import HELPERS, load_config
             from weighted_mtp.train.loop import train
 
             overrides = [f"run_name={RUN_NAME}", f"log.mlflow={self.mlflow_uri is not None}"]
-            if experiment in DEPENDS:
-                key, upstream = DEPENDS[experiment]
+            # A stage that consumes another's checkpoint points at it by run name, not "newest".
+            if experiment in HELPERS:
+                key, upstream = HELPERS[experiment]
                 overrides.append(f"{key}={self.final(upstream)}")
             train(load_config(self.configs / f"{experiment}.yaml", overrides), self.layout)
 
         return run
 
     def _evaluated(self, policy: str) -> Callable[[], bool]:
-        return lambda: (self.eval_dir(policy) / "summary.json").is_file()
+        from weighted_mtp.evaluation.harness import evaluated
+
+        return lambda: evaluated(self.eval_dir(policy))
 
     def _evaluator(self, policy: str) -> Callable[[], None]:
         def run() -> None:

@@ -367,6 +367,22 @@ def evaluate(
     return summary
 
 
+def evaluated(out_dir: Path, expected: dict[str, Any] | None = None) -> bool:
+    """Whether ``evaluate`` finished in ``out_dir`` (it writes ``summary.json`` after the
+    samples and results), with ``expected``'s values in the summary's ``settings`` when
+    given. The quickstart's and the study's "evaluated?" check."""
+    summary_path = out_dir / "summary.json"
+    if not (summary_path.is_file() and (out_dir / "results.jsonl").is_file()):
+        return False
+    if not expected:
+        return True
+    try:
+        settings = json.loads(summary_path.read_text(encoding="utf-8")).get("settings", {})
+    except (OSError, ValueError):
+        return False
+    return all(settings.get(k) == v for k, v in expected.items())
+
+
 def log_summary(
     summary: dict[str, Any],
     mlflow_uri: str,

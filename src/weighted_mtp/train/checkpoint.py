@@ -229,6 +229,12 @@ def is_checkpoint(path: Path) -> bool:
     return (path / INFO_FILE).is_file()
 
 
+def finished(run_dir: Path) -> bool:
+    """Whether a training run got to the end: its ``final`` checkpoint is complete (the info
+    file is written last). The quickstart's and the study's "trained?" check."""
+    return is_checkpoint(run_dir / "final")
+
+
 def read_info(ckpt: Path) -> dict[str, Any]:
     """The checkpoint's info; a clear error when ``ckpt`` is not a training checkpoint."""
     if not is_checkpoint(ckpt):

@@ -1,0 +1,605 @@
+"""``wmtp study``: a controlled comparison of recipes and their control arms (docs/EVALUATION.md §6).
+
+A study spec (``configs/study/*.yaml``) names arms (a recipe of the configs folder plus a
+weighting control), seeds, one compute budget and one evaluation. The study plans every
+(arm, seed) run, and the frozen helpers the arms need (the critic of ``verifiable``, the tuned
+reference of ``rho1``), trains and evaluates what is not finished, then pools the seeds per
+problem and compares every arm with the baseline arm on the same problems
+(``evaluation/compare.py``). It writes ``study.json`` and one HTML page under
+``<storage>/reports/study/<name>/`` and, with tracking on, logs a summary to MLflow.
+
+The recipes' config files are taken unchanged; the study only adds overrides: the run name
+(``study-<name>-<arm>-seed<seed>``, so runs never collide with the quickstart's), the seed
+(``train.seed``), the budget (``train.max_steps`` and, when the spec sets them, the batch size
+and gradient accumulation), the control, the helper's checkpoint, and ``checkpoint.resume``.
+A run is finished when its ``final`` checkpoint and its evaluation exist and were made with the
+planned settings; those are skipped, a half-trained run resumes from its last step checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+from rich.console import Console
+from rich.table import Table
+
+from weighted_mtp.base.errors import UserError
+from weighted_mtp.base.io import write_json_atomic, write_text_atomic
+from weighted_mtp.base.layout import EVAL_DATASETS, StorageLayout
+from weighted_mtp.config import (
+    HELPERS,
+    Config,
+    ConfigError,
+    Section,
+    config_to_dict,
+    load_config,
+    load_validated,
+)
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+STUDY_EXPERIMENT = "study"
+"""The MLflow experiment of the study summaries."""
+POOLING_RULE = (
+    "per problem, the mean over seeds of the greedy sample's pass/fail; an arm's pass@1 is "
+    "the mean of those over the problems every run was scored on"
+)
+# Keys of a run's config.yaml that may differ from the plan without making it another run.
+IGNORED_KEYS = ("log", "checkpoint.resume")
+
+
+class BudgetSpec(Section):
+    """The compute every compared arm gets: the same optimizer steps of the same examples."""
+
+    steps: int = Field(ge=1)
+    """``train.max_steps`` of every arm."""
+    batch_size: int | None = Field(default=None, ge=1)
+    """``train.batch_size`` of every arm; None keeps each recipe's (they must agree)."""
+    grad_accum: int | None = Field(default=None, ge=1)
+    """``train.grad_accum`` of every arm; None keeps each recipe's (they must agree)."""
+
+
+class ArmSpec(Section):
+    recipe: str
+    """A config file of the configs folder, without ``.yaml``."""
+    control: Literal["none", "shuffled", "random_matched"] = "none"
+    """``weighting.control`` (docs/METHOD.md §6)."""
+    overrides: list[str] = []
+    """More ``key=value`` overrides of this arm's runs."""
+
+
+class EvaluationSpec(Section):
+    """Greedy pass@1 (one sample per problem, temperature 0) on one evaluation dataset."""
+
+    dataset: str = "codecontests"
+    max_tasks: int | None = Field(default=None, ge=1)
+    """The first N problems of the dataset; None: all."""
+    max_new_tokens: int = Field(default=192, ge=1)
+    speculative: bool = False
+    """Self-speculative greedy decoding (same tokens as plain greedy, faster with 4 heads)."""
+    workers: int = Field(default=2, ge=1)
+    """Sandbox processes at once."""
+    device: str = "auto"
+
+    @field_validator("dataset")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in EVAL_DATASETS:
+            raise ValueError(f"unknown dataset {value!r}; choose from {', '.join(EVAL_DATASETS)}")
+        return value
+
+
+class StudySpec(Section):
+    name: str = Field(pattern=NAME_PATTERN)
+    """Names the runs (``study-<name>-...``) and the report folder."""
+    configs: str = "../local"
+    """The recipes' config folder, relative to the spec file (``--configs`` overrides it)."""
+    seeds: list[int] = Field(min_length=1)
+    baseline: str = "baseline"
+    """The arm every other arm is compared with."""
+    helpers: Literal["once", "per_seed"] = "once"
+    """Train each helper (critic, tuned reference) once, with the first seed, or once per seed."""
+    budget: BudgetSpec
+    evaluation: EvaluationSpec = EvaluationSpec()
+    arms: dict[str, ArmSpec] = Field(min_length=2)
+    overrides: list[str] = []
+    """``key=value`` overrides of every run, helpers included (``train.device=cuda``)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StudySpec:
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: repeated seed in {self.seeds}")
+        if self.baseline not in self.arms:
+            raise ValueError(f"baseline: {self.baseline!r} is not an arm ({', '.join(self.arms)})")
+        bad = [a for a in self.arms if not re.match(NAME_PATTERN, a)]
+        if bad:
+            raise ValueError(f"arms: name {bad[0]!r} must be letters, digits, '_', '.' or '-'")
+        return self
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec:
+    """The study spec of ``path`` with ``key=value`` overrides; bad input is one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: study spec not found")
+    return load_validated(StudySpec, path, overrides)
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One training run of the study (an arm at a seed, or a helper) and where it lands."""
+
+    arm: str
+    """The arm, or the helper's recipe (``critic``, ``ref_tuning``)."""
+    seed: int
+    config_file: Path
+    overrides: tuple[str, ...]
+    run_dir: Path
+    evaluate: bool
+    """Arms are evaluated; helpers are not."""
+    eval_dir: Path | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.arm} seed {self.seed}"
+
+    @property
+    def final(self) -> Path:
+        return self.run_dir / "final"
+
+
+@dataclass
+class RunStatus:
+    run: PlannedRun
+    state: Literal["done", "evaluate", "resume", "train"]
+    """done: nothing to do; evaluate: trained, not (or not as planned) evaluated; resume:
+    step checkpoints of an unfinished training; train: nothing yet."""
+
+
+@dataclass
+class StudyResult:
+    summary: dict[str, Any]
+    page: Path | None
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_differences(planned: dict, found: dict) -> list[str]:
+    """Dotted keys whose values differ between two config dicts (``IGNORED_KEYS`` aside)."""
+    a, b = _flatten(planned), _flatten(found)
+    keys = sorted(set(a) | set(b))
+    return [
+        k
+        for k in keys
+        if not any(k == i or k.startswith(i + ".") for i in IGNORED_KEYS) and a.get(k) != b.get(k)
+    ]
+
+
+class Study:
+    """One study over one storage root: ``plan()``, ``statuses()``, ``run()``."""
+
+    def __init__(
+        self,
+        spec: StudySpec,
+        spec_path: Path,
+        layout: StorageLayout,
+        configs: Path | None = None,
+        console: Console | None = None,
+        tracking: bool = True,
+        unsafe: bool = False,
+    ):
+        self.spec = spec
+        self.spec_path = Path(spec_path)
+        self.layout = layout
+        self.configs = configs if configs is not None else self.spec_path.parent / spec.configs
+        self.console = console or Console(highlight=False, soft_wrap=True)
+        self.mlflow_uri = layout.mlflow_uri() if tracking else None
+        self.unsafe = unsafe
+        self._configs: dict[PlannedRun, Config] = {}
+
+    # ---- where things go ----
+
+    def run_name(self, arm: str, seed: int | None) -> str:
+        return f"study-{self.spec.name}-{arm}" + (f"-seed{seed}" if seed is not None else "")
+
+    @property
+    def report_dir(self) -> Path:
+        return self.layout.reports_dir / "study" / self.spec.name
+
+    def _config_file(self, recipe: str, key: str) -> Path:
+        path = self.configs / f"{recipe}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"{self.spec_path}: {key}: no config file {path}")
+        return path
+
+    def _load(self, path: Path, overrides: list[str], key: str) -> Config:
+        try:
+            return load_config(path, overrides)
+        except ConfigError as err:
+            raise ConfigError(f"{self.spec_path}: {key}: {err}") from None
+
+    # ---- the plan ----
+
+    def plan(self) -> list[PlannedRun]:
+        """Helpers first (each before the arms that read it), then the arms seed by seed."""
+        spec, runs = self.spec, []
+        common = list(spec.overrides)
+        tracking = [f"log.mlflow={self.mlflow_uri is not None}", "checkpoint.resume=true"]
+        helper_runs: dict[tuple[str, int], PlannedRun] = {}
+        helper_seeds = spec.seeds[:1] if spec.helpers == "once" else spec.seeds
+        recipes = {arm: self._load(self._config_file(a.recipe, f"arms.{arm}.recipe"), [],
+                                   f"arms.{arm}") for arm, a in spec.arms.items()}  # fmt: skip
+        needed = sorted({HELPERS[c.train.recipe][1] for c in recipes.values()
+                         if c.train.recipe in HELPERS})  # fmt: skip
+        for helper in needed:
+            path = self._config_file(helper, f"helper {helper}")
+            for seed in helper_seeds:
+                name = self.run_name(helper, seed)
+                overrides = [*common, f"run_name={name}", f"train.seed={seed}", *tracking]
+                config = self._load(path, overrides, f"helper {helper}")
+                run = PlannedRun(helper, seed, path, tuple(overrides),
+                                 self.layout.checkpoint(config.experiment) / name, False)  # fmt: skip
+                self._configs[run] = config
+                helper_runs[helper, seed] = run
+                runs.append(run)
+        budget = [f"train.max_steps={spec.budget.steps}"]
+        if spec.budget.batch_size is not None:
+            budget.append(f"train.batch_size={spec.budget.batch_size}")
+        if spec.budget.grad_accum is not None:
+            budget.append(f"train.grad_accum={spec.budget.grad_accum}")
+        for seed in spec.seeds:
+            for arm, arm_spec in spec.arms.items():
+                path = self._config_file(arm_spec.recipe, f"arms.{arm}.recipe")
+                name = self.run_name(arm, seed)
+                overrides = [*common, *arm_spec.overrides, f"run_name={name}",
+                             f"train.seed={seed}", *budget,
+                             f"weighting.control={arm_spec.control}", *tracking]  # fmt: skip
+                recipe = recipes[arm].train.recipe
+                if recipe in HELPERS:
+                    key, helper = HELPERS[recipe]
+                    upstream = helper_runs[helper, seed if spec.helpers == "per_seed" else
+                                           helper_seeds[0]]  # fmt: skip
+                    relative = upstream.final.relative_to(self.layout.root)
+                    overrides.append(f"{key}={relative.as_posix()}")
+                config = self._load(path, overrides, f"arms.{arm}")
+                run_dir = self.layout.checkpoint(config.experiment) / name
+                eval_dir = run_dir / "final" / "eval" / spec.evaluation.dataset
+                run = PlannedRun(arm, seed, path, tuple(overrides), run_dir, True, eval_dir)
+                self._configs[run] = config
+                runs.append(run)
+        self._check_same_budget([r for r in runs if r.evaluate])
+        return runs
+
+    def _check_same_budget(self, arm_runs: list[PlannedRun]) -> None:
+        """Every compared arm trains on the same data, the same examples per step, the same
+        steps (docs/EVALUATION.md §6)."""
+        first = arm_runs[0]
+        ref = self._configs[first]
+        for run in arm_runs[1:]:
+            config = self._configs[run]
+            data = config_differences(ref.data.model_dump(mode="json"),
+                                      config.data.model_dump(mode="json"))  # fmt: skip
+            if data:
+                raise ConfigError(
+                    f"{self.spec_path}: arms {first.arm} and {run.arm} train on different data "
+                    f"(data.{data[0]} differs); a study compares arms on one data set"
+                )
+            per_step = (config.train.batch_size * config.train.grad_accum,
+                        ref.train.batch_size * ref.train.grad_accum)  # fmt: skip
+            if per_step[0] != per_step[1]:
+                raise ConfigError(
+                    f"{self.spec_path}: arms {first.arm} and {run.arm} differ in examples per "
+                    f"step ({per_step[1]} vs {per_step[0]}); set budget.batch_size and "
+                    "budget.grad_accum"
+                )
+
+    def _expected_eval(self) -> dict[str, Any]:
+        e = self.spec.evaluation
+        return {"num_samples": 1, "temperature": 0.0, "max_tasks": e.max_tasks,
+                "max_new_tokens": e.max_new_tokens, "speculative": e.speculative}  # fmt: skip
+
+    def status(self, run: PlannedRun) -> RunStatus:
+        """Where a planned run stands; a run folder trained with other settings is an error
+        (never overwritten)."""
+        from weighted_mtp.evaluation.harness import evaluated
+        from weighted_mtp.train.checkpoint import finished, latest
+
+        written = run.run_dir / "config.yaml"
+        if written.is_file():
+            found = yaml.safe_load(written.read_text(encoding="utf-8")) or {}
+            differ = config_differences(config_to_dict(self._configs[run]), found)
+            if differ:
+                raise UserError(
+                    f"{run.run_dir}: trained with other settings than the study plans "
+                    f"({differ[0]} differs); remove the folder or rename the study"
+                )
+        if finished(run.run_dir):
+            if not run.evaluate or (
+                run.eval_dir is not None and evaluated(run.eval_dir, self._expected_eval())
+            ):
+                return RunStatus(run, "done")
+            return RunStatus(run, "evaluate")
+        return RunStatus(run, "resume" if latest(run.run_dir) is not None else "train")
+
+    # ---- running ----
+
+    def run(self, only: str | None = None, dry_run: bool = False) -> StudyResult:
+        spec = self.spec
+        if only is not None and only not in spec.arms:
+            raise UserError(f"--only {only!r}: not an arm of {self.spec_path} "
+                            f"({', '.join(spec.arms)})")  # fmt: skip
+        plan = self.plan()
+        selected = self._selected(plan, only)
+        statuses = [self.status(r) for r in selected]
+        todo = [s for s in statuses if s.state != "done"]
+        self.console.print(
+            f"[bold]wmtp study {spec.name}[/bold]: {len(spec.arms)} arms x {len(spec.seeds)} "
+            f"seeds, {spec.budget.steps} steps each, recipes from {self.configs}; "
+            f"{len(statuses) - len(todo)} of {len(statuses)} runs finished"
+        )
+        if dry_run:
+            for number, s in enumerate(statuses, start=1):
+                self.console.print(f"  [{number}/{len(statuses)}] {s.run.label}: {s.state} "
+                                   f"-> {s.run.run_dir}", markup=False)  # fmt: skip
+            return StudyResult({}, None)
+        if any(s.run.evaluate for s in todo):
+            self._require_sandbox()
+        ran, skipped = [], []
+        started, spent = time.perf_counter(), []
+        for number, s in enumerate(statuses, start=1):
+            head = f"[{number}/{len(statuses)}] [bold]{s.run.label}[/bold]"
+            if s.state == "done":
+                self.console.print(f"{head} [dim](done already, skipped)[/dim]")
+                skipped.append(s.run.label)
+                continue
+            left = len([x for x in statuses[number - 1 :] if x.state != "done"])
+            eta = f", about {sum(spent) / len(spent) * left / 60:.0f} min left" if spent else ""
+            self.console.print(f"{head}: {s.state}{eta}")
+            t0 = time.perf_counter()
+            if s.state in ("train", "resume"):
+                self._train(s.run)
+            if s.run.evaluate:
+                self._evaluate(s.run)
+            if self.status(s.run).state != "done":
+                raise UserError(f"study run {s.run.label} ran but its outputs are missing")
+            spent.append(time.perf_counter() - t0)
+            self.console.print(f"  [green]done[/green] in {spent[-1]:.1f} s")
+            ran.append(s.run.label)
+        summary = self.summarize(plan)
+        summary["seconds_this_invocation"] = round(time.perf_counter() - started, 1)
+        page = self.write(summary, log=bool(ran))
+        self.print_summary(summary, page)
+        return StudyResult(summary, page, ran, skipped)
+
+    def _selected(self, plan: list[PlannedRun], only: str | None) -> list[PlannedRun]:
+        if only is None:
+            return plan
+        arm_runs = [r for r in plan if r.evaluate and r.arm == only]
+        recipe = self._configs[arm_runs[0]].train.recipe
+        helper = HELPERS.get(recipe, (None, None))[1]
+        return [r for r in plan if (not r.evaluate and r.arm == helper) or r in arm_runs]
+
+    def _require_sandbox(self) -> None:
+        from weighted_mtp.evaluation.sandbox import IsolationError, require_isolation
+
+        try:
+            report = require_isolation(unsafe=self.unsafe, workers=self.spec.evaluation.workers)
+        except IsolationError as err:
+            raise UserError(str(err)) from None
+        self.console.print(report["summary"], markup=False)
+
+    def _train(self, run: PlannedRun) -> None:
+        from weighted_mtp.train.loop import train
+
+        train(self._configs[run], self.layout)
+
+    def _evaluate(self, run: PlannedRun) -> None:
+        from weighted_mtp.evaluation.harness import evaluate
+
+        e = self.spec.evaluation
+        assert run.eval_dir is not None
+        summary = evaluate(
+            self.layout, str(run.final), e.dataset, run.eval_dir, num_samples=1, temperature=0.0,
+            max_tasks=e.max_tasks, max_new_tokens=e.max_new_tokens, speculative=e.speculative,
+            workers=e.workers, device=e.device, mlflow_uri=self.mlflow_uri,
+        )  # fmt: skip
+        if summary is not None:
+            p1 = summary["pass_at_k"]["pass@1"]
+            self.console.print(f"  pass@1 {p1['mean']:.3f} on {summary['problems']} problems")
+
+    # ---- pooling ----
+
+    def summarize(self, plan: list[PlannedRun]) -> dict[str, Any]:
+        """Read every finished arm run's per-problem results and pool them (``pool``)."""
+        from weighted_mtp.train.checkpoint import read_info
+
+        results: dict[str, dict[int, dict[str, bool]]] = {}
+        runs, missing = [], []
+        for run in plan:
+            if not run.evaluate:
+                continue
+            state = self.status(run).state
+            row = {"arm": run.arm, "seed": run.seed, "run_dir": str(run.run_dir),
+                   "state": state}  # fmt: skip
+            if state == "done":
+                assert run.eval_dir is not None
+                results.setdefault(run.arm, {})[run.seed] = read_results(run.eval_dir)
+                row["steps"] = read_info(run.final).get("step")
+            else:
+                missing.append(run.label)
+            runs.append(row)
+        complete = {a: r for a, r in results.items() if len(r) == len(self.spec.seeds)}
+        summary: dict[str, Any] = {
+            "name": self.spec.name,
+            "spec": self.spec.model_dump(mode="json"),
+            "spec_file": str(self.spec_path),
+            "configs": str(self.configs),
+            "dataset": self.spec.evaluation.dataset,
+            "data_manifest_sha256": self._manifest_digest(),
+            "pooling": POOLING_RULE,
+            "runs": runs,
+            "missing": missing,
+        }
+        baseline = self.spec.baseline if self.spec.baseline in complete else None
+        summary.update(pool(complete, baseline, {a: s.model_dump() for a, s in self.spec.arms.items()}))
+        return summary
+
+    def _manifest_digest(self) -> str | None:
+        dataset = self.spec.evaluation.dataset.removesuffix("_small")
+        manifest = self.layout.dataset(dataset).manifest
+        if not manifest.is_file():
+            return None
+        return hashlib.sha256(manifest.read_bytes()).hexdigest()
+
+    # ---- outputs ----
+
+    def write(self, summary: dict[str, Any], log: bool) -> Path:
+        """``study.json`` and ``index.html`` in the report folder; the MLflow summary when
+        tracking and something ran (or none was logged yet)."""
+        from weighted_mtp.report.study_page import study_page
+
+        out = self.report_dir
+        write_json_atomic(out / "study.json", summary)
+        page = out / "index.html"
+        write_text_atomic(page, study_page(summary))
+        if self.mlflow_uri is not None and summary.get("arms"):
+            from weighted_mtp.train.tracking import RUN_RECORD
+
+            if log or not (out / RUN_RECORD).is_file():
+                log_study(summary, self.mlflow_uri, out, page)
+        return page
+
+    def print_summary(self, summary: dict[str, Any], page: Path) -> None:
+        table = Table(title=f"study {summary['name']}: greedy pass@1 on {summary['dataset']}")
+        for column in ("arm", "pass@1 [95% interval]", "vs baseline [95% interval]", "p",
+                       "test", "verdict"):  # fmt: skip
+            table.add_column(column)
+        comparisons = {c["arm"]: c for c in summary.get("comparisons", [])}
+        for arm, row in summary.get("arms", {}).items():
+            c = comparisons.get(arm)
+            table.add_row(
+                arm, f"{row['pass_at_1']:.3f} [{row['low']:.3f}, {row['high']:.3f}]",
+                f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]" if c else "-",
+                f"{c['p_value']:.3g}" if c else "-", c["test"] if c else "baseline",
+                c["verdict"] if c else "-",
+            )  # fmt: skip
+        self.console.print(table)
+        if summary["missing"]:
+            self.console.print(f"[yellow]not finished: {', '.join(summary['missing'])}[/yellow]")
+        self.console.print(f"Report: {page}", markup=False)
+
+
+def read_results(eval_dir: Path) -> dict[str, bool]:
+    """Per problem, whether its first (greedy) sample passed, from ``results.jsonl``."""
+    from weighted_mtp.data.jsonl import iter_jsonl
+
+    out: dict[str, bool] = {}
+    for row in iter_jsonl(eval_dir / "results.jsonl"):
+        if row.get("sample", 0) == 0:
+            out[row["task_id"]] = bool(row["passed"])
+    return out
+
+
+def pool(
+    results: dict[str, dict[int, dict[str, bool]]],
+    baseline: str | None,
+    arms: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Pool ``results[arm][seed][task_id]`` (pass/fail of the greedy sample) over seeds and
+    compare every arm with ``baseline`` (docs/EVALUATION.md §6).
+
+    Only the problems scored in every run count. Per arm and problem the outcomes of the seeds
+    form the problem's list of samples, so a problem's score is the mean over seeds; the arm's
+    pass@1 is the mean of those scores with the percentile bootstrap interval over problems.
+    The comparison is ``compare_arms`` on the same lists: McNemar's exact test with one seed,
+    the paired bootstrap of per-problem scores with several."""
+    from weighted_mtp.evaluation.compare import bootstrap_interval, compare_arms
+
+    if not results:
+        return {"problems": 0, "arms": {}, "comparisons": []}
+    shared = set.intersection(*(set(r) for seeds in results.values() for r in seeds.values()))
+    tasks = sorted(shared)
+    if not tasks:
+        return {"problems": 0, "arms": {}, "comparisons": []}
+    pooled = {
+        arm: {t: [seeds[s][t] for s in sorted(seeds)] for t in tasks}
+        for arm, seeds in results.items()
+    }
+    out: dict[str, Any] = {"problems": len(tasks), "arms": {}, "comparisons": []}
+    for arm, per_task in pooled.items():
+        scores = [sum(v) / len(v) for v in per_task.values()]
+        mean, low, high = bootstrap_interval(scores)
+        seeds = results[arm]
+        out["arms"][arm] = {
+            **((arms or {}).get(arm) or {}),
+            "seeds": sorted(seeds),
+            "pass_at_1": mean, "low": low, "high": high,
+            "per_seed": {str(s): sum(seeds[s][t] for t in tasks) / len(tasks)
+                         for s in sorted(seeds)},
+            "passed_any_seed": sum(any(v) for v in per_task.values()),
+        }  # fmt: skip
+    if baseline is not None:
+        out["baseline"] = baseline
+        out["comparisons"] = [asdict(c) for c in compare_arms(pooled, baseline)]
+    return out
+
+
+def log_study(summary: dict[str, Any], mlflow_uri: str, out: Path, page: Path) -> str | None:
+    """One MLflow run in the ``study`` experiment: the spec as params, per arm pass@1 and its
+    interval, per comparison the difference, p-value and verdict (as a tag)."""
+    from weighted_mtp.train.tracking import TAG_KIND, TAG_REPORT, MetricLogger, source_tags
+
+    metrics: dict[str, float] = {}
+    for arm, row in summary["arms"].items():
+        metrics[f"pass_at_1/{arm}"] = row["pass_at_1"]
+        metrics[f"pass_at_1_low/{arm}"] = row["low"]
+        metrics[f"pass_at_1_high/{arm}"] = row["high"]
+    tags = {TAG_KIND: "study", TAG_REPORT: str(page.resolve()), **source_tags()}
+    for c in summary.get("comparisons", []):
+        metrics[f"difference/{c['arm']}"] = c["difference"]
+        metrics[f"p_value/{c['arm']}"] = c["p_value"]
+        tags[f"wmtp.verdict.{c['arm']}"] = c["verdict"]
+    logger = MetricLogger(
+        None, mlflow_uri=mlflow_uri, experiment=STUDY_EXPERIMENT,
+        run_name=f"study-{summary['name']}", params={**summary["spec"],
+        "problems": summary["problems"]}, tags=tags, record_dir=out,
+    )  # fmt: skip
+    try:
+        logger.log(metrics, step=0)
+    finally:
+        logger.close()
+    return logger.run_id
+
+
+def study(
+    spec: str,
+    storage: str | None = None,
+    overrides: list[str] | None = None,
+    configs: str | None = None,
+    only: str | None = None,
+    dry_run: bool = False,
+    tracking: bool = True,
+    unsafe: bool = False,
+) -> StudyResult:
+    """Run (or resume) the study of spec file ``spec`` under ``storage``."""
+    layout = StorageLayout.from_arg(storage)
+    loaded = load_spec(spec, overrides)
+    return Study(
+        loaded, Path(spec), layout, Path(configs) if configs else None, tracking=tracking,
+        unsafe=unsafe,
+    ).run(only=only, dry_run=dry_run)  # fmt: skip
