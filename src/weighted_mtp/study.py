@@ -70,7 +70,7 @@ class ArmSpec(Section):
     """A config file of the configs folder, without ``.yaml``."""
     control: Literal["none", "shuffled", "random_matched"] = "none"
     """``weighting.control`` (docs/METHOD.md §6)."""
-    overrides: list[str] = []
+    overrides: list[str] = Field(default_factory=list)
     """More ``key=value`` overrides of this arm's runs."""
 
 
@@ -108,7 +108,7 @@ class StudySpec(Section):
     budget: BudgetSpec
     evaluation: EvaluationSpec = EvaluationSpec()
     arms: dict[str, ArmSpec] = Field(min_length=2)
-    overrides: list[str] = []
+    overrides: list[str] = Field(default_factory=list)
     """``key=value`` overrides of every run, helpers included (``train.device=cuda``)."""
 
     @model_validator(mode="after")
@@ -456,7 +456,9 @@ class Study:
             "missing": missing,
         }
         baseline = self.spec.baseline if self.spec.baseline in complete else None
-        summary.update(pool(complete, baseline, {a: s.model_dump() for a, s in self.spec.arms.items()}))
+        summary.update(
+            pool(complete, baseline, {a: s.model_dump() for a, s in self.spec.arms.items()})
+        )
         return summary
 
     def _manifest_digest(self) -> str | None:

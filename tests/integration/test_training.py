@@ -229,9 +229,10 @@ def _run_cli(storage, *args, wait=True, recipe="baseline"):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["baseline", "verifiable"])
+@pytest.mark.parametrize("recipe", ["baseline", "verifiable", "ntp"])
 def test_sigkill_and_resume_is_bitwise_exact(trained, tiny_storage, recipe):
-    """Verifiable also checks that the EMA of the critic's advantages comes back exactly."""
+    """Verifiable also checks that the EMA of the critic's advantages comes back exactly; ntp,
+    that adapters without gradients (its unused heads) do not stop the resume."""
     common = ["train.max_steps=6", "checkpoint.every=2", "lora.dropout=0.1"]
     full = _run_cli(tiny_storage, *common, "run_name=uninterrupted", recipe=recipe)
     assert full.returncode == 0, full.stderr[-2000:]

@@ -159,9 +159,7 @@ def test_config_differences_ignore_only_logging_and_resume():
     assert config_differences(a, {**a, "y": 1}) == ["y"]
 
 
-def test_run_trains_and_evaluates_only_what_is_missing_then_skips_everything(
-    tmp_path, monkeypatch
-):
+def test_run_trains_and_evaluates_only_what_is_missing_then_skips_everything(tmp_path, monkeypatch):
     study = _study(tmp_path)
     plan = study.plan()
     outcome = {0: {"a": True, "b": False, "c": False, "d": True},

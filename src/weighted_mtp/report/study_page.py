@@ -95,9 +95,7 @@ def _runs_table(summary: dict[str, Any]) -> str:
         for r in summary.get("runs", [])
     )
     missing = summary.get("missing", [])
-    note = (
-        f"<p class='note'>Not finished: {_esc(', '.join(missing))}.</p>" if missing else ""
-    )
+    note = f"<p class='note'>Not finished: {_esc(', '.join(missing))}.</p>" if missing else ""
     return (
         "<table><thead><tr><th>arm</th><th>seed</th><th>state</th><th>steps</th>"
         f"<th>folder</th></tr></thead><tbody>{rows}</tbody></table>{note}"

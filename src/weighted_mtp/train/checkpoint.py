@@ -209,7 +209,11 @@ def resume(
 
     load_into(model, ckpt)
     saved = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
-    set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=_state_options())
+    # Not strict: a trainable parameter that never had a gradient (the adapters of the heads
+    # ``ntp`` leaves out, docs/METHOD.md §8) has no optimizer state saved, and gets none back.
+    set_optimizer_state_dict(
+        model, optimizer, saved["optimizer"], options=_state_options(strict=False)
+    )
     if scheduler is not None and saved["scheduler"] is not None:
         scheduler.load_state_dict(saved["scheduler"])
     set_rng_state(saved["rng"])
