@@ -291,3 +291,42 @@ def test_several_seeds_match_the_exact_bootstrap_distribution():
     exact_p = min(1.0, 2 * tail)
     assert comparison["p_value"] == pytest.approx(exact_p, abs=0.01)  # 10,000 draws: s.e. 0.003
     assert exact_p < 0.05 and comparison["verdict"] == "better"  # these inputs do differ
+
+
+def test_the_summary_goes_to_mlflow_once_with_verdicts(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    path = _spec_file(tmp_path, seeds=[0])
+    layout = StorageLayout(tmp_path / "storage")
+    study = Study(load_spec(path), path, layout, tracking=True)
+    outcome = {"baseline": {"a": False, "b": False, "c": True, "d": False}}
+    monkeypatch.setattr(study, "_train", lambda run: _fake_training(study, run))
+    monkeypatch.setattr(
+        study,
+        "_evaluate",
+        lambda run: _fake_evaluation(run, outcome.get(run.arm, {t: True for t in "abcd"})),
+    )
+    monkeypatch.setattr(study, "_require_sandbox", lambda: None)
+    assert study.run().ran
+    study.run()  # nothing ran: the summary is not logged again
+    client = MlflowClient(tracking_uri=layout.mlflow_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("study").experiment_id])
+    assert run.info.run_name == "study-t"
+    assert run.data.metrics["pass_at_1/verifiable"] == 1.0
+    assert run.data.metrics["difference/verifiable"] == pytest.approx(0.75)
+    assert run.data.tags["wmtp.verdict.verifiable"] == "not distinguishable"  # 3 of 3: p 0.25
+    assert run.data.tags["wmtp.report"] == str((study.report_dir / "index.html").resolve())
+
+
+def test_cli_dry_run_prints_the_plan_and_bad_input_is_one_line(tmp_path, capsys):
+    from weighted_mtp.cli import main
+
+    path = _spec_file(tmp_path)
+    storage = str(tmp_path / "storage")
+    assert main(["study", str(path), "--storage", storage, "--dry-run", "seeds=[3]"]) == 0
+    out = capsys.readouterr().out
+    assert "0 of 4 runs finished" in out and "[4/4] verifiable_shuffled seed 3: train" in out
+    assert not (tmp_path / "storage").exists()  # a dry run writes nothing
+    assert main(["study", str(path), "--storage", storage, "--only", "x", "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--only 'x': not an arm" in err
