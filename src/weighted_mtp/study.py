@@ -440,6 +440,7 @@ class Study:
                 assert run.eval_dir is not None
                 results.setdefault(run.arm, {})[run.seed] = read_results(run.eval_dir)
                 row["steps"] = read_info(run.final).get("step")
+                row["train_manifest_sha256"] = _digest(run.run_dir / "manifest_train.json")
             else:
                 missing.append(run.label)
             runs.append(row)
@@ -454,6 +455,13 @@ class Study:
             "pooling": POOLING_RULE,
             "runs": runs,
             "missing": missing,
+            # The budget, as trained: every finished arm run took the same steps over the same
+            # sampled examples (the same training manifest).
+            "same_steps": len({r.get("steps") for r in runs if "steps" in r}) <= 1,
+            "same_training_examples": len(
+                {r.get("train_manifest_sha256") for r in runs if "steps" in r}
+            )
+            <= 1,
         }
         baseline = self.spec.baseline if self.spec.baseline in complete else None
         summary.update(
@@ -463,10 +471,7 @@ class Study:
 
     def _manifest_digest(self) -> str | None:
         dataset = self.spec.evaluation.dataset.removesuffix("_small")
-        manifest = self.layout.dataset(dataset).manifest
-        if not manifest.is_file():
-            return None
-        return hashlib.sha256(manifest.read_bytes()).hexdigest()
+        return _digest(self.layout.dataset(dataset).manifest)
 
     # ---- outputs ----
 
@@ -501,9 +506,18 @@ class Study:
                 c["verdict"] if c else "-",
             )  # fmt: skip
         self.console.print(table)
+        if not (summary["same_steps"] and summary["same_training_examples"]):
+            self.console.print(
+                "[yellow]the arms did not all train the same steps over the same examples "
+                "(see the runs in study.json)[/yellow]"
+            )
         if summary["missing"]:
             self.console.print(f"[yellow]not finished: {', '.join(summary['missing'])}[/yellow]")
         self.console.print(f"Report: {page}", markup=False)
+
+
+def _digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def read_results(eval_dir: Path) -> dict[str, bool]:

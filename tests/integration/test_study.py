@@ -82,6 +82,8 @@ def test_study_is_killed_resumes_where_it_stopped_then_skips_everything(tmp_path
     assert summary["problems"] == 2 and summary["missing"] == []
     assert set(summary["arms"]) == {"baseline", "ntp"}
     assert all(r["steps"] == 4 for r in summary["runs"])
+    assert summary["same_steps"] and summary["same_training_examples"]
+    assert summary["runs"][0]["train_manifest_sha256"]
     (comparison,) = summary["comparisons"]
     assert comparison["test"] == "McNemar (exact)"
     assert comparison["verdict"] in ("better", "worse", "not distinguishable")

@@ -190,6 +190,7 @@ def test_run_trains_and_evaluates_only_what_is_missing_then_skips_everything(tmp
     summary = json.loads((study.report_dir / "study.json").read_text())
     assert summary == json.loads(json.dumps(result.summary))
     assert summary["problems"] == 4 and summary["missing"] == []
+    assert summary["same_steps"] and summary["same_training_examples"]
     assert summary["arms"]["verifiable_shuffled"]["pass_at_1"] == pytest.approx(0.5)
     assert [c["test"] for c in summary["comparisons"]] == ["paired bootstrap"] * 2
     page = (study.report_dir / "index.html").read_text()
@@ -201,6 +202,11 @@ def test_run_trains_and_evaluates_only_what_is_missing_then_skips_everything(tmp
     assert trained == evaluated == [] and len(again.skipped) == len(plan)
     only = study.run(only="baseline")
     assert only.ran == [] and len(only.skipped) == 2
+    # A run that stopped early (an epoch cap below the budget) is flagged, not hidden.
+    (plan[-1].final / "wmtp_checkpoint.json").write_text(json.dumps({"step": 2}))
+    flagged = study.run()
+    assert not flagged.summary["same_steps"] and flagged.summary["same_training_examples"]
+    assert "did not all train the same steps" in (study.report_dir / "index.html").read_text()
 
 
 def test_only_runs_one_arm_and_its_helper(tmp_path, monkeypatch):

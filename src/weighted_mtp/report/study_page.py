@@ -30,6 +30,7 @@ def study_page(summary: dict[str, Any]) -> str:
         f"{_esc(', '.join(str(s) for s in spec.get('seeds', [])))}, "
         f"{budget.get('steps')} optimizer steps per arm, at most "
         f"{evaluation.get('max_new_tokens')} new tokens.</p>"
+        f"<p>{_budget_line(summary)}</p>"
         f"<p class='meta'>Pooling: {_esc(str(summary.get('pooling', '')))}. Data manifest "
         f"SHA-256: <code>{_esc(str(summary.get('data_manifest_sha256')))}</code></p></header>"
     )
@@ -41,6 +42,15 @@ def study_page(summary: dict[str, Any]) -> str:
         + _section("Arms against the baseline", _arms_table(summary))
         + _section("Runs", _runs_table(summary))
         + "</main></body></html>\n"
+    )
+
+
+def _budget_line(summary: dict[str, Any]) -> str:
+    if summary.get("same_steps", True) and summary.get("same_training_examples", True):
+        return "Every finished arm run trained the same steps over the same sampled examples."
+    return (
+        "<b>The finished arm runs did not all train the same steps over the same examples</b> "
+        "(steps and training manifests in the runs table)."
     )
 
 
