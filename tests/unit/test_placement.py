@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from weighted_mtp.data.alpaca import format_prompt
-from weighted_mtp.data.collate import IGNORE_INDEX, encode_with_span, span_tokens
+from weighted_mtp.data.collate import IGNORE_INDEX, Batch, encode_with_span, span_tokens
 from weighted_mtp.models.tokenizer import Tokenizer
+from weighted_mtp.train.objectives import HeadCoefficients, MTPObjective
 from weighted_mtp.train.placement import (
     GRID,
     Solution,
@@ -20,6 +21,7 @@ from weighted_mtp.train.placement import (
     length_only_weights,
     placement_metrics,
 )
+from weighted_mtp.train.weighting import CriticTD, Rho1, Uniform
 
 
 def inside(n: int, lo: int, hi: int) -> torch.Tensor:
@@ -174,3 +176,48 @@ def test_span_to_tokens_on_a_tiny_tokenizer(small_tokenizer):
     assert span_tokens(starts, len(text), boundary, 0, 5) == []
     # A too-long example is dropped, as encode_example drops it.
     assert encode_with_span(tokenizer, instruction, "", output, (0, 1), 5) is None
+
+
+def span_batch(values: list[float], labels_from: int) -> Batch:
+    n = len(values)
+    tokens = torch.arange(n).view(1, n)
+    labels = tokens.clone()
+    labels[:, :labels_from] = IGNORE_INDEX
+    return Batch(tokens, labels, torch.ones(1, n, dtype=torch.long),
+                 {"values": torch.tensor([values])})  # fmt: skip
+
+
+def test_critic_scores_rank_the_value_drop():
+    """A critic whose value falls at token 5 (the span): the one-step drop and the most
+    negative advantage (lambda = 0) sit there, and its TD weight is the smallest."""
+    from weighted_mtp.config import CriticTDConfig
+
+    weighting = CriticTD(CriticTDConfig(td_lambda=0.0))
+    batch = span_batch([0.5, 0.6, 0.6, 0.7, 0.7, 0.2, 0.25, 0.3, 0.3], labels_from=2)
+    scores = weighting.token_scores(batch)
+    mask = batch.labels != IGNORE_INDEX
+    span = torch.zeros(1, 9)
+    span[0, 5] = 1
+    (solution,) = collect(scores, mask, span)
+    for name in ("delta_min", "adv_min", "adv_abs"):
+        assert decisive_hit(solution.rankings[name], solution.inside) == 1.0, name
+    assert int(solution.weights.argmin()) == int(solution.inside.nonzero())
+    assert placement_metrics([solution], resamples=10)["delta_min/hit"] == 1.0
+
+
+def test_rho1_scores_rank_the_excess_loss_and_select_per_row():
+    from weighted_mtp.config import Rho1Config
+
+    weighting = Rho1(Rho1Config(k_percent=0.5))
+    batch = span_batch([0.0] * 6, labels_from=2)
+    batch.extras["ref_ce"] = torch.tensor([[0.0, 0.0, 1.0, 1.0, 1.0, 1.0]])
+    policy_ce = torch.tensor([[0.0, 0.0, 1.5, 4.0, 1.2, 0.9]])
+    scores = weighting.token_scores(batch, policy_ce)
+    assert torch.allclose(scores.rankings["excess"], torch.tensor([[0, 0, 0.5, 3.0, 0.2, -0.1]]))
+    assert scores.weights.tolist() == [[0.0, 0.0, 1.0, 1.0, 0.0, 0.0]]  # top half of the row
+
+
+def test_a_weighting_that_does_not_rank_tokens_scores_nothing():
+    objective = MTPObjective(Uniform(), 2, HeadCoefficients((0.5, 0.5)))
+    assert not objective.scores_tokens
+    assert objective.token_scores(torch.nn.Identity(), span_batch([0.0] * 4, 1)) is None

@@ -122,24 +122,39 @@ def length_only_weights(weights: list[Tensor], bins: int = BINS) -> list[Tensor]
     return out
 
 
+class _Resampled(dict):
+    """The columns under bootstrap resampling, each resampled on first use (``[resamples, R]``)."""
+
+    def __init__(self, columns: dict[str, Tensor], index: Tensor) -> None:
+        super().__init__()
+        self.columns, self.index = columns, index
+
+    def __missing__(self, key: str) -> Tensor:
+        self[key] = self.columns[key][self.index]
+        return self[key]
+
+
 def bootstrap(
     columns: dict[str, Tensor],
     statistic: Callable[[dict[str, Tensor]], Tensor],
     resamples: int = RESAMPLES,
     seed: int = 0,
+    draws: _Resampled | None = None,
 ) -> tuple[float, float, float]:
     """``(value, low, high)``: ``statistic`` of per-solution ``columns`` and its 95% percentile
     bootstrap interval over solutions. ``statistic`` maps columns of shape ``[..., R]`` to
-    ``[...]`` (it is applied to all resamples at once)."""
+    ``[...]`` (it is applied to all resamples at once); ``draws`` shares one set of resamples
+    (and its resampled columns) between statistics."""
     value = float(statistic(columns))
-    n = next(iter(columns.values())).shape[0]
-    generator = torch.Generator().manual_seed(seed)
-    index = torch.randint(n, (resamples, n), generator=generator)
-    draws = statistic({k: v[index] for k, v in columns.items()}).double()
-    draws = draws[torch.isfinite(draws)]
-    if draws.numel() == 0:
+    if draws is None:
+        n = next(iter(columns.values())).shape[0]
+        generator = torch.Generator().manual_seed(seed)
+        draws = _Resampled(columns, torch.randint(n, (resamples, n), generator=generator))
+    stats = statistic(draws).double()
+    stats = stats[torch.isfinite(stats)]
+    if stats.numel() == 0:
         return value, float("nan"), float("nan")
-    low, high = torch.quantile(draws, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    low, high = torch.quantile(stats, torch.tensor([0.025, 0.975], dtype=torch.float64))
     return value, float(low), float(high)
 
 
@@ -183,17 +198,26 @@ def placement_metrics(
     k = torch.tensor([float(i.sum()) for i in insides], dtype=torch.float64)
     cols: dict[str, Tensor] = {"n": n, "k": k, "frac": k / n}
     out: dict[str, float] = {"n": float(len(solutions))}
-    _put(out, "token_frac_in", bootstrap(cols, _mean("frac"), resamples, seed))
+    generator = torch.Generator().manual_seed(seed)
+    draws = _Resampled(cols, torch.randint(len(solutions), (resamples, len(solutions)),
+                                           generator=generator))  # fmt: skip
+
+    def interval(statistic: Callable[[dict[str, Tensor]], Tensor]) -> tuple[float, float, float]:
+        return bootstrap(cols, statistic, draws=draws)
+
+    _put(out, "token_frac_in", interval(_mean("frac")))
     cols["length_hit"] = length_only_hits(insides)
     for name in solutions[0].rankings:
         hits = [decisive_hit(s.rankings[name], s.inside) for s in solutions]
         cols["hit"] = torch.tensor(hits, dtype=torch.float64)
         cols["gain_shuffled"] = cols["hit"] - cols["frac"]
         cols["gain_length"] = cols["hit"] - cols["length_hit"]
+        for key in ("hit", "gain_shuffled", "gain_length"):  # new values: resample again
+            draws.pop(key, None)
         for key, column in (("hit", "hit"), ("hit_shuffled", "frac"),
                             ("hit_length", "length_hit"), ("gain_shuffled", "gain_shuffled"),
                             ("gain_length", "gain_length")):  # fmt: skip
-            _put(out, f"{name}/{key}", bootstrap(cols, _mean(column), resamples, seed))
+            _put(out, f"{name}/{key}", interval(_mean(column)))
     if solutions[0].weights is None:
         return out
     weights = [s.weights.double() for s in solutions]
@@ -203,10 +227,10 @@ def placement_metrics(
         cols[f"{prefix}mass"] = cols[f"{prefix}in"] / (cols[f"{prefix}in"] + cols[f"{prefix}out"])
     mean = (cols["in"] + cols["out"]) / n  # the shuffled control's expected sums
     cols["shuf_in"], cols["shuf_out"] = k * mean, (n - k) * mean
-    _put(out, "weight/mass_in", bootstrap(cols, _mean("mass"), resamples, seed))
-    _put(out, "weight/mass_in_shuffled", bootstrap(cols, _mean("frac"), resamples, seed))
-    _put(out, "weight/mass_in_length", bootstrap(cols, _mean("len_mass"), resamples, seed))
-    _put(out, "weight/ratio", bootstrap(cols, _ratio(""), resamples, seed))
-    _put(out, "weight/ratio_shuffled", bootstrap(cols, _ratio("shuf_"), resamples, seed))
-    _put(out, "weight/ratio_length", bootstrap(cols, _ratio("len_"), resamples, seed))
+    _put(out, "weight/mass_in", interval(_mean("mass")))
+    _put(out, "weight/mass_in_shuffled", interval(_mean("frac")))
+    _put(out, "weight/mass_in_length", interval(_mean("len_mass")))
+    _put(out, "weight/ratio", interval(_ratio("")))
+    _put(out, "weight/ratio_shuffled", interval(_ratio("shuf_")))
+    _put(out, "weight/ratio_length", interval(_ratio("len_")))
     return out
