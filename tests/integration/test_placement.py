@@ -1,4 +1,4 @@
-"""Placement metrics in a real run (docs/METHOD.md §6a): a tiny verifiable and a tiny rho1 run
+"""Placement metrics in a real run (docs/METHOD.md §6, "Where the weight goes"): a tiny verifiable and a tiny rho1 run
 on the known-answer synthetic source log ``val/placement/*``; data without spans builds no
 placement set."""
 

@@ -1,4 +1,4 @@
-"""Placement metrics (docs/METHOD.md §6a) on hand-made solutions with known answers, and the
+"""Placement metrics (docs/METHOD.md §6, "Where the weight goes") on hand-made solutions with known answers, and the
 character-span -> token mapping on a tiny tokenizer."""
 
 from __future__ import annotations

@@ -184,7 +184,7 @@ class Trainer:
         return streams[0], self.val_stream.all_batches() if self.val_stream else []
 
     def _span_stream(self) -> BatchStream | None:
-        """The placement set (docs/METHOD.md §6a): incorrect validation solutions with a
+        """The placement set (docs/METHOD.md §6, "Where the weight goes"): incorrect validation solutions with a
         mutation span, the same on every rank; None unless the objective ranks tokens, there is
         a validation pass and the split carries spans."""
         data, log = self.config.data, self.config.log
@@ -263,7 +263,7 @@ class Trainer:
 
     def placement(self) -> dict[str, float]:
         """``val/placement/*``: where the objective's token scores fall on incorrect solutions
-        relative to their mutation spans (docs/METHOD.md §6a). Every rank scores the same
+        relative to their mutation spans (docs/METHOD.md §6, "Where the weight goes"). Every rank scores the same
         solutions (the policy's forward may be sharded), so no gathering is needed."""
         objective, solutions = self.recipe.objective, []
         for batch in self.span_batches:

@@ -99,7 +99,7 @@ class Objective(Protocol):
     incorrect validation solutions only then)."""
 
     def token_scores(self, model: nn.Module, batch: Any) -> TokenScores | None:
-        """The rankings and weights of ``batch``'s tokens (docs/METHOD.md §6a), for the
+        """The rankings and weights of ``batch``'s tokens (docs/METHOD.md §6, "Where the weight goes"), for the
         placement metrics; None when the objective does not rank tokens. Under FSDP every
         rank must call it."""
 

@@ -1,5 +1,5 @@
 """Where the weight goes: token scores and weights on incorrect solutions against their
-mutation spans (docs/METHOD.md §6a).
+mutation spans (docs/METHOD.md §6, "Where the weight goes").
 
 A weighting that ranks tokens (``CriticTD``, ``Rho1``) returns ``TokenScores`` for a batch:
 one or more *rankings* (the decisive token of a solution is the argmax of a ranking over its
@@ -180,7 +180,7 @@ def _put(out: dict[str, float], name: str, triple: tuple[float, float, float]) -
 def placement_metrics(
     solutions: list[Solution], resamples: int = RESAMPLES, seed: int = 0
 ) -> dict[str, float]:
-    """The placement metrics of docs/METHOD.md §6a over ``solutions`` (see the module
+    """The placement metrics of docs/METHOD.md §6, "Where the weight goes" over ``solutions`` (see the module
     docstring); empty without solutions. Keys (each rate with ``_lo``/``_hi``):
 
     ``n`` solutions, ``token_frac_in`` the mean share of response tokens in the span; per

@@ -98,7 +98,7 @@ class Weighting:
     * ``metrics(sums)``: step metrics from ``stat_names`` sums over micro-batches AND ranks;
     * ``state_dict()`` / ``load_state_dict()``: what an exact resume needs;
     * ``token_scores(batch, policy_ce)``: the scores that rank a batch's tokens and the weights
-      they would get, for the placement metrics (docs/METHOD.md §6a); a weighting that ranks
+      they would get, for the placement metrics (docs/METHOD.md §6, "Where the weight goes"); a weighting that ranks
       tokens sets ``scores_tokens`` (and ``needs_policy_ce`` when its score uses the policy's
       own head-1 CE).
     """
@@ -371,7 +371,7 @@ class Rho1(Weighting):
 
     def token_scores(self, batch: Any, policy_ce: Tensor | None = None) -> TokenScores | None:
         """Ranking ``excess``: the configured score (docs/METHOD.md §5); weights: the top
-        ``k_percent`` of each row's own scores (docs/METHOD.md §6a), so a solution's
+        ``k_percent`` of each row's own scores (docs/METHOD.md §6, "Where the weight goes"), so a solution's
         selection does not depend on the rows batched with it."""
         if policy_ce is None:
             raise ValueError("Rho1.token_scores needs the policy's head-1 CE")
@@ -673,7 +673,7 @@ class CriticTD(Weighting):
         return self.dense_weights(batch, w, n_heads)
 
     def token_scores(self, batch: Any, policy_ce: Tensor | None = None) -> TokenScores | None:
-        """Rankings (docs/METHOD.md §6a): ``adv_abs`` = ``|Â|`` (the token whose weight departs
+        """Rankings (docs/METHOD.md §6, "Where the weight goes"): ``adv_abs`` = ``|Â|`` (the token whose weight departs
         most from 1), ``adv_min`` = ``-Â`` (the smallest weight), ``delta_min`` = ``-delta``
         (the largest one-step drop of the critic's value), all unclipped; weights: the clipped TD
         weights validation uses, before any control arm."""
