@@ -57,8 +57,14 @@ def check_rate(m: dict[str, float], name: str) -> None:
 def test_verifiable_and_rho1_runs_log_placement_on_spans(synthetic_storage):
     layout = synthetic_storage
     run(layout, "critic")
-    verifiable = placement(run(layout, "verifiable"))
+    verifiable = placement(run(layout, "verifiable", "log.mlflow=true"))
     assert verifiable["n"] == 12
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=layout.mlflow_uri())
+    (logged,) = client.search_runs([client.get_experiment_by_name("verifiable").experiment_id])
+    assert logged.data.metrics["val/placement/adv_abs/hit"] == verifiable["adv_abs/hit"]
+    assert logged.data.metrics["val/placement/n"] == 12
     for ranking in ("adv_abs", "adv_min", "delta_min"):
         for key in ("hit", "hit_shuffled", "hit_length"):
             check_rate(verifiable, f"{ranking}/{key}")
