@@ -52,10 +52,14 @@ def save_hf_bin_shards(model, folder: Path, n_shards: int = 2) -> None:
 
 
 def make_tiny_storage(
-    root: Path, tokenizer: Path, datasets: tuple[str, ...] = ("codecontests",)
+    root: Path,
+    tokenizer: Path,
+    datasets: tuple[str, ...] = ("codecontests",),
+    source: Path | None = None,
 ) -> Path:
     """A storage tree whose ``micro-mtp``/``micro-reference`` are tiny (64 wide, vocab 1000),
-    with the bundled offline datasets processed by the real dataset steps."""
+    with the bundled offline datasets (or those of ``source``) processed by the real dataset
+    steps."""
     from weighted_mtp.base.layout import StorageLayout
     from weighted_mtp.models import ModelArgs, Transformer, save_model
     from weighted_mtp.models.transformer import init_weights
@@ -81,7 +85,7 @@ def make_tiny_storage(
         layout,
         names=list(datasets),
         steps=["process", "metadata", "small"],
-        source=None,
+        source=source,
         include_python2=False,
         skip_bad_records=False,
         max_length=2048,

@@ -148,6 +148,11 @@ MICRO_BASE_OPTIONS = {
     "lr": (float, "peak learning rate"),
     "max_length": (int, "longest example kept, in tokens"),
     "seed": (int, "initialisation and batch order"),
+    "reference_from": (
+        str,
+        "mtp: micro-reference is micro-mtp's head-1 path; scratch: its own "
+        "pretraining of --reference-steps",
+    ),
 }
 
 

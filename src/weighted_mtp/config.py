@@ -245,6 +245,10 @@ class LogConfig(Section):
     token_weights: int = Field(default=3, ge=0)
     """Validation examples whose per-token, per-head weights go to ``token_weights.jsonl`` at
     every validation (the report's heat maps); 0 turns it off."""
+    placement_examples: int = Field(default=200, ge=0)
+    """Incorrect validation solutions with a mutation span whose token scores are placed
+    against the span at every validation (``val/placement/*``, docs/METHOD.md §6, "Where the weight goes"), for
+    weightings that rank tokens; 0 turns it off. Data without spans costs nothing."""
 
 
 class Config(Section):

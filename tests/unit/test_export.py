@@ -192,3 +192,16 @@ def test_cli_bad_sources_are_one_line(lora_run, tmp_path, capsys):
     checkpoint.write_info(ckpt, {**info, "value_head": {"type": "linear"}})
     assert main(["export", str(ckpt), str(tmp_path / "o"), "--storage", str(root)]) == 1
     assert "critic checkpoint" in capsys.readouterr().err
+
+
+def test_storage_tokenizer_folder_loads_in_transformers_with_our_ids(tmp_path, small_tokenizer):
+    """A storage ``tokenizer/`` folder, read by ``AutoTokenizer``, gives SentencePiece's ids on
+    leading spaces and indentation, where transformers' ``LlamaTokenizer`` splits differently."""
+    paths = StorageLayout(tmp_path / "storage").model("micro-mtp")
+    write_tokenizer_folder(small_tokenizer, paths)
+    ours = Tokenizer(paths.tokenizer)
+    hf = AutoTokenizer.from_pretrained(paths.tokenizer_dir)
+    for text in ("  x", "def f(a):\n    if a > 3:\n        return a\n", " leading", "x\n\n  y"):
+        assert hf(text)["input_ids"] == ours.encode(text, bos=True), text
+    config = json.loads((paths.tokenizer_dir / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"

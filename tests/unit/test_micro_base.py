@@ -63,7 +63,7 @@ def layout(tmp_path) -> StorageLayout:
 def test_pretrain_writes_loadable_models_that_learned(layout):
     results = pretrain_micro_base(layout, TINY, progress=False)
     assert set(results) == {"mtp", "reference"}
-    for micro_type, result in results.items():
+    for micro_type in results:
         paths = layout.model(f"micro-{micro_type}")
         for path in (paths.weights, paths.checksums, paths.configs / "config.json",
                      paths.tokenizer, paths.metadata):  # fmt: skip
@@ -71,11 +71,12 @@ def test_pretrain_writes_loadable_models_that_learned(layout):
         assert all(check.ok for check in verify_model(paths)), verify_model(paths)
         meta = json.loads(paths.metadata.read_text())
         assert meta["init"] == "pretrained" and meta["micro_type"] == micro_type
-        assert meta["steps"] == (40 if micro_type == "mtp" else 20)
+        assert meta["steps"] == (40 if micro_type == "mtp" else 0)  # the reference is derived
         assert meta["data"]["records"] == 24  # the correct solutions only
         assert meta["sizes"]["dim"] == 32 and meta["tokenizer"]["vocab_size"] == 320
         assert meta["wall_seconds"] > 0 and meta["seed"] == 0
-        assert result.final_loss < 0.7 * result.first_loss, (result.first_loss, result.final_loss)
+    mtp_result = results["mtp"]
+    assert mtp_result.final_loss < 0.7 * mtp_result.first_loss, mtp_result
     # Both models read the same tokenizer.
     mtp, ref = layout.model("micro-mtp"), layout.model("micro-reference")
     assert mtp.tokenizer.read_bytes() == ref.tokenizer.read_bytes()
@@ -84,6 +85,14 @@ def test_pretrain_writes_loadable_models_that_learned(layout):
     assert model.n_future_tokens == 4 and model.args.dim == 32
     reference = load_pretrained(ref.root)
     assert reference.n_future_tokens == 1 and reference.args.n_layers == 2
+    # The derived reference is head 1 of micro-mtp: the same logits, through HF names and back.
+    probe = torch.tensor([[1, 40, 41, 42, 43, 44, 45]])
+    with torch.no_grad():
+        torch.testing.assert_close(reference(probe)[:, :, 0], model(probe)[:, :, 0])
+    ref_meta = json.loads(ref.metadata.read_text())
+    assert ref_meta["source_model"].startswith("micro-mtp") and results["reference"].steps == 0
+    # ... and it has learned what head 1 learned: its loss is near micro-mtp's final loss.
+    assert results["reference"].final_loss < 0.7 * mtp_result.first_loss
     names = json.loads(ref.metadata.read_text())["tensor_names"]
     assert names == "huggingface"
     tok = Tokenizer(mtp.tokenizer)
@@ -108,6 +117,19 @@ def test_same_seed_same_weights_and_rerun_is_a_no_op(layout, tmp_path, capsys):
     capsys.readouterr()
     again = pretrain_micro_base(layout, config, micro_types=("mtp",), progress=False)
     assert again["mtp"].skipped and "already pretrained" in capsys.readouterr().out
+
+
+def test_reference_from_scratch_and_derived_needs_mtp(layout):
+    scratch = MicroBaseConfig(**{**TINY.__dict__, "steps": 4, "reference_steps": 6,
+                                 "reference_from": "scratch"})  # fmt: skip
+    with pytest.raises(UserError, match="pretrain micro-mtp first"):
+        pretrain_micro_base(layout, TINY, micro_types=("reference",), progress=False)
+    result = pretrain_micro_base(layout, scratch, micro_types=("reference",), progress=False)
+    assert result["reference"].steps == 6 and not layout.model("micro-mtp").weights.exists()
+    meta = json.loads(layout.model("micro-reference").metadata.read_text())
+    assert meta["steps"] == 6 and meta["source_model"] is None
+    with pytest.raises(UserError, match="reference_from"):
+        MicroBaseConfig(reference_from="other")
 
 
 def test_mtp_losses_target_k_ahead():
@@ -149,6 +171,7 @@ def test_cli_runs_the_step(layout, capsys):
         "storage", "micro-base", "--storage", str(layout.root), "--only", "reference",
         "--dim", "32", "--trunk-layers", "1", "--attention-heads", "2", "--ffn-hidden-dim", "64",
         "--vocab-size", "320", "--reference-steps", "3", "--batch-size", "4", "--threads", "1",
+        "--reference-from", "scratch",
     ])  # fmt: skip
     assert code == 0
     assert "micro-reference: 3 steps" in capsys.readouterr().out

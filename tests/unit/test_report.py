@@ -284,3 +284,35 @@ def test_empty_run_folder_still_gives_a_page(tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
     page = build_report([tmp_path / "run"], tmp_path / "out").read_text(encoding="utf-8")
     assert "Nothing to show: no metrics.jsonl" in page
+
+
+def test_placement_table_shows_rates_controls_and_intervals(tmp_path: Path) -> None:
+    """``val/placement/*`` of the last validation become one table per run (docs/METHOD.md §6,
+    "Where the weight goes"); runs without them get no section."""
+    import torch
+
+    from weighted_mtp.train.placement import Solution, placement_metrics
+
+    flags = [torch.arange(10) == i for i in (2, 5, 7)]
+    solutions = [Solution({"adv_abs": f.float(), "adv_min": -f.float()}, 1 + 2 * f.float(), f)
+                 for f in flags]  # fmt: skip
+    metrics = placement_metrics(solutions, resamples=100)
+    run = write_run(tmp_path, "verifiable", steps=4, evals=False, weights=False)
+    with open(run / "metrics.jsonl", "a") as handle:
+        early = {"val/placement/n": 3.0, "val/placement/adv_abs/hit": 0.5}
+        handle.write(json.dumps({"step": 2, "time": 1e9, **early}) + "\n")
+        placed = {f"val/placement/{k}": v for k, v in metrics.items()}
+        handle.write(json.dumps({"step": 4, "time": 1e9, **placed}) + "\n")
+    other = write_run(tmp_path, "baseline", steps=4, evals=False, weights=False)
+    page = build_report([run, other], tmp_path / "out").read_text(encoding="utf-8")
+    section = page[page.index("Where the weight goes") : page.index('id="evaluation"')]
+    assert "step 4: 3 incorrect solutions, 10.0% of their response tokens in the span" in section
+    assert "adv_abs hit rate" in section and "adv_min hit rate" in section
+    assert "1.000 <span class='se'>[1.000, 1.000]</span>" in section  # adv_abs hits every time
+    assert "0.000 <span class='se'>[0.000, 0.000]</span>" in section  # adv_min never does
+    assert "0.100 <span class='se'>[0.100, 0.100]</span>" in section  # the shuffled control
+    assert "weight mass inside" in section and "mean weight in / out" in section
+    assert f"{metrics['weight/ratio']:.3f}" == "3.000" and "3.000" in section
+    assert section.count("<h3>") == 1  # the baseline run has no placement metrics
+    alone = build_report([other], tmp_path / "out2").read_text(encoding="utf-8")
+    assert "Where the weight goes" not in alone

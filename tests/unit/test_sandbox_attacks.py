@@ -386,6 +386,36 @@ def test_nested_user_namespaces_are_refused(sbx: Any) -> None:
     assert result["stdout"].strip() == "-1"
 
 
+def test_sample_cannot_read_trace_or_kill_its_pid_1(sbx: Any) -> None:
+    """PID 1 of a sample's namespace shares the zygote's memory (docs/EVALUATION.md §4): its
+    memory, maps, environment and stack are closed to the sample, it cannot be traced, and
+    killing it does not end the sample's own run."""
+    program = _prog("""\
+        import ctypes, json, os
+        out = {}
+        for name in ("mem", "maps", "environ", "auxv", "stack", "syscall", "pagemap"):
+            try:
+                with open("/proc/1/" + name, "rb") as fh:
+                    fh.read(64)
+                out[name] = "read"
+            except OSError as exc:
+                out[name] = exc.errno
+        libc = ctypes.CDLL(None, use_errno=True)
+        out["ptrace"] = libc.ptrace(16, 1, 0, 0)  # PTRACE_ATTACH
+        out["seize"] = libc.ptrace(0x4206, 1, 0, 0)  # PTRACE_SEIZE
+        try:
+            os.kill(1, 9)
+        except OSError as exc:
+            out["kill"] = exc.errno
+        print(json.dumps(out))
+        """)
+    (result,) = sbx.many([program])
+    assert result["verdict"] == "passed", result
+    seen = json.loads(result["stdout"])
+    assert not [k for k, v in seen.items() if v == "read"], seen
+    assert seen["ptrace"] == -1 and seen["seize"] == -1, seen
+
+
 def test_disk_is_capped_for_the_whole_sample(sbx: Any) -> None:
     program = _prog("""\
         import os

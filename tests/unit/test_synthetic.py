@@ -17,6 +17,7 @@ from weighted_mtp import cli
 from weighted_mtp.base.errors import UserError
 from weighted_mtp.base.layout import StorageLayout
 from weighted_mtp.data.alpaca import format_prompt, format_text
+from weighted_mtp.data.collate import IGNORE_INDEX, encode_with_span, span_tokens
 from weighted_mtp.data.jsonl import iter_jsonl
 from weighted_mtp.models.tokenizer import Tokenizer
 from weighted_mtp.storage import synthetic
@@ -235,14 +236,14 @@ def test_every_mutation_span_overlaps_a_response_token(processed, small_tokenize
             boundary = len(format_prompt(record["instruction"], record["input"]))
             assert text[boundary:] == record["output"]
             _, starts = tokenizer.encode_with_offsets(text)
-            ends = [*starts[1:], len(text)]
             lo, hi = boundary + mutation["start"], boundary + mutation["end"]
-            hit = [
-                i
-                for i, (s, e) in enumerate(zip(starts, ends, strict=True))
-                if s >= boundary and s < hi and e > lo
-            ]
+            hit = span_tokens(starts, len(text), boundary, lo, hi)
             assert hit, (record["task_id"], mutation)
+            span = (mutation["start"], mutation["end"])
+            fields = (record["instruction"], record["input"], record["output"])
+            example, positions = encode_with_span(tokenizer, *fields, span, 4096)
+            assert positions == [1 + i for i in hit]  # BOS shifts every position by one
+            assert all(example.labels[p] != IGNORE_INDEX for p in positions)
             counted[mutation["kind"]] += 1
     assert set(counted) == set(KINDS)
 

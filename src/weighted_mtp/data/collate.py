@@ -70,8 +70,17 @@ def encode_example(
     included) longer than ``max_length``: such examples are dropped, not truncated; the
     caller counts them.
     """
+    encoded = _encode(tokenizer, instruction, input_text, output, max_length)
+    return None if encoded is None else encoded[0]
+
+
+def _encode(
+    tokenizer: OffsetTokenizer, instruction: str, input_text: str, output: str, max_length: int
+) -> tuple[EncodedExample, list[int], int, int] | None:
+    """``encode_example`` plus the token start offsets, the prompt length and the text length."""
     prompt = format_prompt(instruction, input_text)
-    ids, starts = tokenizer.encode_with_offsets(prompt + output)
+    text = prompt + output
+    ids, starts = tokenizer.encode_with_offsets(text)
     if len(ids) + 2 > max_length:
         return None
     boundary = len(prompt)
@@ -80,7 +89,44 @@ def encode_example(
     n_prompt = sum(1 for start in starts if start < boundary)
     input_ids = [tokenizer.bos_id, *ids, tokenizer.eos_id]
     labels = [IGNORE_INDEX] * (1 + n_prompt) + input_ids[1 + n_prompt :]
-    return EncodedExample(input_ids, labels, 1 + n_prompt)
+    return EncodedExample(input_ids, labels, 1 + n_prompt), starts, boundary, len(text)
+
+
+def span_tokens(
+    starts: Sequence[int], text_length: int, boundary: int, lo: int, hi: int
+) -> list[int]:
+    """Indices (into ``starts``) of the response tokens whose characters overlap ``[lo, hi)``.
+
+    Token ``i`` covers ``[starts[i], starts[i + 1])`` (the last one runs to ``text_length``);
+    a response token starts at or after ``boundary``, the prompt's length, as
+    ``encode_example`` masks. ``lo``/``hi`` are offsets into the whole templated text
+    (docs/DATA.md §4: a mutation span's offsets into ``output`` plus ``boundary``).
+    """
+    ends = [*starts[1:], text_length]
+    return [
+        i
+        for i, (start, end) in enumerate(zip(starts, ends, strict=True))
+        if start >= boundary and start < hi and end > lo
+    ]
+
+
+def encode_with_span(
+    tokenizer: OffsetTokenizer,
+    instruction: str,
+    input_text: str,
+    output: str,
+    span: tuple[int, int],
+    max_length: int,
+) -> tuple[EncodedExample, list[int]] | None:
+    """``encode_example`` of one record (one tokenisation) and the positions in
+    ``input_ids`` (BOS counted) of the response tokens that overlap ``span``, a character
+    range ``[start, end)`` of ``output``; ``None`` when the example does not fit."""
+    encoded = _encode(tokenizer, instruction, input_text, output, max_length)
+    if encoded is None:
+        return None
+    example, starts, boundary, text_length = encoded
+    lo, hi = boundary + span[0], boundary + span[1]
+    return example, [1 + i for i in span_tokens(starts, text_length, boundary, lo, hi)]
 
 
 @dataclass

@@ -25,6 +25,7 @@ from weighted_mtp.data.collate import (
     collate,
     collate_pairs,
     encode_example,
+    encode_with_span,
     length_grouped_batches,
 )
 from weighted_mtp.data.jsonl import JsonlFile
@@ -123,6 +124,57 @@ def build_examples(
         for pid in set(problem_ids)
     }
     return ExampleSet(examples, kept, manifest, problem_ids, difficulty)
+
+
+SPAN_EXTRA = "mutation_span"
+"""``batch.extras`` key of the span indicator: 1.0 on the tokens that overlap the mutation."""
+
+
+def build_span_examples(
+    files: SplitFiles, tokenizer: Tokenizer, max_length: int, limit: int
+) -> tuple[ExampleSet, list[torch.Tensor]] | None:
+    """Up to ``limit`` incorrect records of a split that carry ``metadata.mutation``
+    (docs/DATA.md §4), evenly spaced over the split's incorrect lines, encoded as training
+    encodes them, with one indicator per example (1.0 on the response tokens that overlap the
+    span). None when the split has no such record: only its first incorrect line is read then.
+    """
+    if limit <= 0:
+        return None
+    problem_index = load_problem_index(files.metadata)["problem_index_map"]
+    candidates = sorted(i for entry in problem_index.values()
+                        for i in entry.get("incorrect_indices") or [])  # fmt: skip
+    if not candidates:
+        return None
+    reader = JsonlFile(files.jsonl)
+    try:
+        if "mutation" not in (reader.read([candidates[0]])[0].get("metadata") or {}):
+            return None
+        count = min(limit, len(candidates))
+        lines = sorted({candidates[j * len(candidates) // count] for j in range(count)})
+        records = reader.read(lines)
+    finally:
+        reader.close()
+    examples, kept, spans, dropped = [], [], [], 0
+    for line, record in zip(lines, records, strict=True):
+        mutation = (record.get("metadata") or {}).get("mutation")
+        if mutation is None:
+            continue
+        fields = (record["instruction"], record.get("input", ""), record["output"])
+        span = (mutation["start"], mutation["end"])
+        encoded = encode_with_span(tokenizer, *fields, span, max_length)
+        if encoded is None or not encoded[1]:
+            dropped += 1
+            continue
+        indicator = torch.zeros(encoded[0].length)
+        indicator[encoded[1]] = 1.0
+        examples.append(encoded[0])
+        kept.append(line)
+        spans.append(indicator)
+    if not examples:
+        return None
+    manifest = {"file": str(files.jsonl), "mode": "mutation_spans", "dropped_too_long": dropped,
+                "line_indices": kept}  # fmt: skip
+    return ExampleSet(examples, kept, manifest), spans
 
 
 def _lines_of(item: Any, paired: bool) -> tuple[int, ...]:

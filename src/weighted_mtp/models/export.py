@@ -133,11 +133,14 @@ def export_hf(
     return Path(out)
 
 
-def write_hf_tokenizer(tokenizer_model: str | Path, folder: Path, max_length: int) -> None:
+def write_hf_tokenizer(
+    tokenizer_model: str | Path, folder: Path, max_length: int, copy_model: bool = True
+) -> None:
     """``tokenizer.model`` plus a ``tokenizer.json`` checked to give SentencePiece's ids.
 
     The config names the generic fast tokenizer class: transformers' ``LlamaTokenizer``
-    rebuilds its own pre-tokeniser and would split leading spaces differently."""
+    rebuilds its own pre-tokeniser and would split leading spaces differently. With
+    ``copy_model`` false, ``tokenizer.model`` is already in ``folder`` (storage folders)."""
     tokenizer_json = None
     for dummy_prefix in (True, False):
         candidate = hf_tokenizer_json(tokenizer_model, dummy_prefix)
@@ -152,7 +155,8 @@ def write_hf_tokenizer(tokenizer_model: str | Path, folder: Path, max_length: in
     tok = Tokenizer(tokenizer_model)
     pieces = {name: tok.id_to_piece(i) for name, i in
               (("bos_token", tok.bos_id), ("eos_token", tok.eos_id), ("unk_token", 0))}  # fmt: skip
-    copy_atomic(tokenizer_model, folder / "tokenizer.model")
+    if copy_model:
+        copy_atomic(tokenizer_model, folder / "tokenizer.model")
     write_json_atomic(folder / "tokenizer.json", tokenizer_json, indent=None)
     write_json_atomic(
         folder / "tokenizer_config.json",

@@ -39,12 +39,14 @@ from weighted_mtp.base.layout import ModelPaths, StorageLayout
 from weighted_mtp.data.alpaca import format_prompt
 from weighted_mtp.data.collate import (
     IGNORE_INDEX,
+    Batch,
     EncodedExample,
     collate,
     encode_example,
     length_grouped_batches,
 )
 from weighted_mtp.data.jsonl import iter_jsonl
+from weighted_mtp.models.checkpoints import load_pretrained
 from weighted_mtp.models.tokenizer import Tokenizer, train_local_tokenizer
 from weighted_mtp.models.transformer import ModelArgs, Transformer, init_weights
 from weighted_mtp.storage.micro import write_micro_weights
@@ -52,6 +54,7 @@ from weighted_mtp.storage.tokenizer_folder import write_tokenizer_folder
 
 DATASET = "codecontests"
 CREATED_BY = "wmtp storage micro-base"
+REFERENCE_FROM = ("mtp", "scratch")
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,11 @@ class MicroBaseConfig:
     steps: int = 900
     """Optimizer steps of the MTP model."""
     reference_steps: int = 900
+    """Optimizer steps of the reference when ``reference_from`` is ``scratch``."""
+    reference_from: str = "mtp"
+    """``mtp``: micro-reference is the head-1 path of the pretrained micro-mtp (its trunk, head 1
+    block, final norm and output matrix), no second pretraining; ``scratch``: the reference is
+    pretrained on its own for ``reference_steps`` (docs/DATA.md §7)."""
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
@@ -88,6 +96,8 @@ class MicroBaseConfig:
                      "ffn_hidden_dim", "batch_size", "steps", "reference_steps"):  # fmt: skip
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
+        if self.reference_from not in REFERENCE_FROM:
+            problems.append(f"reference_from must be one of {', '.join(REFERENCE_FROM)}")
         if self.vocab_size < 300:
             problems.append("vocab_size must be >= 300 (256 byte pieces + specials + merges)")
         if self.dim % self.attention_heads or (self.dim // self.attention_heads) % 2:
@@ -192,6 +202,15 @@ def mtp_losses(model: Transformer, tokens: torch.Tensor, labels: torch.Tensor) -
     return torch.stack(losses)
 
 
+def _targets(batch: Batch, config: MicroBaseConfig) -> torch.Tensor:
+    """The labels pretraining scores: with ``train_prompt`` every real token but BOS."""
+    if not config.train_prompt:
+        return batch.labels
+    labels = batch.tokens.masked_fill(batch.attention_mask == 0, IGNORE_INDEX)
+    labels[:, 0] = IGNORE_INDEX
+    return labels
+
+
 def _optimizer(model: Transformer, config: MicroBaseConfig) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -231,11 +250,7 @@ def train_model(
         batch = collate([examples[i] for i in batches.pop(0)], pad_id)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config, steps)
-        labels = batch.labels
-        if config.train_prompt:  # every real token but BOS is a target
-            labels = batch.tokens.masked_fill(batch.attention_mask == 0, IGNORE_INDEX)
-            labels[:, 0] = IGNORE_INDEX
-        losses = mtp_losses(model, batch.tokens, labels)
+        losses = mtp_losses(model, batch.tokens, _targets(batch, config))
         loss = losses.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -254,6 +269,8 @@ def train_model(
         "first_loss": history[0],
         "final_loss": sum(tail) / len(tail),
         "final_head_losses": [float(x) for x in head_losses],
+        "final_loss_rule": "mean loss of the last 10% of steps",
+        "steps": steps,
         "tokens": tokens,
         "epochs": round(steps * config.batch_size / len(examples), 2),
     }
@@ -311,6 +328,124 @@ def _train_with_progress(
 
         model, stats = train_model(micro_type, examples, config, pad_id, steps, on_step=on_step)
     return model, stats, time.perf_counter() - t0
+
+
+def _metadata(
+    paths: ModelPaths,
+    micro_type: str,
+    model: Transformer,
+    config: MicroBaseConfig,
+    recipe: dict,
+    tokenizer_info: dict,
+    data: dict,
+    stats: dict[str, Any],
+) -> dict[str, Any]:
+    args = model.args
+    derived = micro_type == "reference" and config.reference_from == "mtp"
+    if micro_type == "mtp":
+        blocks = (
+            f"layers.0-{args.n_trunk_layers - 1}: shared trunk; layers.{args.n_trunk_layers}: "
+            f"head 1; extra_heads.0-{args.n_future_tokens - 2}: heads 2-{args.n_future_tokens}"
+        )
+    else:
+        blocks = (
+            f"layers.0-{args.n_layers - 1}: a plain {args.n_layers}-layer LLaMA (Hugging Face "
+            "names)" + ("; micro-mtp's trunk and head-1 block" if derived else "")
+        )
+    if micro_type == "mtp":
+        objective = "mean over heads of the cross-entropy, head k predicting t+k"
+    elif derived:
+        objective = (
+            "none of its own: the head-1 path of micro-mtp, trained by micro-mtp's objective"
+        )
+    else:
+        objective = "next-token cross-entropy"
+    meta = {
+        "name": paths.root.name,
+        "micro_type": micro_type,
+        "init": "pretrained",
+        "seed": config.seed,
+        "init_rule": "xavier_uniform on matrices, ones on norms, then pretrained (all parameters)",
+        "source_model": "micro-mtp (head-1 path: trunk, head-1 block, norm, output)"
+        if derived
+        else None,
+        "n_future_tokens": args.n_future_tokens,
+        "n_trunk_layers": args.n_trunk_layers,
+        "n_layers_total": args.n_layers,
+        "blocks": blocks,
+        "tensor_names": "huggingface" if micro_type == "reference" else "meta",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": "float32",
+        "sizes": {
+            "dim": args.dim,
+            "ffn_hidden_dim": args.hidden_dim,
+            "attention_heads": args.n_heads,
+            "vocab_size": args.vocab_size,
+        },
+        "tokenizer": tokenizer_info,
+        "data": data,
+        "objective": objective,
+        "recipe": recipe,
+        "steps": stats["steps"],
+        "epochs": stats["epochs"],
+        "tokens_seen": stats["tokens"],
+        "first_loss": round(stats["first_loss"], 4),
+        "final_loss": round(stats["final_loss"], 4),
+        "final_loss_rule": stats["final_loss_rule"],
+        "final_head_losses": [round(x, 4) for x in stats["final_head_losses"]],
+        "loss_every_10_steps": [round(x, 4) for x in stats["history"][::10]],
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "created_by": CREATED_BY,
+    }
+    return meta
+
+
+PROBE_EXAMPLES = 64
+"""Training examples on which a derived reference's next-token loss is measured."""
+
+
+@torch.no_grad()
+def derive_reference(
+    mtp: Transformer, config: MicroBaseConfig, examples: list[EncodedExample], pad_id: int
+) -> tuple[Transformer, dict[str, Any], float]:
+    """micro-reference as the head-1 path of ``mtp``: the same embedding, trunk blocks, head-1
+    block, final norm and output matrix in a one-head model, so its logits are head 1's
+    (docs/DATA.md §7). Returns the model, its statistics (next-token loss on the first
+    :data:`PROBE_EXAMPLES` training examples, prompt included when ``train_prompt``) and the
+    seconds taken."""
+    t0 = time.perf_counter()
+    model = Transformer(config.model_args("reference"))
+    state = {k: v.detach().clone() for k, v in mtp.state_dict().items()
+             if not k.startswith("extra_heads.")}  # fmt: skip
+    model.load_state_dict(state)
+    model.eval()
+    probe = examples[:PROBE_EXAMPLES]
+    total, count = 0.0, 0
+    for i in range(0, len(probe), config.batch_size):
+        batch = collate(probe[i : i + config.batch_size], pad_id)
+        labels = _targets(batch, config)
+        loss = mtp_losses(model, batch.tokens, labels)[0]
+        n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        total, count = total + float(loss) * n, count + n
+    loss = total / max(count, 1)
+    stats = {
+        "steps": 0, "epochs": 0.0, "tokens": 0, "history": [loss], "first_loss": loss,
+        "final_loss": loss, "final_head_losses": [loss], "probe_examples": len(probe),
+        "final_loss_rule": f"next-token loss on the first {len(probe)} training examples",
+    }  # fmt: skip
+    return model, stats, time.perf_counter() - t0
+
+
+def _pretrained_mtp(layout: StorageLayout, recipe: dict) -> Transformer:
+    """The micro-mtp of this recipe already in storage (a reference derived from it alone)."""
+    paths = layout.model("micro-mtp")
+    if not _up_to_date(paths, recipe):
+        raise UserError(
+            f"{paths.root}: micro-reference is derived from micro-mtp pretrained with the same "
+            "recipe; pretrain micro-mtp first (drop --only reference), or pass "
+            "--reference-from scratch"
+        )
+    return load_pretrained(paths.root)
 
 
 def pretrain_micro_base(
@@ -374,81 +509,46 @@ def pretrain_micro_base(
         "seconds": round(tokenizer_seconds, 2),
     }
     threads = torch.get_num_threads()
+    trained: dict[str, Transformer] = {}
     for micro_type in todo:
         paths = layout.model(f"micro-{micro_type}")
-        steps = config.steps if micro_type == "mtp" else config.reference_steps
-        print(
-            f"[micro-{micro_type}] pretraining {steps} steps on {len(examples)} examples "
-            f"({DATASET} train, correct solutions), {threads} threads",
-            flush=True,
-        )
-        model, stats, seconds = _train_with_progress(
-            micro_type, examples, config, tokenizer.pad_id, steps, progress
-        )
-        args = model.args
-        blocks = (
-            f"layers.0-{args.n_trunk_layers - 1}: shared trunk; layers.{args.n_trunk_layers}: "
-            f"head 1; extra_heads.0-{args.n_future_tokens - 2}: heads 2-{args.n_future_tokens}"
-            if micro_type == "mtp"
-            else f"layers.0-{args.n_layers - 1}: a plain {args.n_layers}-layer LLaMA "
-            "(Hugging Face names)"
-        )
-        meta = {
-            "name": paths.root.name,
-            "micro_type": micro_type,
-            "init": "pretrained",
-            "seed": config.seed,
-            "init_rule": "xavier_uniform on matrices, ones on norms, then pretrained (all "
-            "parameters)",
-            "source_model": None,
-            "n_future_tokens": args.n_future_tokens,
-            "n_trunk_layers": args.n_trunk_layers,
-            "n_layers_total": args.n_layers,
-            "blocks": blocks,
-            "tensor_names": "huggingface" if micro_type == "reference" else "meta",
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "dtype": "float32",
-            "sizes": {
-                "dim": args.dim,
-                "ffn_hidden_dim": args.hidden_dim,
-                "attention_heads": args.n_heads,
-                "vocab_size": args.vocab_size,
-            },
-            "tokenizer": tokenizer_info,
-            "data": {
-                "dataset": f"datasets/{DATASET}/processed/train.jsonl",
-                "selection": "correct solutions (is_correct), EOS trained, "
-                + ("prompt tokens are targets too" if config.train_prompt else "prompt masked"),
-                "records": len(records),
-                "examples": len(examples),
-                "dropped_over_max_length": len(records) - len(examples),
-                "sha256": data_sha,
-            },
-            "objective": "mean over heads of the cross-entropy, head k predicting t+k"
-            if micro_type == "mtp"
-            else "next-token cross-entropy",
-            "recipe": recipe,
-            "steps": steps,
-            "epochs": stats["epochs"],
-            "tokens_seen": stats["tokens"],
-            "first_loss": round(stats["first_loss"], 4),
-            "final_loss": round(stats["final_loss"], 4),
-            "final_loss_rule": "mean loss of the last 10% of steps",
-            "final_head_losses": [round(x, 4) for x in stats["final_head_losses"]],
-            "loss_every_10_steps": [round(x, 4) for x in stats["history"][::10]],
-            "wall_seconds": round(seconds, 1),
-            "threads": threads,
-            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "created_by": CREATED_BY,
+        if micro_type == "reference" and config.reference_from == "mtp":
+            mtp = trained.get("mtp") or _pretrained_mtp(layout, recipe)
+            model, stats, seconds = derive_reference(mtp, config, examples, tokenizer.pad_id)
+            print(f"[micro-reference] the head-1 path of micro-mtp (no second pretraining): "
+                  f"next-token loss {stats['final_loss']:.3f} on {stats['probe_examples']} "
+                  "training examples", flush=True)  # fmt: skip
+        else:
+            steps = config.steps if micro_type == "mtp" else config.reference_steps
+            print(
+                f"[micro-{micro_type}] pretraining {steps} steps on {len(examples)} examples "
+                f"({DATASET} train, correct solutions), {threads} threads",
+                flush=True,
+            )
+            model, stats, seconds = _train_with_progress(
+                micro_type, examples, config, tokenizer.pad_id, steps, progress
+            )
+            trained[micro_type] = model
+            print(
+                f"  micro-{micro_type}: loss {stats['first_loss']:.3f} -> "
+                f"{stats['final_loss']:.3f} in {seconds:.0f} s "
+                f"({stats['tokens'] / max(seconds, 1e-9):.0f} tokens/s)",
+                flush=True,
+            )
+        data = {
+            "dataset": f"datasets/{DATASET}/processed/train.jsonl",
+            "selection": "correct solutions (is_correct), EOS trained, "
+            + ("prompt tokens are targets too" if config.train_prompt else "prompt masked"),
+            "records": len(records),
+            "examples": len(examples),
+            "dropped_over_max_length": len(records) - len(examples),
+            "sha256": data_sha,
         }
+        meta = _metadata(paths, micro_type, model, config, recipe, tokenizer_info, data, stats)
+        meta.update(wall_seconds=round(seconds, 1), threads=threads)
         _write_model(paths, micro_type, model, staging, meta)
-        print(
-            f"  micro-{micro_type}: loss {stats['first_loss']:.3f} -> {stats['final_loss']:.3f} "
-            f"in {seconds:.0f} s ({stats['tokens'] / max(seconds, 1e-9):.0f} tokens/s)",
-            flush=True,
-        )
         results[micro_type] = PretrainResult(
-            micro_type, paths, steps, stats["first_loss"], stats["final_loss"],
+            micro_type, paths, stats["steps"], stats["first_loss"], stats["final_loss"],
             stats["final_head_losses"], seconds, stats["tokens"],
         )  # fmt: skip
     staging.unlink()

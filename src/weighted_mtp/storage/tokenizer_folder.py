@@ -1,36 +1,26 @@
-"""A model's ``tokenizer/`` folder: ``tokenizer.model`` plus the config files HF loaders expect.
+"""A model's ``tokenizer/`` folder: ``tokenizer.model`` plus the files Hugging Face loaders read.
 
-Written by the ``config`` step of the real models and by the micro models.
+Written by the ``config`` step of the real models and by the micro models. Next to
+SentencePiece's ``tokenizer.model`` it holds a ``tokenizer.json`` checked to give the same ids
+(``models.export.write_hf_tokenizer``) and a config naming the generic fast tokenizer class:
+transformers' ``LlamaTokenizer`` would rebuild its own pre-tokeniser from ``tokenizer.model``
+and split leading spaces, and so code indentation, differently (docs/DECISIONS.md 2026-12-01).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from weighted_mtp.base.io import copy_atomic, write_json_atomic
+from weighted_mtp.base.io import copy_atomic
 from weighted_mtp.base.layout import ModelPaths
+from weighted_mtp.models.export import write_hf_tokenizer
 
-TOKENIZER_CONFIG = {
-    "tokenizer_class": "LlamaTokenizer",
-    "add_bos_token": True,
-    "add_eos_token": False,
-    "bos_token": "<s>",
-    "eos_token": "</s>",
-    "unk_token": "<unk>",
-    "pad_token": None,
-    "padding_side": "right",
-    "legacy": False,
-    "clean_up_tokenization_spaces": False,
-    "model_max_length": 2048,
-}
+MODEL_MAX_LENGTH = 2048
 
 
 def write_tokenizer_folder(model_file: Path, paths: ModelPaths, force: bool = False) -> None:
-    """``tokenizer/`` with ``tokenizer.model`` plus the config files HF loaders expect."""
+    """``tokenizer/`` with ``tokenizer.model``, ``tokenizer.json`` and the config files HF
+    loaders expect; ``force`` replaces a ``tokenizer.model`` already there."""
     if force or not paths.tokenizer.is_file():
         copy_atomic(model_file, paths.tokenizer)
-    write_json_atomic(paths.tokenizer_dir / "tokenizer_config.json", TOKENIZER_CONFIG)
-    write_json_atomic(
-        paths.tokenizer_dir / "special_tokens_map.json",
-        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
-    )
+    write_hf_tokenizer(paths.tokenizer, paths.tokenizer_dir, MODEL_MAX_LENGTH, copy_model=False)

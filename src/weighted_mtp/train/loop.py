@@ -26,9 +26,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from weighted_mtp.base.io import write_json_atomic, write_text_atomic
 from weighted_mtp.base.layout import StorageLayout
 from weighted_mtp.config import Config, OptimConfig, config_to_dict
-from weighted_mtp.data.dataset import BatchStream, batch_tokens, build_examples, split_files
+from weighted_mtp.data.collate import IGNORE_INDEX
+from weighted_mtp.data.dataset import (
+    SPAN_EXTRA,
+    BatchStream,
+    batch_tokens,
+    build_examples,
+    build_span_examples,
+    split_files,
+)
 from weighted_mtp.train import checkpoint, distributed, recipes
 from weighted_mtp.train.checkpoint import TrainState
+from weighted_mtp.train.placement import collect, placement_metrics
 from weighted_mtp.train.tracking import (
     TAG_KIND,
     TAG_RECIPE,
@@ -164,12 +173,33 @@ class Trainer:
                                  allow_fewer=True)  # fmt: skip
             if len(val):
                 streams.append(BatchStream(val, batch_size, sampling.seed, tok.pad_id))
-        self.recipe.objective.prepare(streams, self.device, batch_size)
+        self.val_stream = streams[1] if len(streams) > 1 else None
+        spans = self._span_stream()
+        self.recipe.objective.prepare([*streams, *([spans] if spans else [])], self.device,
+                                      batch_size)  # fmt: skip
+        self.span_batches = spans.all_batches() if spans else []
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.run_dir / "manifest_train.json", train.manifest)
-        self.val_stream = streams[1] if len(streams) > 1 else None
-        return streams[0], streams[1].all_batches() if len(streams) > 1 else []
+        return streams[0], self.val_stream.all_batches() if self.val_stream else []
+
+    def _span_stream(self) -> BatchStream | None:
+        """The placement set (docs/METHOD.md §6, "Where the weight goes"): incorrect validation solutions with a
+        mutation span, the same on every rank; None unless the objective ranks tokens, there is
+        a validation pass and the split carries spans."""
+        data, log = self.config.data, self.config.log
+        if not (self.recipe.objective.scores_tokens and self.val_stream and log.placement_examples):
+            return None
+        files = split_files(self.layout, data, data.val_split)
+        built = build_span_examples(files, self.recipe.tokenizer, data.max_length,
+                                    log.placement_examples)  # fmt: skip
+        if built is None:
+            return None
+        examples, spans = built
+        stream = BatchStream(examples, self.config.train.batch_size, data.sampling.seed,
+                             self.recipe.tokenizer.pad_id)  # fmt: skip
+        stream.extras[SPAN_EXTRA] = spans
+        return stream
 
     # ---- one optimizer step ----
 
@@ -224,11 +254,27 @@ class Trainer:
                 _, part = objective.forward_backward(self.model, plan, None, backward=False)
             stats = stats + part
         self.write_token_weights()
+        placement = self.placement()
         self.model.train()
         if isinstance(stats, int):
-            return {}
+            return placement
         stats = distributed.all_reduce_sum(stats)
-        return {f"val/{k}": v for k, v in objective.summarize(stats).items()}
+        return {**{f"val/{k}": v for k, v in objective.summarize(stats).items()}, **placement}
+
+    def placement(self) -> dict[str, float]:
+        """``val/placement/*``: where the objective's token scores fall on incorrect solutions
+        relative to their mutation spans (docs/METHOD.md §6, "Where the weight goes"). Every rank scores the same
+        solutions (the policy's forward may be sharded), so no gathering is needed."""
+        objective, solutions = self.recipe.objective, []
+        for batch in self.span_batches:
+            batch = batch.to(self.device)
+            with self.autocast:
+                scores = objective.token_scores(self.model, batch)
+            if scores is None:
+                return {}
+            mask = batch.labels != IGNORE_INDEX
+            solutions.extend(collect(scores, mask, batch.extras[SPAN_EXTRA]))
+        return {f"val/placement/{k}": v for k, v in placement_metrics(solutions).items()}
 
     def write_token_weights(self) -> None:
         """Append the first validation examples' per-head token weights to

@@ -36,6 +36,7 @@ from weighted_mtp.train.mtp_loss import (
     target_weights,
     valid_rows,
 )
+from weighted_mtp.train.placement import TokenScores
 from weighted_mtp.train.weighting import Micro, MicroWeights, Weighting
 
 if TYPE_CHECKING:
@@ -93,6 +94,15 @@ class Objective(Protocol):
         """``[B, L, n]`` weights each head puts on each target (NaN where none), for the
         report's heat maps; None when the objective has no token weights."""
 
+    scores_tokens: bool
+    """Whether ``token_scores`` has something to say (the loop builds the placement set of
+    incorrect validation solutions only then)."""
+
+    def token_scores(self, model: nn.Module, batch: Any) -> TokenScores | None:
+        """The rankings and weights of ``batch``'s tokens (docs/METHOD.md §6, "Where the weight goes"), for the
+        placement metrics; None when the objective does not rank tokens. Under FSDP every
+        rank must call it."""
+
     def state_dict(self) -> dict[str, Any]:
         """What an exact resume needs besides tensors, optimizer and data position."""
 
@@ -145,6 +155,7 @@ class MTPObjective:
         chunk_rows: int = 4096,
     ) -> None:
         self.weighting, self.n_heads, self.chunk_rows = weighting, n_heads, chunk_rows
+        self.scores_tokens = weighting.scores_tokens
         self.schedule = coefficients
         self.coefficients = coefficients.at(0, 1)
         self.step = 0
@@ -235,6 +246,31 @@ class MTPObjective:
             weights = recorded
         valid = target_weights(batch.labels, None, n) > 0
         return torch.where(valid, weights, torch.full_like(weights, float("nan")))
+
+    @torch.no_grad()
+    def token_scores(self, model: nn.Module, batch: Any) -> TokenScores | None:
+        """The weighting's ``token_scores``, given the policy's head-1 CE when it needs it."""
+        if not self.weighting.scores_tokens:
+            return None
+        policy_ce = self.head1_ce(model, batch) if self.weighting.needs_policy_ce else None
+        return self.weighting.token_scores(batch, policy_ce)
+
+    @torch.no_grad()
+    def head1_ce(self, model: nn.Module, batch: Any) -> Tensor:
+        """Target-indexed head-1 CE of the policy, ``[B, L]`` fp32, 0 where unscored (the
+        same fp32 CE the loss computes, recorded through a ``weight_fn``)."""
+        ce_out = torch.zeros(batch.labels.shape, device=batch.labels.device)
+
+        def record(head: int, ce: Tensor, batch_idx: Tensor, target_pos: Tensor) -> Tensor:
+            ce_out[batch_idx, target_pos] = ce.float()
+            return torch.ones_like(ce)
+
+        chunks = self._global_chunks(batch.labels)
+        mtp_forward_backward(
+            model, batch.tokens, batch.labels, None, None, [1.0], chunk_rows=self.chunk_rows,
+            backward=False, weight_fn=record, n_heads=1, n_chunks=chunks[:1] if chunks else None,
+        )  # fmt: skip
+        return ce_out
 
     def _global_chunks(self, labels: Tensor) -> Sequence[int] | None:
         """Under FSDP, chunk counts from the largest row count of any rank (see mtp_loss)."""

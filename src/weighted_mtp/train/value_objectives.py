@@ -276,6 +276,11 @@ class CriticObjective:
     def token_weights(self, model: nn.Module, batch: Any) -> Tensor | None:
         return None
 
+    scores_tokens = False
+
+    def token_scores(self, model: nn.Module, batch: Any) -> None:
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         return {}  # λ depends on the step only, which the loop restores
 

@@ -37,6 +37,7 @@ from weighted_mtp.config import CriticTDConfig, Rho1Config
 from weighted_mtp.data.collate import IGNORE_INDEX
 from weighted_mtp.train.distributed import all_reduce_sum
 from weighted_mtp.train.mtp_loss import WeightFn, head_denominators
+from weighted_mtp.train.placement import TokenScores
 
 if TYPE_CHECKING:
     from weighted_mtp.base.layout import StorageLayout
@@ -95,12 +96,18 @@ class Weighting:
     * ``end_step()``: once per optimizer step on every rank, after the last micro-batch (may
       be a collective);
     * ``metrics(sums)``: step metrics from ``stat_names`` sums over micro-batches AND ranks;
-    * ``state_dict()`` / ``load_state_dict()``: what an exact resume needs.
+    * ``state_dict()`` / ``load_state_dict()``: what an exact resume needs;
+    * ``token_scores(batch, policy_ce)``: the scores that rank a batch's tokens and the weights
+      they would get, for the placement metrics (docs/METHOD.md §6, "Where the weight goes"); a weighting that ranks
+      tokens sets ``scores_tokens`` (and ``needs_policy_ce`` when its score uses the policy's
+      own head-1 CE).
     """
 
     name: ClassVar[str] = "weighting"
     Settings: ClassVar[type[BaseModel] | None] = None
     stat_names: ClassVar[tuple[str, ...]] = ()
+    scores_tokens: ClassVar[bool] = False
+    needs_policy_ce: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -138,6 +145,12 @@ class Weighting:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+    def token_scores(self, batch: Any, policy_ce: Tensor | None = None) -> TokenScores | None:
+        """Rankings and weights of ``batch``'s tokens as validation would weigh them, before any
+        control arm (``policy_ce``: the policy's target-indexed head-1 CE ``[B, L]`` when
+        ``needs_policy_ce``); None for a weighting that does not rank tokens."""
         return None
 
     # ---- helpers for subclasses ----
@@ -297,6 +310,8 @@ class Rho1(Weighting):
     name = "rho1"
     Settings = Rho1Config
     stat_names = ("selected", "scored")
+    scores_tokens = True
+    needs_policy_ce = True
     settings: Rho1Config
 
     def __init__(
@@ -346,14 +361,33 @@ class Rho1(Weighting):
             return (policy_ce - ref_ce).abs()
         return ref_ce  # "difficult": the reference's own loss
 
-    def weigh(self, batch: Any, n_heads: int, micro: Micro) -> MicroWeights:
-        counts = head_denominators(batch.labels, None, n_heads, "token_count")
-        k = self.settings.k_percent
+    def _reference_ce(self, batch: Any) -> Tensor:
         ref_ce = batch.extras.get("ref_ce")
         if ref_ce is None:
             if self.reference is None:
                 raise ValueError("Rho1 without a reference needs batch.extras['ref_ce']")
             ref_ce = reference_ce(self.reference, batch.tokens, batch.labels)
+        return ref_ce
+
+    def token_scores(self, batch: Any, policy_ce: Tensor | None = None) -> TokenScores | None:
+        """Ranking ``excess``: the configured score (docs/METHOD.md §5); weights: the top
+        ``k_percent`` of each row's own scores (docs/METHOD.md §6, "Where the weight goes"), so a solution's
+        selection does not depend on the rows batched with it."""
+        if policy_ce is None:
+            raise ValueError("Rho1.token_scores needs the policy's head-1 CE")
+        mask = batch.labels != IGNORE_INDEX
+        score = self._score(policy_ce.float(), self._reference_ce(batch).float()) * mask
+        weights = torch.zeros_like(score)
+        for row in range(score.shape[0]):
+            valid = mask[row]
+            if valid.any():
+                weights[row, valid] = select_top(score[row, valid], self.settings.k_percent)
+        return TokenScores({"excess": score}, weights)
+
+    def weigh(self, batch: Any, n_heads: int, micro: Micro) -> MicroWeights:
+        counts = head_denominators(batch.labels, None, n_heads, "token_count")
+        k = self.settings.k_percent
+        ref_ce = self._reference_ce(batch)
         selected = torch.zeros_like(ref_ce)
 
         def fn(head: int, ce: Tensor, batch_idx: Tensor, target_pos: Tensor) -> Tensor:
@@ -569,6 +603,7 @@ class CriticTD(Weighting):
 
     name = "critic_td"
     Settings = CriticTDConfig
+    scores_tokens = True
     stat_names = ("n", "w", "w2", "clip_low", "clip_high", "adv", "adv2", "entropy", "entropy_n")
     settings: CriticTDConfig
 
@@ -636,6 +671,24 @@ class CriticTD(Weighting):
             self.ema.accumulate(adv, mask)
             self._record(adv, w, mask)
         return self.dense_weights(batch, w, n_heads)
+
+    def token_scores(self, batch: Any, policy_ce: Tensor | None = None) -> TokenScores | None:
+        """Rankings (docs/METHOD.md §6, "Where the weight goes"): ``adv_abs`` = ``|Â|`` (the token whose weight departs
+        most from 1), ``adv_min`` = ``-Â`` (the smallest weight), ``delta_min`` = ``-delta``
+        (the largest one-step drop of the critic's value), all unclipped; weights: the clipped TD
+        weights validation uses, before any control arm."""
+        s = self.settings
+        values = self.values(batch)
+        adv, mask = self.advantages(batch)
+        m = mask.float()
+        stats = self.ema.stats() or masked_batch_stats(adv, mask) or (0.0, 1.0)
+        whitened = (adv.float() - stats[0]) / (stats[1] + 1e-8) * m
+        prev = torch.cat([torch.full_like(values[:, :1], s.initial_value), values[:, :-1]], dim=1)
+        delta = (s.gamma * values - prev) * m
+        w = td_weights(adv, mask, stats, beta=s.beta, clip_min=s.clip_min, clip_max=s.clip_max)
+        return TokenScores(
+            {"adv_abs": whitened.abs(), "adv_min": -whitened, "delta_min": -delta}, w
+        )
 
     def end_step(self) -> None:
         self.ema.update()  # every rank, every step: the all-reduce is collective

@@ -462,7 +462,6 @@ def _runner(cfg: dict[str, Any]) -> None:
         src = _read_fd(3).decode("utf-8", "surrogateescape")
         os.dup2(4, 3)
         os.close(4)
-        _call("prctl", PR_SET_DUMPABLE, 1, 0, 0, 0)  # its own /proc files stay its own
         for res, value in _rlimits(cfg["limits"]):
             resource.setrlimit(res, (value, value))
         _install_seccomp()
@@ -835,6 +834,9 @@ def _fork(role: Any, fds: dict[int, int], *args: Any) -> int:
     pid = os.fork()
     if pid == 0:
         try:
+            # The zygote is not dumpable (zygote()); a forked copy is, so that its /proc files
+            # stay its own (the sample writes its oom_score_adj, mounts its /proc).
+            _call("prctl", PR_SET_DUMPABLE, 1, 0, 0, 0)
             _arrange(fds)
             role(*args)
         except BaseException as exc:
@@ -986,6 +988,10 @@ def zygote(sock_fd: int, jailed: bool = False) -> None:
     jail (``jailed``) it first becomes PID 1 of a namespace of its own."""
     if jailed:
         _own_pid_namespace()
+    # Not dumpable: no process without CAP_SYS_PTRACE over us may read our memory or /proc files,
+    # nor those of a sample's holder, which shares this memory (_start_sample). A second wall
+    # behind the capability rule that already keeps a sample out (docs/EVALUATION.md §4).
+    _call("prctl", PR_SET_DUMPABLE, 0, 0, 0, 0)
     for name in PREWARM:
         try:
             __import__(name)
