@@ -125,13 +125,21 @@ def rope_angles(head_dim: int, max_positions: int, theta: float) -> Tensor:
 
 
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
-    """Rotate adjacent channel pairs of ``x`` ``[B, T, H, D]`` by ``rope`` ``[T, D/2, 2]``."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    cos = rope[None, :, None, :, 0]
-    sin = rope[None, :, None, :, 1]
-    real = xf[..., 0] * cos - xf[..., 1] * sin
-    imag = xf[..., 0] * sin + xf[..., 1] * cos
-    return torch.stack([real, imag], dim=-1).flatten(-2).type_as(x)
+    """Rotate adjacent channel pairs of ``x`` ``[B, T, H, D]`` by ``rope`` ``[T, D/2, 2]``.
+
+    Eager: one complex multiplication, as Meta's reference writes it, the same numbers as the
+    four real products on strided pairs and about 5x faster forward and backward on CPU.
+    Under ``torch.compile`` the real products, which inductor fuses (it has no complex
+    kernels) (docs/DECISIONS.md 2026-12-01)."""
+    if torch.compiler.is_compiling():
+        xf = x.float().unflatten(-1, (-1, 2))
+        cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
+        real = xf[..., 0] * cos - xf[..., 1] * sin
+        imag = xf[..., 0] * sin + xf[..., 1] * cos
+        return torch.stack([real, imag], dim=-1).flatten(-2).type_as(x)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    turn = torch.view_as_complex(rope)[None, :, None, :]
+    return torch.view_as_real(pairs * turn).flatten(-2).type_as(x)
 
 
 class KVCache(nn.Module):
