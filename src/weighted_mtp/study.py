@@ -578,7 +578,7 @@ def pool(
 def log_study(summary: dict[str, Any], mlflow_uri: str, out: Path, page: Path) -> str | None:
     """One MLflow run in the ``study`` experiment: the spec as params, per arm pass@1 and its
     interval, per comparison the difference, p-value and verdict (as a tag)."""
-    from weighted_mtp.train.tracking import TAG_KIND, TAG_REPORT, MetricLogger, source_tags
+    from weighted_mtp.train.tracking import TAG_KIND, TAG_REPORT, log_summary_run, source_tags
 
     metrics: dict[str, float] = {}
     for arm, row in summary["arms"].items():
@@ -590,16 +590,10 @@ def log_study(summary: dict[str, Any], mlflow_uri: str, out: Path, page: Path) -
         metrics[f"difference/{c['arm']}"] = c["difference"]
         metrics[f"p_value/{c['arm']}"] = c["p_value"]
         tags[f"wmtp.verdict.{c['arm']}"] = c["verdict"]
-    logger = MetricLogger(
-        None, mlflow_uri=mlflow_uri, experiment=STUDY_EXPERIMENT,
-        run_name=f"study-{summary['name']}", params={**summary["spec"],
-        "problems": summary["problems"]}, tags=tags, record_dir=out,
-    )  # fmt: skip
-    try:
-        logger.log(metrics, step=0)
-    finally:
-        logger.close()
-    return logger.run_id
+    params = {**summary["spec"], "problems": summary["problems"]}
+    return log_summary_run(
+        mlflow_uri, STUDY_EXPERIMENT, f"study-{summary['name']}", params, tags, metrics, out
+    )
 
 
 def study(

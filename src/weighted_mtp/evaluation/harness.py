@@ -400,8 +400,8 @@ def log_summary(
     """
     from weighted_mtp.train.tracking import (
         TAG_KIND,
-        MetricLogger,
         find_training_record,
+        log_summary_run,
         source_tags,
         training_link,
     )
@@ -443,12 +443,4 @@ def log_summary(
         "samples": summary.get("samples"), "scoring": summary.get("scoring"), **settings,
     }  # fmt: skip
     params = {k: v for k, v in params.items() if v is not None}
-    logger = MetricLogger(
-        None, mlflow_uri=mlflow_uri, experiment=EVAL_EXPERIMENT, run_name=run_name,
-        params=params, tags=tags, record_dir=results,
-    )  # fmt: skip
-    try:
-        logger.log(metrics, step=0)
-    finally:
-        logger.close()
-    return logger.run_id
+    return log_summary_run(mlflow_uri, EVAL_EXPERIMENT, run_name, params, tags, metrics, results)

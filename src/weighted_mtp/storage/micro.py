@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from typing import Any
 
 import torch
 
@@ -110,6 +111,18 @@ def _random_state(micro_type: str) -> tuple[ModelArgs, dict]:
     model = Transformer(args)
     init_weights(model, seed=SEED)
     return args, model.state_dict()
+
+
+def shape_metadata(args: ModelArgs, micro_type: str, parameters: int) -> dict[str, Any]:
+    """The ``metadata.json`` keys that describe a micro model's shape and tensor names."""
+    return {
+        "n_future_tokens": args.n_future_tokens,
+        "n_trunk_layers": args.n_trunk_layers,
+        "n_layers_total": args.n_layers,
+        "tensor_names": "huggingface" if micro_type == "reference" else "meta",
+        "parameters": parameters,
+        "dtype": "float32",
+    }
 
 
 def write_micro_weights(paths: ModelPaths, micro_type: str, args: ModelArgs, state: dict) -> None:
@@ -212,13 +225,8 @@ def create_micro(
             if micro_init == "random"
             else "leading slices of the source's tensors",
             "source_model": f"models/{source}" if micro_init == "slice" else None,
-            "n_future_tokens": args.n_future_tokens,
-            "n_trunk_layers": args.n_trunk_layers,
-            "n_layers_total": args.n_layers,
             "blocks": blocks,
-            "tensor_names": "huggingface" if micro_type == "reference" else "meta",
-            "parameters": sum(v.numel() for v in state.values()),
-            "dtype": "float32",
+            **shape_metadata(args, micro_type, sum(v.numel() for v in state.values())),
             "tokenizer": tokenizer,
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "created_by": "wmtp storage models --create-micro",

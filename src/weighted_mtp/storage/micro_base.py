@@ -49,7 +49,7 @@ from weighted_mtp.data.jsonl import iter_jsonl
 from weighted_mtp.models.checkpoints import load_pretrained
 from weighted_mtp.models.tokenizer import Tokenizer, train_local_tokenizer
 from weighted_mtp.models.transformer import ModelArgs, Transformer, init_weights
-from weighted_mtp.storage.micro import write_micro_weights
+from weighted_mtp.storage.micro import shape_metadata, write_micro_weights
 from weighted_mtp.storage.tokenizer_folder import write_tokenizer_folder
 
 DATASET = "codecontests"
@@ -369,13 +369,8 @@ def _metadata(
         "source_model": "micro-mtp (head-1 path: trunk, head-1 block, norm, output)"
         if derived
         else None,
-        "n_future_tokens": args.n_future_tokens,
-        "n_trunk_layers": args.n_trunk_layers,
-        "n_layers_total": args.n_layers,
         "blocks": blocks,
-        "tensor_names": "huggingface" if micro_type == "reference" else "meta",
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "dtype": "float32",
+        **shape_metadata(args, micro_type, sum(p.numel() for p in model.parameters())),
         "sizes": {
             "dim": args.dim,
             "ffn_hidden_dim": args.hidden_dim,

@@ -217,6 +217,28 @@ class _MlflowRun:
 _PREPARED: dict[str, Any] = {}  # uri -> Future of a client being made in the background
 
 
+def log_summary_run(
+    mlflow_uri: str,
+    experiment: str,
+    run_name: str,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    metrics: dict[str, float],
+    record_dir: Path,
+) -> str | None:
+    """One finished MLflow run holding a summary (an evaluation, a study): params, tags and
+    the metrics at step 0; returns its run id."""
+    logger = MetricLogger(
+        None, mlflow_uri=mlflow_uri, experiment=experiment, run_name=run_name, params=params,
+        tags=tags, record_dir=record_dir,
+    )  # fmt: skip
+    try:
+        logger.log(metrics, step=0)
+    finally:
+        logger.close()
+    return logger.run_id
+
+
 def prepare_client(uri: str) -> None:
     """Start importing MLflow and opening ``uri`` on a background thread (several seconds on
     a small machine), so that :func:`client` later finds it ready. For commands whose own
