@@ -5,6 +5,7 @@ step that reads it with no special path and carries the spans into the records."
 from __future__ import annotations
 
 import json
+import random
 import re
 import shutil
 from collections import defaultdict
@@ -102,26 +103,24 @@ def intro_pattern(template: str) -> re.Pattern[str]:
     return re.compile(".*?".join(re.escape(p) for p in pieces), re.DOTALL)
 
 
-def test_valid_and_test_are_unseen_parameters_and_wordings(tmp_path, monkeypatch):
-    drawn = []
-    original = synthetic._params
-
-    def spy(family, rng, used, fresh):
-        params = original(family, rng, used, fresh)
-        drawn.append((fresh, family.name, family.key(params)))
-        return params
-
-    monkeypatch.setattr(synthetic, "_params", spy)
+def test_valid_and_test_use_the_held_out_wording_and_tests_carry_the_numbers(tmp_path):
+    """Training never sees the fifth wording; the held-out splits always use it. The task's
+    numbers are in each test's input, never in the statement's introduction."""
     synthetic.run(tmp_path, seed=0, problems={"train": 200, "valid": 20, "test": 20})
-    train = {(f, k) for fresh, f, k in drawn if not fresh}
-    held = [(f, k) for fresh, f, k in drawn if fresh]
-    assert len(held) == 40 and len(set(held)) == 40 and not train & set(held)
     by_family = {f.name: f for f in FAMILIES}
+    intros = defaultdict(set)
     for split in synthetic.SPLITS:
         for row in rows(tmp_path, split):
             family = by_family[re.fullmatch(r"synthetic_[a-z]+_\d{5}_(\w+)", row["name"])[1]]
             held_out = intro_pattern(family.intros[-1]).match(row["description"]) is not None
             assert held_out == (split != "train"), row["name"]
+            intros[family.name, split].add(row["description"].split("\n\nInput\n\n")[0])
+            first_lines = {t.split("\n")[0] for t in row["private_tests"]["input"]}
+            assert len(first_lines) > 1 or len(row["private_tests"]["input"]) == 1, row["name"]
+    for family in FAMILIES:  # an introduction is a wording of a statement variant: no numbers
+        variants = 2 if "strict" in family.draw_params(random.Random(0)) else 1
+        assert len(intros[family.name, "train"]) <= 4 * variants, family.name
+        assert len(intros[family.name, "valid"] | intros[family.name, "test"]) <= variants
 
 
 def every_mutation_rows() -> list[dict]:
@@ -173,18 +172,22 @@ def test_solutions_pass_or_fail_in_the_sandbox(source):
 
 
 def test_every_family_renders_every_mutation(source):
-    """Each style's sites exist and each mutation changes the text (family definitions)."""
+    """Each style's sites exist and each mutation changes the text (family definitions), for
+    both statement variants of the strict/non-strict families."""
     import random
 
     for family in FAMILIES:
-        params = family.draw_params(random.Random(1))
-        for style in family.styles:
-            code = render(style, params).code
-            compile(code, family.name, "exec")
-            for mutation in style.mutations:
-                mutant = render(style, params, mutation)
-                assert mutant.code != code and mutant.span is not None
-                assert mutation.kind in KINDS
+        drawn = [family.draw_params(random.Random(seed)) for seed in range(8)]
+        variants = {json.dumps(p, sort_keys=True): p for p in drawn}
+        assert len(variants) == (2 if "strict" in drawn[0] else 1), family.name
+        for params in variants.values():
+            for style in family.styles:
+                code = render(style, params).code
+                compile(code, family.name, "exec")
+                for mutation in style.mutations:
+                    mutant = render(style, params, mutation)
+                    assert mutant.code != code and mutant.span is not None
+                    assert mutation.kind in KINDS
 
 
 @pytest.fixture(scope="module")

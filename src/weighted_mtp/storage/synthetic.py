@@ -42,13 +42,12 @@ from weighted_mtp.storage.synthetic_families import (
 
 SPLITS = ("train", "valid", "test")
 DEFAULT_PROBLEMS = {"train": 1000, "valid": 100, "test": 100}
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 LEVELS = {1: "EASY", 2: "MEDIUM", 3: "HARD"}  # CodeContests difficulty ClassLabel ids 1..3
 CF_RATING = {1: 800, 2: 1300, 3: 1800}
 N_PUBLIC, N_PRIVATE, N_GENERATED = 2, 3, 4
 MAX_INCORRECT = 4
 SEARCH_INPUTS = 200  # random inputs tried to find one that a mutant gets wrong
-PARAM_TRIES = 10_000
 PARQUET_OPTIONS = {
     "compression": "snappy",
     "version": "2.6",
@@ -133,7 +132,7 @@ class ProblemBuilder:
                 if len(self.inputs[kind]) >= count:
                     break
                 self.add(kind, draw(self.rng, self.params, level))
-        for data in self.family.edge_inputs(self.params):
+        for data in self.family.edge_inputs(self.rng, self.params):
             self.add("generated", data)
 
     def all_inputs(self) -> list[Any]:
@@ -231,29 +230,15 @@ class ProblemBuilder:
         }
 
 
-def _params(family: Family, rng: random.Random, used: set[tuple[Any, ...]], fresh: bool) -> Params:
-    """Parameters of a new instance; with ``fresh``, ones no earlier split used."""
-    for _ in range(PARAM_TRIES):
-        params = family.draw_params(rng)
-        key = family.key(params)
-        if not fresh or key not in used:
-            used.add(key)
-            return params
-    raise UserError(
-        f"family {family.name}: no unused parameters left for the valid/test splits; "
-        "ask for fewer valid/test problems"
-    )
-
-
 def generate_split(
-    seed: int, split: str, count: int, used: dict[str, set], counts: Counts
+    seed: int, split: str, count: int, counts: Counts
 ) -> list[dict[str, Any]]:
-    """The rows of one split; ``used`` holds the parameter keys of the splits before it."""
+    """The rows of one split."""
     rows = []
     for index in tqdm(range(count), desc=f"synthetic {split}", unit=" problems", mininterval=0.5):
         family = FAMILIES[index % len(FAMILIES)]
         rng = random.Random(f"wmtp-synthetic:{seed}:{split}:{index}")
-        params = _params(family, rng, used[family.name], fresh=split != "train")
+        params = family.draw_params(rng)
         builder = ProblemBuilder(family, params, rng, held_out=split != "train")
         row = builder.row(f"synthetic_{split}_{index:05d}_{family.name}")
         rows.append(row)
@@ -286,10 +271,9 @@ def run(out: Path, seed: int = 0, problems: dict[str, int] | None = None) -> dic
         if stray:
             raise UserError(f"{folder}: holds other files ({', '.join(stray)}); use a new --out")
     started = time.perf_counter()
-    used: dict[str, set] = {family.name: set() for family in FAMILIES}
     counts = {split: Counts() for split in SPLITS}
     for split in SPLITS:
-        rows = generate_split(seed, split, problems[split], used, counts[split])
+        rows = generate_split(seed, split, problems[split], counts[split])
         write_parquet(rows, paths[split])
     kinds: Counter[str] = Counter()
     for split in SPLITS:
