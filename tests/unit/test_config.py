@@ -26,10 +26,14 @@ def test_every_shipped_config_loads_and_holds_only_differences(path):
     assert Config.model_validate(config_diff(config)) == config
 
 
-def test_both_config_folders_cover_the_same_recipes():
-    local = {p.stem for p in (REPO / "configs/local").glob("*.yaml")}
-    production = {p.stem for p in (REPO / "configs/production").glob("*.yaml")}
-    assert local == production and {"baseline", "rho1", "ref_tuning", "ntp"} <= local
+def test_every_config_folder_covers_the_same_recipes():
+    folders = {
+        name: {p.stem for p in (REPO / "configs" / name).glob("*.yaml")}
+        for name in ("local", "production", "quickstart")
+    }
+    local = folders["local"]
+    assert all(found == local for found in folders.values()), folders
+    assert {"baseline", "rho1", "ref_tuning", "ntp"} <= local
 
 
 def test_overrides_are_typed(tmp_path):

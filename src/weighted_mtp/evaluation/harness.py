@@ -11,6 +11,7 @@ import gzip
 import importlib.resources
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -232,10 +233,7 @@ def generate_completions(
     """
     from weighted_mtp.evaluation.generate import generate, speculative_generate
 
-    def stop(ids: list[int]) -> bool:
-        text = tokenizer.decode(ids[-64:])  # stop strings are short: the tail is enough
-        return any(s in text for s in stops)
-
+    stop = _stop_when(tokenizer, stops)
     encoded = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
     jobs = [(i, j) for i in range(len(prompts)) for j in range(num_samples)]
     size = 1 if speculative else batch_size
@@ -264,6 +262,87 @@ def generate_completions(
             out[job] = tokenizer.decode(row)
             stats["tokens"] += len(row)
     return out, stats
+
+
+def _stop_when(tokenizer: Any, stops: list[str]) -> Callable[[list[int]], bool]:
+    def stop(ids: list[int]) -> bool:
+        text = tokenizer.decode(ids[-64:])  # stop strings are short: the tail is enough
+        return any(s in text for s in stops)
+
+    return stop
+
+
+def compare_decoding(
+    model: Any, tokenizer: Any, prompts: list[str], stops: list[str], max_new_tokens: int
+) -> tuple[dict[str, Any], list[str]]:
+    """Plain greedy against self-speculative greedy decoding, one prompt at a time (the
+    latency setting speculative decoding is for), the two alternating prompt by prompt so that
+    a change of the machine's load hits both alike (docs/EVALUATION.md §7).
+
+    Returns the figures (the prompts, how many gave the same tokens both ways: greedy
+    speculative decoding must reproduce plain greedy; tokens per second of each, their ratio,
+    tokens per step and the acceptance of each extra head, conditional on the drafts before
+    it being accepted) and the plain continuations' text.
+    """
+    import time
+
+    from weighted_mtp.evaluation.generate import SpecStats, generate, speculative_generate
+
+    kwargs = {"eos_id": tokenizer.eos_id, "stop": _stop_when(tokenizer, stops)}
+    seconds = {"plain": 0.0, "speculative": 0.0}
+    tokens, same = 0, 0
+    texts: list[str] = []
+    total = SpecStats(draft_proposed=[], draft_accepted=[])
+    for prompt in _progress(list(range(len(prompts))), "plain vs speculative"):
+        ids = [tokenizer.bos_id, *tokenizer.encode(prompts[prompt])]
+        t0 = time.perf_counter()
+        plain = generate(model, [ids], max_new_tokens, **kwargs)[0]
+        t1 = time.perf_counter()
+        spec, stats = speculative_generate(model, ids, max_new_tokens, **kwargs)
+        seconds["speculative"] += time.perf_counter() - t1
+        seconds["plain"] += t1 - t0
+        tokens += len(plain)
+        same += plain == spec
+        texts.append(tokenizer.decode(plain))
+        total.steps += stats.steps
+        total.tokens += stats.tokens
+        total.draft_proposed = _add(total.draft_proposed, stats.draft_proposed)
+        total.draft_accepted = _add(total.draft_accepted, stats.draft_accepted)
+    rate = {k: tokens / max(v, 1e-9) for k, v in seconds.items()}
+    figures = {
+        "prompts": len(prompts),
+        "same_tokens": same,
+        "tokens": tokens,
+        "max_new_tokens": max_new_tokens,
+        "plain_tokens_per_s": rate["plain"],
+        "speculative_tokens_per_s": rate["speculative"],
+        "speedup": rate["speculative"] / max(rate["plain"], 1e-9),
+        "tokens_per_step": total.tokens_per_step,
+        "acceptance": total.acceptance,
+    }
+    return figures, texts
+
+
+def decoding_comparison(
+    layout: StorageLayout, checkpoint: str, dataset: str, out_path: Path, *,
+    max_tasks: int | None = None, max_new_tokens: int = 512, device: str = "cpu",
+) -> dict[str, Any]:  # fmt: skip
+    """``compare_decoding`` on the prompts of ``dataset`` (the first ``max_tasks``), written
+    to ``out_path`` as JSON with the checkpoint and dataset."""
+    from weighted_mtp.base.io import write_json_atomic
+
+    model, tokenizer, mode = load_for_evaluation(layout, checkpoint, device)
+    task = TASKS[benchmark_of(dataset)]
+    problems = load_problems(layout, dataset, None)
+    task_ids = list(problems)[:max_tasks] if max_tasks else list(problems)
+    prompts = [task.prompt(problems[t], mode) for t in task_ids]
+    eos_text = [tokenizer.id_to_piece(tokenizer.eos_id)]
+    result, _ = compare_decoding(
+        model, tokenizer, prompts, task.stop_sequences(mode, eos_text), max_new_tokens
+    )
+    result = {"checkpoint": str(checkpoint), "dataset": dataset, "prompt_mode": mode, **result}
+    write_json_atomic(out_path, result)
+    return result
 
 
 def merge_decoding_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:

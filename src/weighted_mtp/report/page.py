@@ -44,6 +44,7 @@ def build_report(
         _critic_diagnostics(runs),
         _placement(runs),
         _section("Evaluation", _eval_table(runs)),
+        _decoding(runs),
         _section("Token weights", _heatmaps(runs, heat, max_examples)),
     ]
     page = (
@@ -235,7 +236,8 @@ def _eval_table(runs: list[Run]) -> str:
         f"<th>problems</th><th>samples / problem</th><th>temperature</th><th>prompt</th>{head}"
         "<th>tokens / step</th><th>acceptance by head</th><th>tokens / s</th></tr></thead>"
         f"<tbody>{body}</tbody></table></div>"
-        "<p class='meta'>Means over problems ± standard error. "
+        "<p class='meta'>Means over problems ± standard error [95% interval: mean ± 1.96 "
+        "standard errors]. "
         "Acceptance: the share of head k's drafts accepted when verified (speculative decoding)."
         "</p>"
     )
@@ -260,6 +262,41 @@ def _eval_row(run: Run, result: EvalResult, metrics: list[str]) -> str:
         f"<td class='num'>{_num(decoding.get('tokens_per_step')) if spec else '–'}</td>"
         f"<td class='accept'>{accept}</td>"
         f"<td class='num'>{_num(decoding.get('tokens_per_s'))}</td></tr>"
+    )
+
+
+def _decoding(runs: list[Run]) -> str:
+    """``decoding.json`` beside an evaluation: plain against self-speculative greedy decoding,
+    one prompt at a time (``wmtp quickstart``'s decoding stage)."""
+    rows = []
+    for run in runs:
+        for result in run.evals:
+            d = result.decoding
+            if not d:
+                continue
+            acceptance = d.get("acceptance") or []
+            accept = " · ".join(f"h{i + 2} {a:.2f}" for i, a in enumerate(acceptance)) or "–"
+            rows.append(
+                f"<tr><td>{_esc(run.label)}</td><td>{_esc(result.checkpoint)}</td>"
+                f"<td>{_esc(result.dataset)}</td><td class='num'>{_num(d.get('prompts'))}</td>"
+                f"<td class='num'>{_num(d.get('same_tokens'))}</td>"
+                f"<td class='num'>{_num(d.get('plain_tokens_per_s'))}</td>"
+                f"<td class='num'>{_num(d.get('speculative_tokens_per_s'))}</td>"
+                f"<td class='num'>{_num(d.get('speedup'))}x</td>"
+                f"<td class='num'>{_num(d.get('tokens_per_step'))}</td>"
+                f"<td class='accept'>{accept}</td></tr>"
+            )
+    if not rows:
+        return ""
+    return _section(
+        "Decoding speed",
+        "<div class='scroll'><table class='eval'><thead><tr><th>run</th><th>checkpoint</th>"
+        "<th>dataset</th><th>prompts</th><th>same tokens</th><th>plain tokens / s</th>"
+        "<th>speculative tokens / s</th><th>speed-up</th><th>tokens / step</th>"
+        f"<th>acceptance by head</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
+        "<p class='meta'>Greedy decoding one prompt at a time, plain and self-speculative "
+        "alternating prompt by prompt; greedy speculative decoding must give the same tokens. "
+        "Acceptance of head k is conditional on the drafts before it being accepted.</p>",
     )
 
 
@@ -310,9 +347,10 @@ def _mean_se(value: Any) -> str:
         return "–"
     se = value.get("stderr")
     text = f"{100 * value['mean']:.1f}%"
-    return text + (
-        f" <span class='se'>± {100 * se:.1f}</span>" if isinstance(se, int | float) else ""
-    )
+    if not isinstance(se, int | float):
+        return text
+    lo, hi = value["mean"] - 1.96 * se, value["mean"] + 1.96 * se
+    return text + (f" <span class='se'>± {100 * se:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]</span>")
 
 
 def _num(value: Any) -> str:

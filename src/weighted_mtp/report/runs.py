@@ -33,6 +33,8 @@ class EvalResult:
     dataset: str
     summary: dict[str, Any]
     folder: Path | None = None
+    decoding: dict[str, Any] | None = None
+    """``decoding.json`` beside the summary: plain against self-speculative decoding."""
 
 
 @dataclass
@@ -135,7 +137,11 @@ def find_evals(run_dir: Path) -> list[EvalResult]:
         owner = summary_path.parent.parent.parent
         checkpoint = "run" if owner == run_dir else owner.name
         dataset = str(summary.get("dataset") or summary_path.parent.name)
-        results.append(EvalResult(checkpoint, dataset, summary, summary_path.parent))
+        decoding = _read_json(summary_path.parent / "decoding.json")
+        results.append(
+            EvalResult(checkpoint, dataset, summary, summary_path.parent,
+                       decoding if isinstance(decoding, dict) else None)
+        )  # fmt: skip
     return results
 
 

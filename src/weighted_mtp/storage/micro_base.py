@@ -443,6 +443,18 @@ def _pretrained_mtp(layout: StorageLayout, recipe: dict) -> Transformer:
     return load_pretrained(paths.root)
 
 
+def pretrained(layout: StorageLayout, config: MicroBaseConfig | None = None) -> bool:
+    """Whether both micro models were pretrained with ``config``'s recipe on the CodeContests
+    train split now in ``layout`` (what ``pretrain_micro_base`` would skip)."""
+    config = config or MicroBaseConfig()
+    try:
+        records = training_records(layout, config.max_problems)
+    except (MissingInputError, UserError):
+        return False
+    recipe = _recipe(config, _sha256_texts(corpus_texts(records)))
+    return all(_up_to_date(layout.model(f"micro-{t}"), recipe) for t in ("mtp", "reference"))
+
+
 def pretrain_micro_base(
     layout: StorageLayout,
     config: MicroBaseConfig | None = None,

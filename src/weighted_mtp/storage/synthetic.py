@@ -230,9 +230,7 @@ class ProblemBuilder:
         }
 
 
-def generate_split(
-    seed: int, split: str, count: int, counts: Counts
-) -> list[dict[str, Any]]:
+def generate_split(seed: int, split: str, count: int, counts: Counts) -> list[dict[str, Any]]:
     """The rows of one split."""
     rows = []
     for index in tqdm(range(count), desc=f"synthetic {split}", unit=" problems", mininterval=0.5):
