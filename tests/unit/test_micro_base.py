@@ -74,7 +74,9 @@ def test_pretrain_writes_loadable_models_that_learned(layout):
         assert meta["steps"] == (40 if micro_type == "mtp" else 0)  # the reference is derived
         assert meta["data"]["records"] == 24  # the correct solutions only
         assert meta["sizes"]["dim"] == 32 and meta["tokenizer"]["vocab_size"] == 320
-        assert meta["wall_seconds"] > 0 and meta["seed"] == 0
+        # The derived reference is a copy: its wall time may round to 0.0 s.
+        assert meta["wall_seconds"] >= (0 if micro_type == "reference" else 0.1)
+        assert meta["seed"] == 0
     mtp_result = results["mtp"]
     assert mtp_result.final_loss < 0.7 * mtp_result.first_loss, mtp_result
     # Both models read the same tokenizer.

@@ -131,6 +131,7 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     four real products on strided pairs and about 5x faster forward and backward on CPU.
     Under ``torch.compile`` the real products, which inductor fuses (it has no complex
     kernels) (docs/DECISIONS.md 2026-12-01)."""
+    rope = rope.float()  # a model cast to bf16 casts its buffers too; rotate in fp32
     if torch.compiler.is_compiling():
         xf = x.float().unflatten(-1, (-1, 2))
         cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
