@@ -434,10 +434,10 @@ class Quickstart:
             self.console.print(f"  [green]done[/green] in {seconds:.1f} s")
             results.append(StageResult(stage.name, False, seconds))
         total = time.perf_counter() - started
-        results = self.results()
-        if results:
-            write_json_atomic(self.report_dir / "results.json", results)
-            self.print_results(results)
+        known = self.results()
+        if known:
+            write_json_atomic(self.report_dir / "results.json", known)
+            self.print_results(known)
         self.console.print(
             f"\n[bold]Finished in {total:.0f} s.[/bold] Report: {self.report_dir / 'index.html'}"
         )
