@@ -74,12 +74,8 @@ def test_quickstart_builds_everything_then_skips_everything(tmp_path):
     assert decoding["same_tokens"] == decoding["prompts"] == 40
     assert decoding["speculative_tokens_per_s"] > decoding["plain_tokens_per_s"]
     assert len(decoding["acceptance"]) == 3 and decoding["met"]
-    # Where the TD weights go is measured with its intervals and control; it is not yet above
-    # the shuffled control with a critic of 200 steps (docs/METHOD.md §6), so it is reported,
-    # not asserted.
     hit = results["td_decisive_token_hit"]
-    assert hit["solutions"] >= 100 and hit["hit"][1] <= hit["hit"][0] <= hit["hit"][2]
-    assert hit["shuffled"][1] <= hit["shuffled"][0] <= hit["shuffled"][2]
+    assert hit["solutions"] >= 100 and hit["hit"][1] > hit["shuffled"][2] and hit["met"]
 
     second, seconds = _quickstart(storage)
     assert second.count("(done already, skipped)") == 14 and "done in" not in second

@@ -193,3 +193,30 @@ def test_speculative_sampling_matches_head1_end_to_end():
         tokens, _ = speculative_generate(model, prompt, 2, temperature=temp, seed=seed, eos_id=-1)
         counts[tokens[1]] += 1
     assert _tv(counts, marginal) < 0.1  # sampling noise alone gives ~0.05
+
+
+class _IdsTokenizer:
+    """Text is space-separated token ids (what ``compare_decoding`` needs of a tokenizer)."""
+
+    bos_id, eos_id = 3, NO_EOS
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(map(str, ids))
+
+
+def test_compare_decoding_times_both_on_the_same_tokens(trained_model):
+    from weighted_mtp.evaluation.harness import compare_decoding
+
+    prompts = [" ".join(str(3 + (s + i) % 16) for i in range(1, 5)) for s in range(0, 16, 4)]
+    figures, texts = compare_decoding(trained_model, _IdsTokenizer(), prompts, [], 30)
+    assert figures["prompts"] == figures["same_tokens"] == 4 and figures["tokens"] == 4 * 30
+    plain = generate(trained_model, [[3, *_IdsTokenizer().encode(p)] for p in prompts], 30,
+                     eos_id=NO_EOS)  # fmt: skip
+    assert texts == [" ".join(map(str, row)) for row in plain]
+    rate = figures["speculative_tokens_per_s"] / figures["plain_tokens_per_s"]
+    assert figures["speedup"] == pytest.approx(rate)
+    assert figures["tokens_per_step"] > 1.5 and len(figures["acceptance"]) == 3
+    assert all(0 <= a <= 1 for a in figures["acceptance"])
