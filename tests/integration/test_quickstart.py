@@ -55,7 +55,8 @@ def test_quickstart_builds_everything_then_skips_everything(tmp_path):
     page = layout.reports_dir / RUN_NAME / "index.html"
     html = page.read_text()
     assert all(f"{p}/{RUN_NAME}" in html for p in (*POLICIES, "critic"))
-    assert "Decoding speed" in html and "Critic diagnostics" in html and "placement" in html
+    assert "Decoding speed" in html and "Critic diagnostics" in html
+    assert "Where the weight goes" in html
     assert html.count('<span class="t w') > 100 and not re.search(r"https?://", html)
     assert (layout.reports_dir / RUN_NAME / "figures/token_weights.png").is_file()
     assert first.count("done in") == 14 and "skipped" not in first

@@ -148,18 +148,21 @@ def _lines(values: list[Any]) -> str:
     return "".join(f"{v}\n" for v in values)
 
 
-def _strictness(rng: random.Random, words: dict[bool, tuple[str, str]]) -> Params:
+def _strictness(
+    rng: random.Random, strict_words: tuple[str, str], loose_words: tuple[str, str]
+) -> Params:
     """A strict or non-strict "at least" variant: its operator, the reversed and the shifted
     operator (the mutations' texts), and two wordings of the relation for the statement."""
     strict = rng.random() < 0.5
+    words = strict_words if strict else loose_words
     return {
         "strict": strict,
         "cmp": ">" if strict else ">=",
         "cmp_flip": "<" if strict else "<=",
         "cmp_not": "<=" if strict else "<",
         "cmp_edge": ">=" if strict else ">",
-        "relation": words[strict][0],
-        "relation2": words[strict][1],
+        "relation": words[0],
+        "relation2": words[1],
     }
 
 
@@ -206,11 +209,7 @@ SUM_THRESHOLD = Family(
     input_spec="The first line contains n and k. The second line contains n integers.",
     output_spec="Print one integer: the sum.",
     draw_params=lambda rng: _strictness(
-        rng,
-        {
-            True: ("strictly greater than", "larger than"),
-            False: ("greater than or equal to", "at least"),
-        },
+        rng, ("strictly greater than", "larger than"), ("greater than or equal to", "at least")
     ),
     draw_input=_threshold_input,
     edge_inputs=lambda rng, p: [
@@ -880,9 +879,7 @@ WORDS = Family(
     input_spec="The first line contains a lowercase letter c and an integer l (l >= 1). The "
     "second line contains lowercase words separated by single spaces.",
     output_spec="Print one integer.",
-    draw_params=lambda rng: _strictness(
-        rng, {True: ("more than", "over"), False: ("at least", "no fewer than")}
-    ),
+    draw_params=lambda rng: _strictness(rng, ("more than", "over"), ("at least", "no fewer than")),
     draw_input=_words_input,
     edge_inputs=_words_edges,
     format_input=lambda p, data: f"{data[0]} {data[1]}\n" + " ".join(data[2]) + "\n",
@@ -962,11 +959,7 @@ STREAK = Family(
     input_spec="The first line contains n and t. The second line contains n integers.",
     output_spec="Print one integer: the length.",
     draw_params=lambda rng: _strictness(
-        rng,
-        {
-            True: ("strictly greater than", "strictly above"),
-            False: ("at least", "not below"),
-        },
+        rng, ("strictly greater than", "strictly above"), ("at least", "not below")
     ),
     draw_input=_streak_input,
     edge_inputs=lambda rng, p: [
