@@ -478,7 +478,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def add_quickstart_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--configs", default=None, help="folder of the local configs (default: configs/local)"
+        "--configs", default=None, help="folder of the recipes (default: configs/quickstart)"
     )
     parser.add_argument(
         "--no-mlflow", action="store_true", help="do not log runs and evaluations to MLflow"
