@@ -80,7 +80,12 @@ def main(storage: str, out: str, config_path: str) -> None:
     if trainer.info.is_main:
         (trainer.run_dir / "losses.json").write_text(json.dumps(losses))
         (trainer.run_dir / "metrics.json").write_text(json.dumps(metrics))
-    torch.distributed.destroy_process_group() if trainer.info.enabled else None
+    if trainer.info.enabled:
+        # Every rank past its last collective before any tears the group down, as training
+        # ends (train.distributed.barrier): a rank that leaves while the other still talks to
+        # it can make gloo abort the other ("terminate called without an active exception").
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
