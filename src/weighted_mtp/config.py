@@ -374,6 +374,30 @@ def config_to_dict(config: Config) -> dict:
     return config.model_dump(mode="json")
 
 
+# Keys of a run's config.yaml that may differ from a plan without making it another run.
+IGNORED_KEYS = ("log", "checkpoint.resume")
+
+
+def _flatten_keys(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flatten_keys(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_differences(planned: dict, found: dict) -> list[str]:
+    """Dotted keys whose values differ between two config dicts (``IGNORED_KEYS`` aside)."""
+    a, b = _flatten_keys(planned), _flatten_keys(found)
+    keys = sorted(set(a) | set(b))
+    return [
+        k
+        for k in keys
+        if not any(k == i or k.startswith(i + ".") for i in IGNORED_KEYS) and a.get(k) != b.get(k)
+    ]
+
+
 def config_diff(config: Config) -> dict:
     """Only the values that differ from the defaults (what a YAML file would hold)."""
     return config.model_dump(mode="json", exclude_defaults=True)

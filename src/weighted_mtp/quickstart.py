@@ -27,12 +27,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
+from weighted_mtp.base.errors import UserError
 from weighted_mtp.base.io import StorageError, write_json_atomic
 from weighted_mtp.base.layout import DATASET_NAMES, StorageLayout
+
+if TYPE_CHECKING:
+    from weighted_mtp.config import Config
 
 RUN_NAME = "quickstart"
 MICRO_MODELS = ("micro-mtp", "micro-reference")
@@ -238,22 +242,45 @@ class Quickstart:
 
         pretrain_micro_base(self.layout)
 
-    def _trained(self, experiment: str) -> Callable[[], bool]:
-        from weighted_mtp.train.checkpoint import finished
+    def _planned(self, experiment: str) -> Config:
+        """The config the stage trains with: the recipe's file and the quickstart's overrides."""
+        from weighted_mtp.config import HELPERS, load_config
 
-        return lambda: finished(self.run_dir(experiment))
+        overrides = [f"run_name={RUN_NAME}", f"log.mlflow={self.mlflow_uri is not None}"]
+        # A stage that consumes another's checkpoint points at it by run name, not "newest".
+        if experiment in HELPERS:
+            key, upstream = HELPERS[experiment]
+            overrides.append(f"{key}={self.final(upstream)}")
+        return load_config(self.configs / f"{experiment}.yaml", overrides)
+
+    def _trained(self, experiment: str) -> Callable[[], bool]:
+        def done() -> bool:
+            """Finished, and with the planned settings: a run folder left by another version of
+            the quickstart (other recipes, other base) stops it with one line, never resumed."""
+            import yaml
+
+            from weighted_mtp.config import config_differences, config_to_dict
+            from weighted_mtp.train.checkpoint import finished
+
+            run_dir = self.run_dir(experiment)
+            written = run_dir / "config.yaml"
+            if written.is_file():
+                found = yaml.safe_load(written.read_text(encoding="utf-8")) or {}
+                differ = config_differences(config_to_dict(self._planned(experiment)), found)
+                if differ:
+                    raise UserError(
+                        f"{run_dir}: trained with other settings than the quickstart's "
+                        f"({differ[0]} differs); remove the folder or use another --storage"
+                    )
+            return finished(run_dir)
+
+        return done
 
     def _trainer(self, experiment: str) -> Callable[[], None]:
         def run() -> None:
-            from weighted_mtp.config import HELPERS, load_config
             from weighted_mtp.train.loop import train
 
-            overrides = [f"run_name={RUN_NAME}", f"log.mlflow={self.mlflow_uri is not None}"]
-            # A stage that consumes another's checkpoint points at it by run name, not "newest".
-            if experiment in HELPERS:
-                key, upstream = HELPERS[experiment]
-                overrides.append(f"{key}={self.final(upstream)}")
-            train(load_config(self.configs / f"{experiment}.yaml", overrides), self.layout)
+            train(self._planned(experiment), self.layout)
 
         return run
 

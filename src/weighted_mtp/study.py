@@ -38,6 +38,7 @@ from weighted_mtp.config import (
     Config,
     ConfigError,
     Section,
+    config_differences,
     config_to_dict,
     load_config,
     load_validated,
@@ -50,8 +51,6 @@ POOLING_RULE = (
     "per problem, the mean over seeds of the greedy sample's pass/fail; an arm's pass@1 is "
     "the mean of those over the problems every run was scored on"
 )
-# Keys of a run's config.yaml that may differ from the plan without making it another run.
-IGNORED_KEYS = ("log", "checkpoint.resume")
 
 
 class BudgetSpec(Section):
@@ -168,26 +167,6 @@ class StudyResult:
     page: Path | None
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(data, dict):
-        return {prefix: data}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
-def config_differences(planned: dict, found: dict) -> list[str]:
-    """Dotted keys whose values differ between two config dicts (``IGNORED_KEYS`` aside)."""
-    a, b = _flatten(planned), _flatten(found)
-    keys = sorted(set(a) | set(b))
-    return [
-        k
-        for k in keys
-        if not any(k == i or k.startswith(i + ".") for i in IGNORED_KEYS) and a.get(k) != b.get(k)
-    ]
 
 
 class Study:

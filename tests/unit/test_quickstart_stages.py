@@ -52,3 +52,23 @@ def test_a_stage_that_leaves_no_outputs_fails_loudly(tmp_path, monkeypatch):
     broken = Stage("broken", "broken", lambda: False, lambda: None)
     with pytest.raises(StorageError, match="'broken' ran but its outputs"):
         _runner(tmp_path, monkeypatch, [broken]).run()
+
+
+def test_a_run_trained_with_other_settings_stops_the_quickstart(tmp_path):
+    """A run folder left by another version of the quickstart is never resumed or reused."""
+    import yaml
+
+    from tests.conftest import REPO
+    from weighted_mtp.base.errors import UserError
+    from weighted_mtp.config import config_to_dict
+
+    quick = Quickstart(StorageLayout(tmp_path), configs=REPO / "configs/quickstart")
+    run_dir = quick.run_dir("baseline")
+    run_dir.mkdir(parents=True)
+    planned = config_to_dict(quick._planned("baseline"))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(planned))
+    assert quick._trained("baseline")() is False  # same settings, not finished: train (resume)
+    planned["data"]["small"] = not planned["data"]["small"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(planned))
+    with pytest.raises(UserError, match=r"quickstart: trained with other settings .*data\.small"):
+        quick._trained("baseline")()

@@ -15,8 +15,8 @@ import yaml
 from tests.conftest import REPO
 from weighted_mtp.base.errors import UserError
 from weighted_mtp.base.layout import StorageLayout
-from weighted_mtp.config import ConfigError, config_to_dict
-from weighted_mtp.study import Study, config_differences, load_spec, pool
+from weighted_mtp.config import ConfigError, config_differences, config_to_dict
+from weighted_mtp.study import Study, load_spec, pool
 
 SPEC = REPO / "configs/study/known_answer.yaml"
 
