@@ -29,7 +29,8 @@ import torch
 from weighted_mtp.base.layout import StorageLayout
 from weighted_mtp.data.jsonl import iter_jsonl
 from weighted_mtp.evaluation.generate import generate
-from weighted_mtp.evaluation.harness import compare_decoding, score_samples, summarize
+from weighted_mtp.evaluation.harness import compare_decoding, score_samples, stop_when, summarize
+from weighted_mtp.evaluation.metrics import normal_interval
 from weighted_mtp.evaluation.tasks import TASKS
 from weighted_mtp.models.checkpoints import load_pretrained
 from weighted_mtp.models.tokenizer import Tokenizer
@@ -76,7 +77,7 @@ def main() -> None:
         t0 = time.perf_counter()
         for start in range(0, len(encoded), 8):
             generate(model, encoded[start : start + 8], args.max_new_tokens, eos_id=tok.eos_id,
-                     stop=lambda ids: any(s in tok.decode(ids[-64:]) for s in stops))  # fmt: skip
+                     stop=stop_when(tok, stops))  # fmt: skip
         totals["plain_batch8"][0] += n_tokens
         totals["plain_batch8"][1] += time.perf_counter() - t0
         samples = [{"task_id": t, "completion": task.postprocess(x, "alpaca", eos)}
@@ -87,8 +88,7 @@ def main() -> None:
         figures["splits"][split] = {
             "problems": len(ids), "samples_per_problem": 1, "passed": sum(r["passed"] for r in rows),
             "pass@1": round(p1["mean"], 4), "stderr": round(p1["stderr"], 4),
-            "ci95": [round(p1["mean"] - 1.96 * p1["stderr"], 4),
-                     round(p1["mean"] + 1.96 * p1["stderr"], 4)],
+            "ci95": [round(x, 4) for x in normal_interval(p1["mean"], p1["stderr"])],
             "verdicts": summary["verdicts"],
             "speculative_equals_plain": f"{compared['same_tokens']}/{len(ids)}",
             "tokens": n_tokens, "acceptance_heads_2_4": compared["acceptance"],

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from weighted_mtp.base.errors import UserError
-from weighted_mtp.base.io import StorageError, write_json_atomic
+from weighted_mtp.base.io import StorageError, read_json_or_none, write_json_atomic
 from weighted_mtp.base.layout import DATASET_NAMES, StorageLayout
 
 if TYPE_CHECKING:
@@ -349,16 +349,19 @@ class Quickstart:
         """The four known-answer results (README, "Quickstart") read back from the stages'
         outputs, each with its target and whether it is met; a missing output leaves its entry
         out. Written to ``reports/quickstart/results.json`` by ``run``."""
+        from weighted_mtp.evaluation.metrics import normal_interval
+        from weighted_mtp.report.runs import read_series
+
         out: dict[str, Any] = {}
-        summary = _read_json(self.eval_dir("baseline") / "summary.json")
+        summary = read_json_or_none(self.eval_dir("baseline") / "summary.json")
         if summary:
             p1 = summary["pass_at_k"]["pass@1"]
-            lo, hi = p1["mean"] - 1.96 * p1["stderr"], p1["mean"] + 1.96 * p1["stderr"]
+            lo, hi = normal_interval(p1["mean"], p1["stderr"])
             out["baseline_pass_at_1"] = {
                 "mean": p1["mean"], "ci95": [lo, hi], "problems": summary["problems"],
                 "target": "95% interval above 0", "met": lo > 0,
             }  # fmt: skip
-        diagnostics = _read_json(self.run_dir("critic") / "critic_diagnostics.json")
+        diagnostics = read_json_or_none(self.run_dir("critic") / "critic_diagnostics.json")
         if diagnostics:
             acc, length = diagnostics["pair_accuracy"], diagnostics["length_only_accuracy"]
             out["critic_pair_accuracy"] = {
@@ -366,18 +369,18 @@ class Quickstart:
                 "pairs": diagnostics["pairs"], "target": ">= 10 points above length-only",
                 "met": acc - length >= 0.10,
             }  # fmt: skip
-        placement = _last_metrics(self.run_dir("verifiable") / "metrics.jsonl", PLACEMENT_HIT)
-        if placement:
-            key = PLACEMENT_HIT.removesuffix("/hit")
-            hit = [placement[f"{key}/hit{s}"] for s in ("", "_lo", "_hi")]
-            shuffled = [placement[f"{key}/hit_shuffled{s}"] for s in ("", "_lo", "_hi")]
+        # The last validation's placement metrics, as the report's "Where the weight goes" reads them.
+        _, val = read_series(self.run_dir("verifiable") / "metrics.jsonl")
+        last = {k: series[-1][1] for k, series in val.items() if k.startswith("placement/")}
+        if f"{TD_RANKING}hit" in last:
+            hit = [last[f"{TD_RANKING}hit{s}"] for s in ("", "_lo", "_hi")]
+            shuffled = [last[f"{TD_RANKING}hit_shuffled{s}"] for s in ("", "_lo", "_hi")]
             out["td_decisive_token_hit"] = {
                 "ranking": "largest |whitened advantage| (the TD weight furthest from 1)",
-                "hit": hit, "shuffled": shuffled,
-                "solutions": placement.get("val/placement/n"),
+                "hit": hit, "shuffled": shuffled, "solutions": last.get("placement/n"),
                 "target": "95% interval above the shuffled control's", "met": hit[1] > shuffled[2],
             }  # fmt: skip
-        decoding = _read_json(self.decoding_file)
+        decoding = read_json_or_none(self.decoding_file)
         if decoding:
             out["speculative_decoding"] = {
                 **{k: decoding[k] for k in ("prompts", "same_tokens", "plain_tokens_per_s",
@@ -389,33 +392,31 @@ class Quickstart:
         return out
 
     def print_results(self, results: dict[str, Any]) -> None:
-        lines = []
+        lines: list[tuple[str, bool]] = []
         if r := results.get("baseline_pass_at_1"):
-            lines.append(f"baseline pass@1 {r['mean']:.3f} (95% interval {r['ci95'][0]:.3f}.."
-                         f"{r['ci95'][1]:.3f}) on {r['problems']} held-out problems")  # fmt: skip
+            lines.append((f"baseline pass@1 {r['mean']:.3f} (95% interval {r['ci95'][0]:.3f}.."
+                          f"{r['ci95'][1]:.3f}) on {r['problems']} held-out problems", r["met"]))  # fmt: skip
         if r := results.get("critic_pair_accuracy"):
-            lines.append(f"critic pairwise accuracy {r['critic']:.3f} against {r['length_only']:.3f} "
-                         f"for length alone ({r['points_above']:+.1f} points, {r['pairs']} "
-                         "validation pairs)")  # fmt: skip
+            lines.append((f"critic pairwise accuracy {r['critic']:.3f} against "
+                          f"{r['length_only']:.3f} for length alone ({r['points_above']:+.1f} "
+                          f"points, {r['pairs']} validation pairs)", r["met"]))  # fmt: skip
         if r := results.get("td_decisive_token_hit"):
             h, c = r["hit"], r["shuffled"]
-            lines.append(f"TD weights' decisive-token hit rate {h[0]:.3f} ({h[1]:.3f}..{h[2]:.3f}) "
-                         f"against {c[0]:.3f} ({c[1]:.3f}..{c[2]:.3f}) shuffled, "
-                         f"{r['solutions']:.0f} incorrect solutions")  # fmt: skip
+            lines.append((f"TD weights' decisive-token hit rate {h[0]:.3f} ({h[1]:.3f}.."
+                          f"{h[2]:.3f}) against {c[0]:.3f} ({c[1]:.3f}..{c[2]:.3f}) shuffled, "
+                          f"{r['solutions']:.0f} incorrect solutions", r["met"]))  # fmt: skip
         if r := results.get("speculative_decoding"):
             accept = " / ".join(f"{a:.2f}" for a in r["acceptance"])
-            lines.append(f"self-speculative greedy {r['speculative_tokens_per_s']:.0f} tokens/s "
-                         f"against {r['plain_tokens_per_s']:.0f} plain ({r['speedup']:.2f}x), "
-                         f"{r['tokens_per_step']:.2f} tokens/step, acceptance heads 2-4 {accept}, "
-                         f"same tokens on {r['same_tokens']}/{r['prompts']} prompts")  # fmt: skip
+            lines.append((f"self-speculative greedy {r['speculative_tokens_per_s']:.0f} tokens/s "
+                          f"against {r['plain_tokens_per_s']:.0f} plain ({r['speedup']:.2f}x), "
+                          f"{r['tokens_per_step']:.2f} tokens/step, acceptance heads 2-4 "
+                          f"{accept}, same tokens on {r['same_tokens']}/{r['prompts']} prompts",
+                          r["met"]))  # fmt: skip
         if not lines:
             return
         self.console.print("\n[bold]Known-answer results[/bold] (held-out problems; each with its "
                            "target):")  # fmt: skip
-        names = ("baseline_pass_at_1", "critic_pair_accuracy", "td_decisive_token_hit",
-                 "speculative_decoding")  # fmt: skip
-        met = [results[n]["met"] for n in names if n in results]
-        for line, ok in zip(lines, met, strict=True):
+        for line, ok in lines:
             mark = "[green]met[/green]" if ok else "[yellow]not met[/yellow]"
             self.console.print(f"  {mark}  {line}", highlight=False)
 
@@ -478,31 +479,8 @@ class Quickstart:
         return results
 
 
-PLACEMENT_HIT = "val/placement/adv_abs/hit"
-
-
-def _read_json(path: Path) -> Any:
-    import json
-
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _last_metrics(path: Path, key: str) -> dict[str, float] | None:
-    """The last record of a ``metrics.jsonl`` that has ``key``."""
-    import json
-
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        record = json.loads(line) if line.strip() else {}
-        if key in record:
-            return record
-    return None
+TD_RANKING = "placement/adv_abs/"
+"""The ranking whose hit rate is the TD result: the token whose weight departs most from 1."""
 
 
 NEXT_STEPS = """

@@ -48,6 +48,15 @@ def write_json_atomic(path: str | Path, data: Any, indent: int | None = 2) -> No
     write_text_atomic(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
 
 
+def read_json_or_none(path: str | Path) -> Any:
+    """A JSON file's value, or None when it is missing, unreadable or not JSON (readers of
+    optional outputs: reports, the quickstart's results)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def copy_atomic(src: str | Path, dst: str | Path) -> None:
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)

@@ -233,7 +233,7 @@ def generate_completions(
     """
     from weighted_mtp.evaluation.generate import generate, speculative_generate
 
-    stop = _stop_when(tokenizer, stops)
+    stop = stop_when(tokenizer, stops)
     encoded = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
     jobs = [(i, j) for i in range(len(prompts)) for j in range(num_samples)]
     size = 1 if speculative else batch_size
@@ -264,7 +264,9 @@ def generate_completions(
     return out, stats
 
 
-def _stop_when(tokenizer: Any, stops: list[str]) -> Callable[[list[int]], bool]:
+def stop_when(tokenizer: Any, stops: list[str]) -> Callable[[list[int]], bool]:
+    """A decoding stop test: whether the decoded tail of ``ids`` holds a stop string."""
+
     def stop(ids: list[int]) -> bool:
         text = tokenizer.decode(ids[-64:])  # stop strings are short: the tail is enough
         return any(s in text for s in stops)
@@ -288,7 +290,7 @@ def compare_decoding(
 
     from weighted_mtp.evaluation.generate import SpecStats, generate, speculative_generate
 
-    kwargs = {"eos_id": tokenizer.eos_id, "stop": _stop_when(tokenizer, stops)}
+    kwargs = {"eos_id": tokenizer.eos_id, "stop": stop_when(tokenizer, stops)}
     seconds = {"plain": 0.0, "speculative": 0.0}
     tokens, same = 0, 0
     texts: list[str] = []

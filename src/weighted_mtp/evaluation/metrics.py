@@ -49,6 +49,11 @@ def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / len(values))
 
 
+def normal_interval(mean: float, stderr: float, z: float = 1.96) -> tuple[float, float]:
+    """The 95% normal interval ``mean +- z * stderr`` (docs/EVALUATION.md §3)."""
+    return mean - z * stderr, mean + z * stderr
+
+
 def _as_counts(results: Mapping[str, Counts] | Iterable[Counts]) -> list[Counts]:
     items = list(results.values() if isinstance(results, Mapping) else results)
     if not items:

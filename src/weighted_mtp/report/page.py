@@ -249,9 +249,7 @@ def _eval_row(run: Run, result: EvalResult, metrics: list[str]) -> str:
     decoding = s.get("decoding") if isinstance(s.get("decoding"), dict) else {}
     scores = {**(s.get("pass_at_k") or {}), "accuracy": s.get("accuracy")}
     cells = "".join(f"<td class='num'>{_mean_se(scores.get(m))}</td>" for m in metrics)
-    acceptance = decoding.get("acceptance")
-    accept = (" · ".join(f"h{i + 2} {a:.2f}" for i, a in enumerate(acceptance))
-              if isinstance(acceptance, list) and acceptance else "–")  # fmt: skip
+    accept = _acceptance(decoding.get("acceptance"))
     spec = settings.get("speculative")
     return (
         f"<tr><td>{_esc(run.label)}</td><td>{_esc(result.checkpoint)}</td>"
@@ -265,6 +263,13 @@ def _eval_row(run: Run, result: EvalResult, metrics: list[str]) -> str:
     )
 
 
+def _acceptance(acceptance: Any) -> str:
+    """Per-head acceptance as ``h2 0.97 · h3 0.98 · ...`` (heads 2.. in order), else a dash."""
+    if not isinstance(acceptance, list) or not acceptance:
+        return "–"
+    return " · ".join(f"h{i + 2} {a:.2f}" for i, a in enumerate(acceptance))
+
+
 def _decoding(runs: list[Run]) -> str:
     """``decoding.json`` beside an evaluation: plain against self-speculative greedy decoding,
     one prompt at a time (``wmtp quickstart``'s decoding stage)."""
@@ -274,8 +279,7 @@ def _decoding(runs: list[Run]) -> str:
             d = result.decoding
             if not d:
                 continue
-            acceptance = d.get("acceptance") or []
-            accept = " · ".join(f"h{i + 2} {a:.2f}" for i, a in enumerate(acceptance)) or "–"
+            accept = _acceptance(d.get("acceptance"))
             rows.append(
                 f"<tr><td>{_esc(run.label)}</td><td>{_esc(result.checkpoint)}</td>"
                 f"<td>{_esc(result.dataset)}</td><td class='num'>{_num(d.get('prompts'))}</td>"
@@ -349,6 +353,8 @@ def _mean_se(value: Any) -> str:
     text = f"{100 * value['mean']:.1f}%"
     if not isinstance(se, int | float):
         return text
+    # mean +- 1.96 s.e. (docs/EVALUATION.md §3; evaluation.metrics.normal_interval, which this
+    # layer may not import)
     lo, hi = value["mean"] - 1.96 * se, value["mean"] + 1.96 * se
     return text + (f" <span class='se'>± {100 * se:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]</span>")
 

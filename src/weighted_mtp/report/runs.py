@@ -8,7 +8,6 @@ unreadable file gives an empty field, never an exception.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from weighted_mtp.base.io import read_json_or_none
 from weighted_mtp.train.tracking import TAG_REPORT, read_metrics, tag_runs
 
 CHECKPOINT_INFO = "wmtp_checkpoint.json"
@@ -131,13 +131,13 @@ def find_evals(run_dir: Path) -> list[EvalResult]:
         run_dir.glob("*/eval/*/summary.json")
     )
     for summary_path in paths:
-        summary = _read_json(summary_path)
+        summary = read_json_or_none(summary_path)
         if not isinstance(summary, dict):
             continue
         owner = summary_path.parent.parent.parent
         checkpoint = "run" if owner == run_dir else owner.name
         dataset = str(summary.get("dataset") or summary_path.parent.name)
-        decoding = _read_json(summary_path.parent / "decoding.json")
+        decoding = read_json_or_none(summary_path.parent / "decoding.json")
         results.append(
             EvalResult(checkpoint, dataset, summary, summary_path.parent,
                        decoding if isinstance(decoding, dict) else None)
@@ -184,11 +184,11 @@ def _token_weights(record: dict[str, Any]) -> TokenWeights | None:
 
 def _checkpoint_info(run_dir: Path) -> dict[str, Any]:
     for name in ("final", "best"):
-        info = _read_json(run_dir / name / CHECKPOINT_INFO)
+        info = read_json_or_none(run_dir / name / CHECKPOINT_INFO)
         if isinstance(info, dict):
             return info
     for folder in sorted(run_dir.glob("step_*"), reverse=True):
-        info = _read_json(folder / CHECKPOINT_INFO)
+        info = read_json_or_none(folder / CHECKPOINT_INFO)
         if isinstance(info, dict):
             return info
     return {}
@@ -196,7 +196,7 @@ def _checkpoint_info(run_dir: Path) -> dict[str, Any]:
 
 def _find_diagnostics(run_dir: Path) -> dict[str, Any] | None:
     for candidate in (run_dir / DIAGNOSTICS, run_dir / "final" / DIAGNOSTICS):
-        data = _read_json(candidate)
+        data = read_json_or_none(candidate)
         if isinstance(data, dict):
             return data
     return None
@@ -208,13 +208,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except (OSError, yaml.YAMLError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def _get(data: dict[str, Any], *keys: str) -> Any:
