@@ -448,11 +448,20 @@ def pretrained(layout: StorageLayout, config: MicroBaseConfig | None = None) -> 
     train split now in ``layout`` (what ``pretrain_micro_base`` would skip)."""
     config = config or MicroBaseConfig()
     try:
-        records = training_records(layout, config.max_problems)
+        _, _, recipe = _corpus_and_recipe(layout, config)
     except (MissingInputError, UserError):
         return False
-    recipe = _recipe(config, _sha256_texts(corpus_texts(records)))
     return all(_up_to_date(layout.model(f"micro-{t}"), recipe) for t in ("mtp", "reference"))
+
+
+def _corpus_and_recipe(
+    layout: StorageLayout, config: MicroBaseConfig
+) -> tuple[list[dict], list[str], dict]:
+    """The training records, their templated texts and the recipe they make with ``config``
+    (what a pretrained model's metadata must record to be up to date)."""
+    records = training_records(layout, config.max_problems)
+    texts = corpus_texts(records)
+    return records, texts, _recipe(config, _sha256_texts(texts))
 
 
 def pretrain_micro_base(
@@ -473,10 +482,7 @@ def pretrain_micro_base(
     unknown = set(micro_types) - {"mtp", "reference"}
     if unknown or not micro_types:
         raise UserError(f"micro-base: micro types are mtp and reference, got {sorted(unknown)}")
-    records = training_records(layout, config.max_problems)
-    texts = corpus_texts(records)
-    data_sha = _sha256_texts(texts)
-    recipe = _recipe(config, data_sha)
+    records, texts, recipe = _corpus_and_recipe(layout, config)
     todo = [t for t in micro_types if force or not _up_to_date(layout.model(f"micro-{t}"), recipe)]
     results: dict[str, PretrainResult] = {}
     for micro_type in micro_types:
@@ -493,7 +499,7 @@ def pretrain_micro_base(
 
     staging = layout.models_dir / ".micro-base-tokenizer" / "tokenizer.model"
     started = time.perf_counter()
-    trained = train_local_tokenizer(staging, vocab_size=config.vocab_size, texts=texts)
+    corpus = train_local_tokenizer(staging, vocab_size=config.vocab_size, texts=texts)
     tokenizer = Tokenizer(staging)
     tokenizer_seconds = time.perf_counter() - started
     examples = [
@@ -510,9 +516,9 @@ def pretrain_micro_base(
         "digits split",
         "vocab_size": tokenizer.vocab_size,
         "corpus": "Alpaca prompt + solution of each record, in file order",
-        "corpus_records": trained.corpus_files,
-        "corpus_bytes": trained.corpus_bytes,
-        "corpus_sha256": trained.corpus_sha256,
+        "corpus_records": corpus.corpus_files,
+        "corpus_bytes": corpus.corpus_bytes,
+        "corpus_sha256": corpus.corpus_sha256,
         "seconds": round(tokenizer_seconds, 2),
     }
     threads = torch.get_num_threads()
@@ -549,7 +555,7 @@ def pretrain_micro_base(
             "records": len(records),
             "examples": len(examples),
             "dropped_over_max_length": len(records) - len(examples),
-            "sha256": data_sha,
+            "sha256": recipe["data_sha256"],
         }
         meta = _metadata(paths, micro_type, model, config, recipe, tokenizer_info, data, stats)
         meta.update(wall_seconds=round(seconds, 1), threads=threads)
