@@ -116,3 +116,15 @@ def test_rope_table_bound():
     model = tiny()
     with pytest.raises(ValueError, match="exceeds the RoPE table"):
         model(torch.zeros(1, 129, dtype=torch.long))
+
+
+def test_a_bf16_model_keeps_its_rope_table_in_fp32():
+    """Casting the model rounds its weights, never the rotation angles (a bf16 table would keep
+    8 significant bits of cos/sin)."""
+    model = tiny()
+    table = model.rope.clone()
+    model = model.to(torch.bfloat16)
+    assert model.output.weight.dtype == torch.bfloat16
+    assert model.rope.dtype == torch.float32 and torch.equal(model.rope, table)
+    assert not torch.equal(table.to(torch.bfloat16).float(), table)  # what a cast would lose
+    assert model(torch.randint(0, model.args.vocab_size, (1, 6))).dtype == torch.bfloat16

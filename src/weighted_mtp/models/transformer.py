@@ -17,7 +17,9 @@ checkpoints are converted to it with the q/k row permutation in ``checkpoints.py
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -130,8 +132,8 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     Eager: one complex multiplication, as Meta's reference writes it, the same numbers as the
     four real products on strided pairs and about 5x faster forward and backward on CPU.
     Under ``torch.compile`` the real products, which inductor fuses (it has no complex
-    kernels) (docs/DECISIONS.md 2026-12-01)."""
-    rope = rope.float()  # a model cast to bf16 casts its buffers too; rotate in fp32
+    kernels) (docs/DECISIONS.md 2026-12-01). ``rope`` is fp32 whatever the model's dtype
+    (``Transformer._apply``), so the rotation is computed in fp32."""
     if torch.compiler.is_compiling():
         xf = x.float().unflatten(-1, (-1, 2))
         cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
@@ -249,6 +251,14 @@ class Transformer(nn.Module):
     def _rope_table(self) -> Tensor:
         # Meta precomputes 2 * max_seq_len positions; we do the same so lengths match.
         return rope_angles(self.args.head_dim, 2 * self.args.max_seq_len, self.args.rope_theta)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Transformer:
+        """``.to(dtype)``, ``.half()``, ... cast buffers too; the RoPE table stays fp32 (in bf16
+        its cos/sin would keep 8 significant bits), recomputed rather than cast back."""
+        super()._apply(fn, recurse)
+        if self.rope.dtype != torch.float32 and not self.rope.is_meta:
+            self.rope = self._rope_table().to(self.rope.device)
+        return self
 
     def reset_rope(self, device: torch.device | str | None = None) -> None:
         """Recompute the RoPE table (needed after building on the meta device)."""
