@@ -177,14 +177,10 @@ class Quickstart:
             create_micro(self.layout, micro_type, "random")
 
     def _source_ok(self) -> bool:
-        import json
-
         from weighted_mtp.storage.synthetic import GENERATOR_VERSION
 
-        summary = self.source_dir / "code_contests" / "synthetic.json"
-        try:
-            found = json.loads(summary.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        found = read_json_or_none(self.source_dir / "code_contests" / "synthetic.json")
+        if not isinstance(found, dict):
             return False
         return found.get("version") == GENERATOR_VERSION and found.get("seed") == KNOWN_ANSWER_SEED
 
@@ -204,13 +200,11 @@ class Quickstart:
         )  # fmt: skip
 
     def _datasets_ok(self) -> bool:
-        import json
-
         from weighted_mtp.storage.dataset_verify import verify_datasets
 
         if not all((self.layout.dataset(n).manifest).is_file() for n in DATASET_NAMES):
             return False
-        manifest = json.loads(self.layout.dataset("codecontests").manifest.read_text())
+        manifest = read_json_or_none(self.layout.dataset("codecontests").manifest) or {}
         origin = manifest.get("process", {}).get("options", {}).get("origin", {})
         if origin.get("root") != str(self.source_dir):
             return False
