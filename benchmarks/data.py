@@ -2,9 +2,9 @@
 
 Builds a synthetic CodeContests-schema source (parquet shards in the Hub layout) of two
 sizes, runs the ``process`` and ``metadata`` steps on each in a fresh subprocess with 1 and
-with 2 tokenising worker processes (``--workers``; alternating, ``--rounds`` times each, the
-fastest run of each counting), and prints records/s, the speed-up of 2
-workers over 1 and peak RSS (VmHWM of the main process; the largest worker's separately):
+with 2 tokenising processes (``--workers``: 2 is the main process and one spawned worker;
+alternating, ``--rounds`` times each, the fastest run of each counting), and prints records/s,
+the speed-up of 2 over 1 and peak RSS (VmHWM of the main process; the worker's separately):
 peak RSS must not grow with the source, and the outputs of 1 and 2 workers must be the same
 bytes (checked). Then it reads a random sample of lines of the large processed split through
 the byte-offset index and compares with a full scan of the file. The load average is printed

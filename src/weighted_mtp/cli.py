@@ -105,7 +105,8 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         default=None,
-        help="processes measuring token lengths (default: one per core; same output for any)",
+        help="processes measuring token lengths, this one included (default: one per core; "
+        "same output for any)",
     )
     parser.add_argument("--force", action="store_true", help="redo steps whose outputs exist")
     add_storage_arg(parser)

@@ -225,7 +225,7 @@ def test_outputs_are_byte_identical_for_any_number_of_workers(
             workers=workers,
         )
         said = capsys.readouterr().out
-        assert (f"measured by {workers} worker processes" in said) == (workers > 1)
+        assert (f"measured by {workers} processes" in said) == (workers > 1)
         folder = root / "datasets/codecontests"
         files = {
             p.relative_to(folder).as_posix(): p.read_bytes()
@@ -248,3 +248,93 @@ def test_workers_must_be_positive(tmp_path, layout, cc_rows):
     source = write_cc_source(tmp_path / "src", copy.deepcopy(cc_rows[:2]))
     with pytest.raises(StorageError, match="--workers must be at least 1, got 0"):
         run(layout, ["codecontests"], ["process"], source=source, workers=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "token_lengths"), [("codecontests", True), ("mbpp", True), ("gsm8k", False)]
+)
+def test_metadata_written_in_the_process_pass_equals_the_metadata_steps(
+    tmp_path, layout, cc_rows, capsys, name, token_lengths
+):
+    """With process and metadata asked together, the metadata files come from the process
+    pass (no second read of the split); rebuilt by the metadata step alone they are the same
+    bytes. CodeContests with a length cap (dropped lines shift the indices), MBPP (lines
+    without is_correct), GSM8K without token lengths (null length lists)."""
+    source = write_cc_source(tmp_path / "src", cc_rows) if name == "codecontests" else None
+    options = {"max_length": 300} if name == "codecontests" else {}
+    run(
+        layout,
+        [name],
+        ["process", "metadata"],
+        source=source,
+        token_lengths=token_lengths,
+        **options,
+    )
+    said = capsys.readouterr().out
+    paths = layout.dataset(name)
+    manifest = json.loads(paths.manifest.read_text())
+    splits = list(manifest["process"]["splits"])
+
+    def outputs() -> dict[str, bytes]:
+        return {
+            f"{split}/{kind}": path(split).read_bytes()
+            for split in splits
+            for kind, path in (("meta", paths.split_metadata), ("problems", paths.split_problems))
+        }
+
+    in_pass = outputs()
+    for split in splits:
+        assert f"{name}: metadata: {split} " in said
+        info = manifest["metadata"][split]
+        assert info["source_sha256"] == manifest["process"]["splits"][split]["sha256"]
+    assert "up to date" not in said
+    if name == "codecontests":
+        assert manifest["process"]["splits"]["train"]["over_max_length"] > 0
+    if not token_lengths:
+        assert "token length lists are null" in said
+    run(layout, [name], ["metadata"], source=source, force=True, **options)
+    assert outputs() == in_pass
+
+
+def test_record_encoder_shares_the_work_with_this_process_and_keeps_the_order(
+    small_tokenizer, monkeypatch
+):
+    """Two processes: one spawned worker, and this one encoding a chunk itself whenever the
+    worker already has its share queued; the callbacks still run in submission order, with
+    the same lines as a single process gives."""
+    from weighted_mtp.storage import dataset_workers
+
+    monkeypatch.setattr(dataset_workers, "IN_FLIGHT_PER_WORKER", 1)
+
+    def chunk(number: int) -> list[list[dict]]:
+        return [
+            [
+                {
+                    "instruction": f"Problem {number}: print {k} twice " * (1 + k % 3),
+                    "input": "",
+                    "output": f"print({k})\nprint({k})\n",
+                    "task_id": f"p{number}_correct_{k}",
+                    "is_correct": k % 2 == 0,
+                    "metadata": {"problem_id": f"p{number}", "difficulty": 1},
+                }
+                for k in range(5)
+            ]
+        ]
+
+    def encode_all(workers: int) -> tuple[list[bytes], dataset_workers.RecordEncoder]:
+        out: list[bytes] = []
+        encoder = dataset_workers.RecordEncoder(str(small_tokenizer), workers, max_length=125)
+        for number in range(40):
+            encoder.submit(chunk(number), lambda e, n=number: out.append((n, e.lines)), last=False)
+        encoder.flush()
+        used_here = encoder.local is not None
+        encoder.close()
+        return out, used_here
+
+    one, _ = encode_all(1)
+    two, used_here = encode_all(2)
+    assert [n for n, _ in two] == list(range(40))
+    assert two == one
+    kept = b"".join(lines for _, lines in one).count(b"\n")
+    assert 0 < kept < 40 * 5, "the length cap should drop some records and keep others"
+    assert used_here, "this process never took a chunk while the worker was busy"

@@ -13,6 +13,7 @@ from weighted_mtp.data.jsonl import (
     JsonlFile,
     JsonlWriter,
     build_index,
+    encode_line,
     index_path_for,
     iter_jsonl,
     load_index,
@@ -50,6 +51,27 @@ def test_build_index_matches_the_writer(tmp_path, records):
     write_records(path, records)
     assert build_index(path, tmp_path / "rebuilt.idx") == len(records)
     assert (tmp_path / "rebuilt.idx").read_bytes() == (tmp_path / "train.idx").read_bytes()
+
+
+def test_writing_lines_in_blocks_gives_the_same_file_index_and_digest(tmp_path, records):
+    one = tmp_path / "one.jsonl"
+    by_line = write_records(one, records)
+    lines = [encode_line(r) for r in records]
+    block = tmp_path / "block.jsonl"
+    with JsonlWriter(block, index_path_for(block)) as writer:
+        for start in range(0, len(lines), 37):  # uneven blocks, one of them empty
+            part = lines[start : start + 37] if start != 74 else []
+            writer.write_lines(b"".join(part), [len(x) for x in part])
+            if start == 74:
+                writer.write_lines(b"".join(lines[74:111]), [len(x) for x in lines[74:111]])
+    assert block.read_bytes() == one.read_bytes()
+    assert index_path_for(block).read_bytes() == index_path_for(one).read_bytes()
+    assert (writer.sha256, writer.size, len(writer)) == (by_line.sha256, by_line.size, len(by_line))
+    with (
+        JsonlWriter(tmp_path / "x.jsonl", tmp_path / "x.idx") as bad,
+        pytest.raises(ValueError, match="add up to"),
+    ):
+        bad.write_lines(lines[0], [1])
 
 
 def test_sampled_reads_return_the_lines_asked_in_the_order_asked(tmp_path, records):

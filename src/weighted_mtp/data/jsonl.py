@@ -108,6 +108,19 @@ class JsonlWriter:
         self.count += 1
         return self.count - 1
 
+    def write_lines(self, data: bytes, sizes: Sequence[int]) -> None:
+        """Append several lines at once: ``data`` is their concatenation, ``sizes`` their lengths."""
+        if sum(sizes) != len(data):
+            raise ValueError(f"line sizes add up to {sum(sizes)}, not {len(data)} bytes")
+        self._handle.write(data)
+        self._digest.update(data)
+        for size in sizes:
+            self.size += size
+            self._pending.append(self.size)
+        if len(self._pending) >= self._BLOCK:
+            self._flush_index()
+        self.count += len(sizes)
+
     def _flush_index(self) -> None:
         import numpy as np
 

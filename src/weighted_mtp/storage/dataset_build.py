@@ -69,6 +69,8 @@ class Build:
     source: Path | None
     paths: DatasetPaths = field(init=False)
     manifest: dict[str, Any] = field(init=False)
+    # (step, split) outputs this run has already built, e.g. metadata in the process pass.
+    built_now: set[tuple[str, str]] = field(default_factory=set)
     _origin: Origin | None = None
 
     def __post_init__(self) -> None:

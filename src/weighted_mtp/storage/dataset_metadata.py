@@ -13,10 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
-
 from weighted_mtp.data.jsonl import iter_jsonl
-from weighted_mtp.storage.dataset_records import problem_id_of
+from weighted_mtp.storage.dataset_records import line_problem_id
 
 NO_LENGTH = -1
 
@@ -50,14 +48,32 @@ class ProblemEntry:
         return out
 
 
-def line_problem_id(record: dict[str, Any]) -> str:
-    """The problem a line belongs to: ``metadata.problem_id``, else from the task_id."""
+# What the metadata needs of one line: problem id, difficulty, is_correct, token length.
+LineFacts = tuple[str, "int | None", "bool | None", "int | None"]
+
+
+def line_facts(record: dict[str, Any]) -> LineFacts:
+    """The facts of one processed record that its metadata entry and the problem map hold."""
     meta = record.get("metadata") or {}
-    if meta.get("problem_id") is not None:
-        return str(meta["problem_id"])
-    if "is_correct" in record:
-        return problem_id_of(str(record["task_id"]))
-    return str(record["task_id"])
+    correct = bool(record["is_correct"]) if "is_correct" in record else None
+    return line_problem_id(record), meta.get("difficulty"), correct, meta.get("token_length")
+
+
+def line_entry(facts: LineFacts) -> dict[str, Any]:
+    """The per-line entry of ``<split>_metadata.json`` for a line with these facts."""
+    pid, difficulty, correct, _ = facts
+    line: dict[str, Any] = {}
+    if correct is not None:
+        line["is_correct"] = correct
+    if difficulty is not None:
+        line["difficulty"] = difficulty
+    line["problem_id"] = pid
+    return line
+
+
+def line_entry_text(facts: LineFacts) -> str:
+    """:func:`line_entry` as the JSON text the metadata file holds."""
+    return _dumps(line_entry(facts))
 
 
 @dataclass
@@ -74,34 +90,33 @@ class MetadataBuilder:
 
     def add(self, record: dict[str, Any]) -> dict[str, Any]:
         """Add line ``self.total``; return its per-line metadata entry."""
-        meta = record.get("metadata") or {}
-        pid, difficulty = line_problem_id(record), meta.get("difficulty")
-        length = meta.get("token_length")
+        facts = line_facts(record)
+        self.add_facts(facts)
+        return line_entry(facts)
+
+    def add_facts(self, facts: LineFacts) -> None:
+        """Add line ``self.total`` from its :func:`line_facts`."""
+        pid, difficulty, correct, length = facts
         self.all_lengths &= isinstance(length, int)
         length = length if isinstance(length, int) else NO_LENGTH
         entry = self.problems.setdefault(pid, ProblemEntry(difficulty))
-        line: dict[str, Any] = {}
-        if "is_correct" in record:
+        if correct is not None:
             self.has_is_correct = True
-            line["is_correct"] = bool(record["is_correct"])
             side = (
                 (entry.correct, entry.correct_lengths)
-                if record["is_correct"]
+                if correct
                 else (entry.incorrect, entry.incorrect_lengths)
             )
             side[0].append(self.total)
             side[1].append(length)
-            self.correct += bool(record["is_correct"])
-            self.incorrect += not record["is_correct"]
+            self.correct += correct
+            self.incorrect += not correct
         else:
             entry.other.append(self.total)
             entry.other_lengths.append(length)
         if difficulty is not None:
-            line["difficulty"] = difficulty
             self.difficulty_dist[str(difficulty)] = self.difficulty_dist.get(str(difficulty), 0) + 1
-        line["problem_id"] = pid
         self.total += 1
-        return line
 
     def stats(self) -> dict[str, Any]:
         valid = [p for p in self.problems.values() if p.correct and p.incorrect]
@@ -121,6 +136,52 @@ class MetadataBuilder:
         }
 
 
+class MetadataWriter:
+    """Writes ``<split>_metadata.json`` and its ``_problems.json`` sidecar line by line.
+
+    The per-line list streams to disk as lines are added; the problem map, the stats and
+    ``header`` (source file, its sha256, token-length provenance) are written by
+    :meth:`finish`, once the JSONL is complete. Used by the metadata step, which reads the
+    processed JSONL, and by the process step, which feeds the lines as it writes them
+    (docs/DATA.md §6); both give the same bytes.
+    """
+
+    def __init__(self, metadata_out: Path, problems_out: Path):
+        self.problems_out = problems_out
+        self.builder = MetadataBuilder()
+        self.handle = open(metadata_out, "w", encoding="utf-8")  # noqa: SIM115 - closed in finish()
+        self.handle.write('{"metadata": [')
+
+    def add(self, record: dict[str, Any]) -> None:
+        facts = line_facts(record)
+        self.add_lines([facts], [line_entry_text(facts)])
+
+    def add_lines(self, facts: list[LineFacts], texts: list[str]) -> None:
+        """Add lines by their facts and their entries' JSON texts (:func:`line_entry_text`)."""
+        if not facts:
+            return
+        first = self.builder.total == 0
+        for one in facts:
+            self.builder.add_facts(one)
+        self.handle.write(("\n" if first else ",\n") + ",\n".join(texts))
+
+    def finish(self, header: dict[str, Any]) -> dict[str, Any]:
+        """Write the problem map, the stats and ``header`` into both files; return the stats."""
+        builder, meta = self.builder, self.handle
+        meta.write("\n],\n")
+        stats = builder.stats()
+        tail = {**header, "token_lengths_computed": builder.all_lengths and builder.total > 0}
+        with open(self.problems_out, "w", encoding="utf-8") as side:
+            side.write("{")
+            _write_tail(meta, builder, stats, tail)
+            _write_tail(side, builder, stats, tail)
+        meta.close()
+        return stats
+
+    def close(self) -> None:
+        self.handle.close()
+
+
 def build_metadata(
     jsonl: Path, metadata_out: Path, problems_out: Path, header: dict[str, Any]
 ) -> dict[str, Any]:
@@ -128,19 +189,23 @@ def build_metadata(
 
     ``header`` (source file, sha256, token-length provenance, ...) goes into both files.
     """
-    builder = MetadataBuilder()
-    with open(metadata_out, "w", encoding="utf-8") as meta:
-        meta.write('{"metadata": [')
-        for number, record in enumerate(iter_jsonl(jsonl)):
-            meta.write(("\n" if number == 0 else ",\n") + _dumps(builder.add(record)))
-        meta.write("\n],\n")
-        stats = builder.stats()
-        tail = {**header, "token_lengths_computed": builder.all_lengths and builder.total > 0}
-        with open(problems_out, "w", encoding="utf-8") as side:
-            side.write("{")
-            _write_tail(meta, builder, stats, tail)
-            _write_tail(side, builder, stats, tail)
-    return stats
+    writer = MetadataWriter(metadata_out, problems_out)
+    try:
+        for record in iter_jsonl(jsonl):
+            writer.add(record)
+        return writer.finish(header)
+    finally:
+        writer.close()
+
+
+def summary_line(split: str, stats: dict[str, Any]) -> str:
+    """What the metadata step says of one split it built."""
+    pairs = (
+        f", {stats['n_valid_problems']} with pairs, {stats['total_possible_pairs']} pairs"
+        if stats["has_is_correct"]
+        else ""
+    )
+    return f"{split} {stats['total']} lines, {stats['n_problems']} problems{pairs}"
 
 
 def _write_tail(
@@ -236,6 +301,8 @@ def split_summary(jsonl: Path, max_length: int) -> dict[str, Any]:
         "token_length": _describe(tokens) if has_lengths else None,
     }
     if has_lengths:
+        import numpy as np
+
         summary["token_length"]["over_max_length"] = int(
             np.count_nonzero(np.frombuffer(tokens, np.int32) > max_length)
         )
@@ -245,6 +312,8 @@ def split_summary(jsonl: Path, max_length: int) -> dict[str, Any]:
 def _describe(values: array) -> dict[str, float] | None:
     if not values:
         return None
+    import numpy as np  # here, so the tokenising workers that use this module start without it
+
     data = np.frombuffer(values, dtype=np.int32 if values.typecode == "i" else np.uint32)
     return {
         "mean": round(float(data.mean()), 2),

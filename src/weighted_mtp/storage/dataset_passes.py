@@ -21,6 +21,7 @@ from weighted_mtp.data.jsonl import JsonlWriter
 from weighted_mtp.models.tokenizer import Tokenizer
 from weighted_mtp.storage import dataset_workers
 from weighted_mtp.storage.dataset_build import Build, Staging
+from weighted_mtp.storage.dataset_metadata import MetadataWriter, summary_line
 from weighted_mtp.storage.dataset_records import (
     METADATA_FIELDS,
     REQUIRED_FIELDS,
@@ -36,7 +37,7 @@ from weighted_mtp.storage.dataset_records import (
     parse_codecontests,
 )
 from weighted_mtp.storage.dataset_sources import SOURCES, SourceRecord, count_problems, iter_records
-from weighted_mtp.storage.dataset_workers import Encoded, RecordEncoder
+from weighted_mtp.storage.dataset_workers import EncodedChunk, RecordEncoder
 
 EVAL_SPLITS = ("valid", "test")
 SOURCE_STEPS = ("process", "eval", "tests")
@@ -79,19 +80,23 @@ def convert(
 class ProcessSink:
     """``<split>.jsonl`` + index: Python solutions, templated token lengths, length filter.
 
-    Records are counted and serialised by the :class:`RecordEncoder` (worker processes) in
-    chunks of whole problems; the lines come back in order and are filtered and written here.
+    Records go to the :class:`RecordEncoder` (worker processes) in chunks of whole problems;
+    each chunk comes back as its kept lines, in order, and is written here. With a
+    :class:`MetadataWriter`, the split's metadata files are written in the same pass, from
+    the same lines (docs/DATA.md §6).
     """
 
     def __init__(
         self,
         writer: JsonlWriter,
         encoder: RecordEncoder,
-        max_length: int | None,
         include_python2: bool,
+        metadata: MetadataWriter | None = None,
+        metadata_header: dict[str, Any] | None = None,
     ):
-        self.writer, self.encoder = writer, encoder
-        self.max_length, self.include_python2 = max_length, include_python2
+        self.writer, self.encoder, self.include_python2 = writer, encoder, include_python2
+        self.metadata, self.metadata_header = metadata, metadata_header or {}
+        self.metadata_stats: dict[str, Any] | None = None
         self.counts: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
         self.chunk: list[list[dict[str, Any]]] = []
@@ -116,27 +121,26 @@ class ProcessSink:
     def _submit(self, last: bool) -> None:
         if not self.chunk:
             return
-        flags = [[r.get("is_correct") for r in group] for group in self.chunk]
         chunk, self.chunk, self.chunk_records = self.chunk, [], 0
-        self.encoder.submit(chunk, lambda encoded: self._write(encoded, flags), last)
+        self.encoder.submit(chunk, self._write, last)
 
-    def _write(self, encoded: Encoded, flags: list[list[bool | None]]) -> None:
-        for lines, correct in zip(encoded, flags, strict=True):
-            kept = 0
-            for (length, line), is_correct in zip(lines, correct, strict=True):
-                if self.max_length is not None and length is not None and length > self.max_length:
-                    self.counts["over_max_length"] += 1
-                    continue
-                self.writer.write_line(line)
-                kept += 1
-                if is_correct is not None:
-                    self.counts["correct" if is_correct else "incorrect"] += 1
-            self.counts["problems"] += kept > 0
+    def _write(self, encoded: EncodedChunk) -> None:
+        self.writer.write_lines(encoded.lines, encoded.sizes)
+        self.counts.update(encoded.counts)
+        if self.metadata is not None:
+            self.metadata.add_lines(encoded.facts, encoded.entries)
 
     def finish(self) -> dict[str, Any]:
         self._submit(last=True)
         self.encoder.flush()
         self.writer.close()
+        if self.metadata is not None:
+            header = {
+                "source_file": self.metadata_header["source_file"],
+                "source_sha256": self.writer.sha256,
+                "token_lengths": self.metadata_header["token_lengths"],
+            }
+            self.metadata_stats = self.metadata.finish(header)
         return {
             "records": len(self.writer),
             "bytes": self.writer.size,
@@ -147,6 +151,11 @@ class ProcessSink:
             },
             "dropped_languages": dict(sorted(self.dropped.items())),
         }
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.metadata is not None:
+            self.metadata.close()
 
 
 class EvalSink:
@@ -199,7 +208,7 @@ class TestsSink:
 
 
 def _close(sink: Any) -> None:
-    if isinstance(sink, TestsSink):
+    if isinstance(sink, (TestsSink, ProcessSink)):
         sink.close()
     else:
         sink.writer.close()
@@ -210,8 +219,13 @@ class SourcePass:
 
     def __init__(self, build: Build):
         self.build = build
+        self.metadata_header: dict[str, Any] | None = None
+        self.metadata_stats: dict[str, dict[str, Any]] = {}
 
-    def run(self, steps: list[str]) -> None:
+    def run(self, steps: list[str], with_metadata: bool = False) -> None:
+        """Run the source steps among ``steps``; ``with_metadata``: when the process step
+        runs, its splits' metadata files are written in the same pass (the metadata step
+        then has nothing left to do for them)."""
         build = self.build
         if build.name != "codecontests":
             # Only worth saying when eval/tests were asked for on their own, not via "all".
@@ -236,6 +250,7 @@ class SourcePass:
         if not pending:
             return
         token_info = self._tokenizer(tokenizer_path) if "process" in pending else None
+        self.metadata_header = {"token_lengths": token_info} if with_metadata else None
         results = self._pass(pending, tokenizer_path)
         finished = dt.datetime.now().isoformat(timespec="seconds")
         for step in pending:
@@ -245,6 +260,14 @@ class SourcePass:
             build.record(step, value)
             for split, info in results[step].items():
                 build.say(step, f"{split} {_describe(step, info, build.options.max_length)}")
+        for split, stats in self.metadata_stats.items():
+            build.record("metadata", {"source_sha256": results["process"][split]["sha256"]}, split)
+            build.built_now.add(("metadata", split))
+            build.say("metadata", summary_line(split, stats))
+            if token_info and not token_info.get("computed"):
+                build.say(
+                    "metadata", f"{split}: token length lists are null ({token_info['reason']})"
+                )
 
     def _tokenizer_path(self) -> Path | None:
         if not self.build.options.token_lengths:
@@ -311,9 +334,19 @@ class SourcePass:
                 continue
             outputs = [staging.path(p) for p in self._outputs(step, split)]
             if step == "process":
-                max_length = build.options.max_length if build.name == "codecontests" else None
+                metadata = None
+                if self.metadata_header is not None:
+                    paths = build.paths
+                    metadata = MetadataWriter(
+                        staging.path(paths.split_metadata(split)),
+                        staging.path(paths.split_problems(split)),
+                    )
+                header = {
+                    "source_file": build.paths.split(split).name,
+                    **(self.metadata_header or {}),
+                }
                 sinks[step] = ProcessSink(
-                    JsonlWriter(*outputs), encoder, max_length, build.options.include_python2
+                    JsonlWriter(*outputs), encoder, build.options.include_python2, metadata, header
                 )
             elif step == "eval":
                 sinks[step] = EvalSink(JsonlWriter(*outputs))
@@ -324,7 +357,10 @@ class SourcePass:
     def _pass(self, steps: list[str], tokenizer_path: Path | None) -> dict[str, dict[str, Any]]:
         results: dict[str, dict[str, Any]] = {step: {} for step in steps}
         workers = self.build.options.workers or dataset_workers.default_workers()
-        encoder = RecordEncoder(str(tokenizer_path) if tokenizer_path else None, workers)
+        max_length = self.build.options.max_length if self.build.name == "codecontests" else None
+        encoder = RecordEncoder(
+            str(tokenizer_path) if tokenizer_path else None, workers, max_length
+        )
         with Staging() as staging:
             for split in self.build.splits:
                 sinks = self._sinks(split, steps, staging, encoder)
@@ -334,13 +370,19 @@ class SourcePass:
                     bad = self._read(split, sinks)
                     for step, sink in sinks.items():
                         results[step][split] = {**sink.finish(), "bad_records": bad}
+                        if isinstance(sink, ProcessSink) and sink.metadata_stats is not None:
+                            self.metadata_stats[split] = sink.metadata_stats
                 except BaseException:
                     encoder.close(ok=False)
                     for sink in sinks.values():
                         _close(sink)
                     raise
             if encoder.started_pool:
-                self.build.say("process", f"token lengths measured by {workers} worker processes")
+                self.build.say(
+                    "process",
+                    f"token lengths measured by {workers} processes "
+                    f"(this one and {workers - 1} spawned)",
+                )
             encoder.close()
             if "process" in steps:
                 schema = staging.path(self.build.paths.schema)

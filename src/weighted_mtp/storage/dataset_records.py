@@ -64,6 +64,16 @@ def problem_id_of(task_id: str) -> str:
     return TASK_SUFFIX.sub("", task_id)
 
 
+def line_problem_id(record: dict[str, Any]) -> str:
+    """The problem a processed line belongs to: ``metadata.problem_id``, else from the task_id."""
+    meta = record.get("metadata") or {}
+    if meta.get("problem_id") is not None:
+        return str(meta["problem_id"])
+    if "is_correct" in record:
+        return problem_id_of(str(record["task_id"]))
+    return str(record["task_id"])
+
+
 def _get(
     raw: dict[str, Any],
     key: str,

@@ -1,38 +1,53 @@
-"""Token lengths and JSON lines of processed records, in parallel worker processes.
+"""The per-record work of the process step, in parallel processes.
 
 Measuring every record's templated token length is most of the process step's time, so the
 records of a split go out in chunks of about :data:`CHUNK_RECORDS` (whole problems: a
-problem's records never straddle two chunks) to ``workers`` processes, each of which loads
-the tokenizer once and returns, per record, its token length and its finished JSON line. The
-results are taken back in submission order, so the output bytes are the same for any number
-of workers, and at most :data:`IN_FLIGHT_PER_WORKER` chunks per worker are out at once, so
-memory stays flat however large the source (docs/DATA.md §6).
+problem's records never straddle two chunks) to ``workers`` processes: ``workers - 1``
+spawned ones and this one, which encodes a chunk itself whenever the others have enough to
+do. Each loads the tokenizer once and does everything a record needs on its own: its token length, the length
+filter, its finished JSON line and its metadata entry. A chunk comes back as one block of
+kept lines with their sizes, counts and metadata facts, so the main process only writes
+(docs/DATA.md §6). The results are taken back in submission order, so the output bytes are
+the same for any number of workers, and at most :data:`IN_FLIGHT_PER_WORKER` chunks per
+worker are out at once, so memory stays flat however large the source.
 
 With one worker, or while a split still fits in a single chunk, the same function runs in
 this process: the worker pool starts only when the first full chunk is ready, so small
 sources never pay for it. Workers are started with ``spawn`` (never ``fork`` from a process
 whose reader threads may hold locks) and import only this module, SentencePiece and the
-JSON-lines writer, not torch.
+JSON-lines and record helpers, not torch or numpy.
 """
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import sentencepiece as spm
 
 from weighted_mtp.data.alpaca import format_text
 from weighted_mtp.data.jsonl import encode_line
+from weighted_mtp.storage.dataset_metadata import LineFacts, line_entry_text, line_facts
 
 CHUNK_RECORDS = 256
 IN_FLIGHT_PER_WORKER = 2
 
-# One chunk's result: per problem, per record, (token length or None, the JSON line).
-Encoded = list[list[tuple[int | None, bytes]]]
+
+@dataclass
+class EncodedChunk:
+    """One chunk's kept lines, in order, and what the counts and the metadata need of them."""
+
+    lines: bytes = b""
+    sizes: list[int] = field(default_factory=list)  # byte size of each kept line
+    facts: list[LineFacts] = field(default_factory=list)  # per kept line, for the metadata
+    entries: list[str] = field(default_factory=list)  # per kept line, its metadata entry (JSON)
+    # problems (with a kept line), correct, incorrect, over_max_length
+    counts: Counter[str] = field(default_factory=Counter)
 
 
 def default_workers() -> int:
@@ -44,17 +59,17 @@ def default_workers() -> int:
 
 
 class ChunkEncoder:
-    """Token-counts and serialises chunks of records with one SentencePiece model (or none)."""
+    """Token-counts, filters and serialises chunks of records with one SentencePiece model."""
 
     def __init__(self, tokenizer_path: str | None):
         self.sp = spm.SentencePieceProcessor(model_file=tokenizer_path) if tokenizer_path else None
 
-    def __call__(self, chunk: list[list[dict[str, Any]]]) -> Encoded:
-        """Set ``metadata.token_length`` on every record and return it with its JSON line.
+    def __call__(self, chunk: list[list[dict[str, Any]]], max_length: int | None) -> EncodedChunk:
+        """Set ``metadata.token_length`` on every record; keep those within ``max_length``.
 
         The length is the training length: BOS + the templated prompt and response + the
-        appended EOS (docs/METHOD.md §7); ``None`` without a tokenizer. One thread per
-        worker: the workers are the parallelism.
+        appended EOS (docs/METHOD.md §7); ``None`` without a tokenizer, and then no record
+        is dropped. One thread per worker: the workers are the parallelism.
         """
         flat = [record for group in chunk for record in group]
         if self.sp is None:
@@ -62,16 +77,27 @@ class ChunkEncoder:
         else:
             ids = self.sp.encode([format_text(r) for r in flat], num_threads=1)
             lengths = [len(x) + 2 for x in ids]
-        out: Encoded = []
-        position = 0
+        out, lines, position = EncodedChunk(), [], 0
         for group in chunk:
-            lines = []
+            kept = 0
             for record in group:
                 length = lengths[position]
-                record["metadata"]["token_length"] = length
-                lines.append((length, encode_line(record)))
                 position += 1
-            out.append(lines)
+                if max_length is not None and length is not None and length > max_length:
+                    out.counts["over_max_length"] += 1
+                    continue
+                record["metadata"]["token_length"] = length
+                line = encode_line(record)
+                lines.append(line)
+                out.sizes.append(len(line))
+                facts = line_facts(record)
+                out.facts.append(facts)
+                out.entries.append(line_entry_text(facts))
+                kept += 1
+                if facts[2] is not None:
+                    out.counts["correct" if facts[2] else "incorrect"] += 1
+            out.counts["problems"] += kept > 0
+        out.lines = b"".join(lines)
         return out
 
 
@@ -81,60 +107,81 @@ _WORKER_ENCODER: ChunkEncoder | None = None
 def _start_worker(tokenizer_path: str | None) -> None:
     global _WORKER_ENCODER
     _WORKER_ENCODER = ChunkEncoder(tokenizer_path)
+    # Records hold no reference cycles: reference counting frees them, and the collector's
+    # passes over a chunk's many small objects would only cost time.
+    gc.disable()
 
 
-def _encode_in_worker(chunk: list[list[dict[str, Any]]]) -> Encoded:
+def _encode_in_worker(chunk: list[list[dict[str, Any]]], max_length: int | None) -> EncodedChunk:
     assert _WORKER_ENCODER is not None, "worker started without its tokenizer"
-    return _WORKER_ENCODER(chunk)
+    return _WORKER_ENCODER(chunk, max_length)
 
 
 class _Done:
-    """A result computed in this process, with the interface of ``AsyncResult.get``."""
+    """A chunk encoded in this process, with the interface of ``AsyncResult``."""
 
-    def __init__(self, value: Encoded):
+    def __init__(self, value: EncodedChunk):
         self.value = value
 
-    def get(self) -> Encoded:
+    def ready(self) -> bool:
+        return True
+
+    def get(self) -> EncodedChunk:
         return self.value
 
 
 class RecordEncoder:
-    """Ordered, bounded encoding of record chunks: in this process or in worker processes.
+    """Ordered, bounded encoding of record chunks by ``workers`` processes, this one included.
 
-    ``submit`` hands over one chunk and a callback; callbacks run in this process, in
-    submission order, when the chunk's result is taken back (at the latest in ``flush``).
+    With ``workers`` > 1, ``workers - 1`` processes are spawned, and this process, which
+    reads the source and writes the output, encodes a chunk itself whenever every spawned
+    worker already has :data:`IN_FLIGHT_PER_WORKER` chunks to do: N processes on N cores,
+    none idle and none oversubscribed. Records longer than ``max_length`` tokens are dropped
+    (and counted); ``None`` keeps all. ``submit`` hands over one chunk and a callback;
+    callbacks run in this process, in submission order, when the chunk's result is taken back
+    (at the latest in ``flush``).
     """
 
-    def __init__(self, tokenizer_path: str | None, workers: int):
+    def __init__(self, tokenizer_path: str | None, workers: int, max_length: int | None = None):
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
-        self.tokenizer_path, self.workers = tokenizer_path, workers
+        self.tokenizer_path, self.workers, self.max_length = tokenizer_path, workers, max_length
         self.local: ChunkEncoder | None = None
         self.pool: Any = None
-        self.pending: deque[tuple[Any, Callable[[Encoded], None]]] = deque()
+        self.pending: deque[tuple[Any, Callable[[EncodedChunk], None]]] = deque()
 
     @property
     def started_pool(self) -> bool:
         return self.pool is not None
 
+    def _encode_here(self, chunk: list[list[dict[str, Any]]]) -> EncodedChunk:
+        if self.local is None:
+            self.local = ChunkEncoder(self.tokenizer_path)
+        return self.local(chunk, self.max_length)
+
     def submit(
-        self, chunk: list[list[dict[str, Any]]], done: Callable[[Encoded], None], last: bool
+        self, chunk: list[list[dict[str, Any]]], done: Callable[[EncodedChunk], None], last: bool
     ) -> None:
         """Encode ``chunk``; ``last`` says no full chunk follows (a pool is not worth starting)."""
         if self.workers > 1 and (self.pool is not None or not last):
             if self.pool is None:
                 context = multiprocessing.get_context("spawn")
                 self.pool = context.Pool(
-                    self.workers, initializer=_start_worker, initargs=(self.tokenizer_path,)
+                    self.workers - 1, initializer=_start_worker, initargs=(self.tokenizer_path,)
                 )
-            self.pending.append((self.pool.apply_async(_encode_in_worker, (chunk,)), done))
+            busy = sum(not result.ready() for result, _ in self.pending)
+            if busy < IN_FLIGHT_PER_WORKER * (self.workers - 1):
+                result = self.pool.apply_async(_encode_in_worker, (chunk, self.max_length))
+            else:
+                result = _Done(self._encode_here(chunk))
+            self.pending.append((result, done))
+            while self.pending and self.pending[0][0].ready():
+                self._take_one()
             while len(self.pending) > IN_FLIGHT_PER_WORKER * self.workers:
                 self._take_one()
             return
-        if self.local is None:
-            self.local = ChunkEncoder(self.tokenizer_path)
         self.flush()  # earlier chunks first: the order of the output is the order of submission
-        done(self.local(chunk))
+        done(self._encode_here(chunk))
 
     def _take_one(self) -> None:
         result, done = self.pending.popleft()

@@ -24,6 +24,7 @@ from weighted_mtp.storage.dataset_metadata import (
     problem_lines,
     select_small,
     split_summary,
+    summary_line,
 )
 from weighted_mtp.storage.dataset_passes import SourcePass
 
@@ -60,7 +61,10 @@ def run(
     options = Options(include_python2, skip_bad_records, max_length, force, token_lengths, workers)
     for name in names:
         build = Build(layout, name, options, source)
-        SourcePass(build).run([s for s in ("process", "eval", "tests") if s in steps])
+        SourcePass(build).run(
+            [s for s in ("process", "eval", "tests") if s in steps],
+            with_metadata="metadata" in steps,
+        )
         for step, function in (
             ("metadata", metadata_step),
             ("small", small_step),
@@ -74,6 +78,8 @@ def metadata_step(build: Build) -> None:
     """``<split>_metadata.json`` + ``<split>_problems.json`` for every processed split."""
     paths, token_info = build.paths, build.manifest.get("process", {}).get("token_lengths")
     for split in build.splits:
+        if ("metadata", split) in build.built_now:
+            continue  # written by the process step's pass, from the same lines
         sha = build.split_sha(split)
         outputs = (paths.split_metadata(split), paths.split_problems(split))
         if _fresh(build, "metadata", split, sha, outputs):
@@ -88,16 +94,9 @@ def metadata_step(build: Build) -> None:
             stats = build_metadata(paths.split(split), *map(staging.path, outputs), header)
             staging.commit()
         build.record("metadata", {"source_sha256": sha}, split)
+        build.say("metadata", summary_line(split, stats))
         if token_info and not token_info.get("computed"):
             build.say("metadata", f"{split}: token length lists are null ({token_info['reason']})")
-        pairs = (
-            f", {stats['n_valid_problems']} with pairs, {stats['total_possible_pairs']} pairs"
-            if stats["has_is_correct"]
-            else ""
-        )
-        build.say(
-            "metadata", f"{split} {stats['total']} lines, {stats['n_problems']} problems{pairs}"
-        )
 
 
 def _fresh(build: Build, step: str, split: str, sha: str, outputs: tuple[Path, ...]) -> bool:
