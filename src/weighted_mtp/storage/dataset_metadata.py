@@ -198,6 +198,12 @@ def build_metadata(
         writer.close()
 
 
+def split_header(source_file: str, sha256: str, token_lengths: Any) -> dict[str, Any]:
+    """The provenance both metadata files of a split carry: the JSONL's name and sha256, and
+    what the manifest says of its token lengths."""
+    return {"source_file": source_file, "source_sha256": sha256, "token_lengths": token_lengths}
+
+
 def summary_line(split: str, stats: dict[str, Any]) -> str:
     """What the metadata step says of one split it built."""
     pairs = (

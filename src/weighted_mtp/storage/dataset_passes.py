@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from weighted_mtp.data.jsonl import JsonlWriter
 from weighted_mtp.models.tokenizer import Tokenizer
 from weighted_mtp.storage import dataset_workers
 from weighted_mtp.storage.dataset_build import Build, Staging
-from weighted_mtp.storage.dataset_metadata import MetadataWriter, summary_line
+from weighted_mtp.storage.dataset_metadata import MetadataWriter, split_header, summary_line
 from weighted_mtp.storage.dataset_records import (
     METADATA_FIELDS,
     REQUIRED_FIELDS,
@@ -92,10 +93,11 @@ class ProcessSink:
         encoder: RecordEncoder,
         include_python2: bool,
         metadata: MetadataWriter | None = None,
-        metadata_header: dict[str, Any] | None = None,
+        metadata_header: Callable[[str], dict[str, Any]] | None = None,
     ):
+        """``metadata_header`` makes the metadata files' header from the JSONL's sha256."""
         self.writer, self.encoder, self.include_python2 = writer, encoder, include_python2
-        self.metadata, self.metadata_header = metadata, metadata_header or {}
+        self.metadata, self.metadata_header = metadata, metadata_header
         self.metadata_stats: dict[str, Any] | None = None
         self.counts: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
@@ -134,13 +136,8 @@ class ProcessSink:
         self._submit(last=True)
         self.encoder.flush()
         self.writer.close()
-        if self.metadata is not None:
-            header = {
-                "source_file": self.metadata_header["source_file"],
-                "source_sha256": self.writer.sha256,
-                "token_lengths": self.metadata_header["token_lengths"],
-            }
-            self.metadata_stats = self.metadata.finish(header)
+        if self.metadata is not None and self.metadata_header is not None:
+            self.metadata_stats = self.metadata.finish(self.metadata_header(self.writer.sha256))
         return {
             "records": len(self.writer),
             "bytes": self.writer.size,
@@ -219,7 +216,7 @@ class SourcePass:
 
     def __init__(self, build: Build):
         self.build = build
-        self.metadata_header: dict[str, Any] | None = None
+        self.with_metadata, self.token_info = False, None
         self.metadata_stats: dict[str, dict[str, Any]] = {}
 
     def run(self, steps: list[str], with_metadata: bool = False) -> None:
@@ -250,7 +247,7 @@ class SourcePass:
         if not pending:
             return
         token_info = self._tokenizer(tokenizer_path) if "process" in pending else None
-        self.metadata_header = {"token_lengths": token_info} if with_metadata else None
+        self.with_metadata, self.token_info = with_metadata, token_info
         results = self._pass(pending, tokenizer_path)
         finished = dt.datetime.now().isoformat(timespec="seconds")
         for step in pending:
@@ -334,17 +331,16 @@ class SourcePass:
                 continue
             outputs = [staging.path(p) for p in self._outputs(step, split)]
             if step == "process":
-                metadata = None
-                if self.metadata_header is not None:
-                    paths = build.paths
+                paths, metadata = build.paths, None
+                if self.with_metadata:
                     metadata = MetadataWriter(
                         staging.path(paths.split_metadata(split)),
                         staging.path(paths.split_problems(split)),
                     )
-                header = {
-                    "source_file": build.paths.split(split).name,
-                    **(self.metadata_header or {}),
-                }
+
+                def header(sha: str, name: str = paths.split(split).name) -> dict[str, Any]:
+                    return split_header(name, sha, self.token_info)
+
                 sinks[step] = ProcessSink(
                     JsonlWriter(*outputs), encoder, build.options.include_python2, metadata, header
                 )

@@ -23,6 +23,7 @@ from weighted_mtp.storage.dataset_metadata import (
     build_metadata,
     problem_lines,
     select_small,
+    split_header,
     split_summary,
     summary_line,
 )
@@ -85,11 +86,7 @@ def metadata_step(build: Build) -> None:
         if _fresh(build, "metadata", split, sha, outputs):
             build.say("metadata", f"{split} up to date")
             continue
-        header = {
-            "source_file": paths.split(split).name,
-            "source_sha256": sha,
-            "token_lengths": token_info,
-        }
+        header = split_header(paths.split(split).name, sha, token_info)
         with Staging() as staging:
             stats = build_metadata(paths.split(split), *map(staging.path, outputs), header)
             staging.commit()
