@@ -6,6 +6,8 @@ import copy
 import importlib.resources
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -338,3 +340,50 @@ def test_record_encoder_shares_the_work_with_this_process_and_keeps_the_order(
     kept = b"".join(lines for _, lines in one).count(b"\n")
     assert 0 < kept < 40 * 5, "the length cap should drop some records and keep others"
     assert used_here, "this process never took a chunk while the worker was busy"
+
+
+KILLED_WORKER_SCRIPT = """
+import multiprocessing, os, signal, sys
+from weighted_mtp.base.io import StorageError
+from weighted_mtp.storage import dataset_workers
+
+def chunk(n):
+    record = {"instruction": "print the sum " * 50, "input": "", "output": "print(1)",
+              "task_id": f"t{n}", "metadata": {"problem_id": f"p{n}"}}
+    return [[dict(record, metadata=dict(record["metadata"])) for _ in range(20)]]
+
+if __name__ == "__main__":
+    encoder = dataset_workers.RecordEncoder(sys.argv[1], 2)
+    out = []
+    encoder.submit(chunk(0), out.append, last=False)  # starts the worker
+    encoder.flush()
+    (worker,) = multiprocessing.active_children()
+    os.kill(worker.pid, signal.SIGSTOP)  # it cannot take the next chunk...
+    encoder.submit(chunk(1), out.append, last=False)
+    os.kill(worker.pid, signal.SIGKILL)  # ...and dies holding it
+    try:
+        encoder.flush()
+        print("no error")
+    except StorageError as err:
+        print("error:", err)
+    encoder.close(ok=False)
+    print("closed", len(out), encoder.results is None)
+"""
+
+
+def test_a_killed_worker_fails_the_step_with_one_line_instead_of_hanging(tmp_path, small_tokenizer):
+    """A worker killed while it holds a chunk (the out-of-memory killer, a cluster's limits):
+    the main process says so in one line, stops the rest, and exits; with a plain process
+    pool it waited for that chunk for ever."""
+    script = tmp_path / "killed_worker.py"
+    script.write_text(KILLED_WORKER_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script), str(small_tokenizer)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("error: a tokenising worker process died"), result.stdout
+    assert lines[1] == "closed 1 True"

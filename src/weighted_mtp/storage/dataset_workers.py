@@ -4,16 +4,17 @@ Measuring every record's templated token length is most of the process step's ti
 records of a split go out in chunks of about :data:`CHUNK_RECORDS` (whole problems: a
 problem's records never straddle two chunks) to ``workers`` processes: ``workers - 1``
 spawned ones and this one, which encodes a chunk itself whenever the others have enough to
-do. Each loads the tokenizer once and does everything a record needs on its own: its token length, the length
-filter, its finished JSON line and its metadata entry. A chunk comes back as one block of
-kept lines with their sizes, counts and metadata facts, so the main process only writes
-(docs/DATA.md §6). The results are taken back in submission order, so the output bytes are
-the same for any number of workers, and at most :data:`IN_FLIGHT_PER_WORKER` chunks per
-worker are out at once, so memory stays flat however large the source.
+do. Each loads the tokenizer once and does everything a record needs on its own: its token
+length, the length filter, its finished JSON line and its metadata entry. A chunk comes back
+as one block of kept lines with their sizes, counts and metadata facts, so the main process
+only writes (docs/DATA.md §6). The results are taken back in submission order, so the output
+bytes are the same for any number of workers, and at most :data:`IN_FLIGHT_PER_WORKER` chunks
+per worker are out at once, so memory stays flat however large the source.
 
 With one worker, or while a split still fits in a single chunk, the same function runs in
 this process: the worker pool starts only when the first full chunk is ready, so small
-sources never pay for it. Workers are started with ``spawn`` (never ``fork`` from a process
+sources never pay for it. A worker that dies fails the step with a one-line error (see
+:func:`_encode_in_worker`). Workers are started with ``spawn`` (never ``fork`` from a process
 whose reader threads may hold locks) and import only this module, SentencePiece and the
 JSON-lines and record helpers, not torch or numpy.
 """
@@ -23,13 +24,19 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import pickle
+import tempfile
 from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import sentencepiece as spm
 
+from weighted_mtp.base.io import StorageError
 from weighted_mtp.data.alpaca import format_text
 from weighted_mtp.data.jsonl import encode_line
 from weighted_mtp.storage.dataset_metadata import LineFacts, line_entry_text, line_facts
@@ -102,31 +109,50 @@ class ChunkEncoder:
 
 
 _WORKER_ENCODER: ChunkEncoder | None = None
+_WORKER_OUT: Path | None = None
 
 
-def _start_worker(tokenizer_path: str | None) -> None:
-    global _WORKER_ENCODER
-    _WORKER_ENCODER = ChunkEncoder(tokenizer_path)
+def _start_worker(tokenizer_path: str | None, out_dir: str) -> None:
+    global _WORKER_ENCODER, _WORKER_OUT
+    _WORKER_ENCODER, _WORKER_OUT = ChunkEncoder(tokenizer_path), Path(out_dir)
     # Records hold no reference cycles: reference counting frees them, and the collector's
     # passes over a chunk's many small objects would only cost time.
     gc.disable()
 
 
-def _encode_in_worker(chunk: list[list[dict[str, Any]]], max_length: int | None) -> EncodedChunk:
-    assert _WORKER_ENCODER is not None, "worker started without its tokenizer"
-    return _WORKER_ENCODER(chunk, max_length)
+def _encode_in_worker(chunk: list[list[dict[str, Any]]], max_length: int | None, name: str) -> str:
+    """Encode ``chunk`` into a file of the encoder's folder; return the file's path.
+
+    The result travels as a file and only its path goes through the executor's pipe: a
+    message that small is written to a pipe in one piece, so a worker killed at any moment
+    never leaves half a message that the executor would wait on for ever; it is seen as a
+    dead worker instead (docs/DATA.md §6).
+    """
+    assert _WORKER_ENCODER is not None and _WORKER_OUT is not None, "worker not started"
+    encoded = _WORKER_ENCODER(chunk, max_length)
+    path = _WORKER_OUT / name
+    with open(path, "wb") as handle:
+        pickle.dump(encoded, handle, protocol=pickle.HIGHEST_PROTOCOL)
+    return str(path)
+
+
+def _read_result(path: str) -> EncodedChunk:
+    with open(path, "rb") as handle:
+        encoded = pickle.load(handle)
+    os.unlink(path)
+    return encoded
 
 
 class _Done:
-    """A chunk encoded in this process, with the interface of ``AsyncResult``."""
+    """A chunk encoded in this process, with the interface of a ``Future``."""
 
     def __init__(self, value: EncodedChunk):
         self.value = value
 
-    def ready(self) -> bool:
+    def done(self) -> bool:
         return True
 
-    def get(self) -> EncodedChunk:
+    def result(self) -> EncodedChunk:
         return self.value
 
 
@@ -149,6 +175,8 @@ class RecordEncoder:
         self.local: ChunkEncoder | None = None
         self.pool: Any = None
         self.pending: deque[tuple[Any, Callable[[EncodedChunk], None]]] = deque()
+        self.results: tempfile.TemporaryDirectory[str] | None = None  # the workers' results
+        self.sent = 0
 
     @property
     def started_pool(self) -> bool:
@@ -165,17 +193,22 @@ class RecordEncoder:
         """Encode ``chunk``; ``last`` says no full chunk follows (a pool is not worth starting)."""
         if self.workers > 1 and (self.pool is not None or not last):
             if self.pool is None:
-                context = multiprocessing.get_context("spawn")
-                self.pool = context.Pool(
-                    self.workers - 1, initializer=_start_worker, initargs=(self.tokenizer_path,)
+                self.results = tempfile.TemporaryDirectory(prefix="wmtp-chunks-")
+                self.pool = ProcessPoolExecutor(
+                    self.workers - 1,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_start_worker,
+                    initargs=(self.tokenizer_path, self.results.name),
                 )
-            busy = sum(not result.ready() for result, _ in self.pending)
+            busy = sum(not result.done() for result, _ in self.pending)
             if busy < IN_FLIGHT_PER_WORKER * (self.workers - 1):
-                result = self.pool.apply_async(_encode_in_worker, (chunk, self.max_length))
+                self.sent += 1
+                name = f"chunk-{self.sent}.pickle"
+                result = self.pool.submit(_encode_in_worker, chunk, self.max_length, name)
             else:
                 result = _Done(self._encode_here(chunk))
             self.pending.append((result, done))
-            while self.pending and self.pending[0][0].ready():
+            while self.pending and self.pending[0][0].done():
                 self._take_one()
             while len(self.pending) > IN_FLIGHT_PER_WORKER * self.workers:
                 self._take_one()
@@ -185,7 +218,15 @@ class RecordEncoder:
 
     def _take_one(self) -> None:
         result, done = self.pending.popleft()
-        done(result.get())
+        try:
+            value = result.result()
+        except BrokenProcessPool:
+            raise StorageError(
+                "a tokenising worker process died before returning its records (killed, or out "
+                "of memory?); nothing was written: run the step again, with fewer --workers if "
+                "memory is short"
+            ) from None
+        done(value if isinstance(value, EncodedChunk) else _read_result(value))
 
     def flush(self) -> None:
         """Take back every chunk still out, in order."""
@@ -193,14 +234,16 @@ class RecordEncoder:
             self._take_one()
 
     def close(self, ok: bool = True) -> None:
-        """Stop the workers: after the last result when ``ok``, at once after a failure."""
+        """Stop the workers: after the last result when ``ok``; after a failure, with the
+        chunks not yet started cancelled (a worker finishes the one it holds, then exits)."""
         if self.pool is None:
             return
         if ok:
             self.flush()
-            self.pool.close()
         else:
             self.pending.clear()
-            self.pool.terminate()
-        self.pool.join()
+        self.pool.shutdown(wait=True, cancel_futures=not ok)
         self.pool = None
+        if self.results is not None:
+            self.results.cleanup()
+            self.results = None
