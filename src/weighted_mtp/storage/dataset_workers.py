@@ -226,6 +226,10 @@ class RecordEncoder:
                 "of memory?); nothing was written: run the step again, with fewer --workers if "
                 "memory is short"
             ) from None
+        except OSError as err:  # the results folder: full, or not writable
+            raise StorageError(
+                f"a tokenising worker could not hand back its records: {err}"
+            ) from None
         done(value if isinstance(value, EncodedChunk) else _read_result(value))
 
     def flush(self) -> None:
