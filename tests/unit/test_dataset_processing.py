@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -387,3 +388,48 @@ def test_a_killed_worker_fails_the_step_with_one_line_instead_of_hanging(tmp_pat
     lines = result.stdout.splitlines()
     assert lines[0].startswith("error: a tokenising worker process died"), result.stdout
     assert lines[1] == "closed 1 True"
+
+
+ORPHAN_SCRIPT = """
+import multiprocessing, os, signal, sys
+from weighted_mtp.storage import dataset_workers
+
+if __name__ == "__main__":
+    encoder = dataset_workers.RecordEncoder(sys.argv[1], 2)
+    record = {"instruction": "x", "input": "", "output": "y", "task_id": "t",
+              "metadata": {"problem_id": "p"}}
+    encoder.submit([[record]], lambda e: None, last=False)
+    encoder.flush()
+    (worker,) = multiprocessing.active_children()
+    print(worker.pid, encoder.results.name, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\\nState:\\tZ" in status  # exited, not yet reaped by its new parent
+
+
+def test_workers_do_not_outlive_a_killed_main_process(tmp_path, small_tokenizer):
+    """The main process killed with SIGKILL: its worker exits too (it would otherwise wait on
+    its pipe for ever, holding its memory) and removes the temporary results folder."""
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script), str(small_tokenizer)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == -9, result.stderr[-2000:]
+    pid, folder = result.stdout.split()
+    for _ in range(100):
+        if _gone(int(pid)) and not Path(folder).exists():
+            break
+        time.sleep(0.1)
+    assert _gone(int(pid)), "the worker outlived the main process"
+    assert not Path(folder).exists()

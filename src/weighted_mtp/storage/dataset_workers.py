@@ -25,7 +25,9 @@ import gc
 import multiprocessing
 import os
 import pickle
+import shutil
 import tempfile
+import threading
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -118,6 +120,21 @@ def _start_worker(tokenizer_path: str | None, out_dir: str) -> None:
     # Records hold no reference cycles: reference counting frees them, and the collector's
     # passes over a chunk's many small objects would only cost time.
     gc.disable()
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_end_with, args=(parent, out_dir), daemon=True).start()
+
+
+def _end_with(parent: Any, out_dir: str) -> None:
+    """Exit when the main process ends, however it ends.
+
+    A worker waits for chunks on a pipe it also holds the writing end of, so it would never
+    see the main process go if that was killed (the out-of-memory killer, a scheduler's
+    ``kill -9``): it would idle for ever, holding its memory. The results folder goes with it.
+    """
+    parent.join()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os._exit(1)
 
 
 def _encode_in_worker(chunk: list[list[dict[str, Any]]], max_length: int | None, name: str) -> str:
