@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.resources
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -433,3 +434,30 @@ def test_workers_do_not_outlive_a_killed_main_process(tmp_path, small_tokenizer)
         time.sleep(0.1)
     assert _gone(int(pid)), "the worker outlived the main process"
     assert not Path(folder).exists()
+
+
+def test_a_run_removes_the_leftovers_of_killed_runs_of_this_host_only(
+    tmp_path, layout, cc_rows, capsys
+):
+    """A run killed outright leaves its staged files; the next run on the dataset removes those
+    of this host's dead processes, never a live process's or another host's (a shared
+    filesystem), even when every step is up to date."""
+    from weighted_mtp.storage.dataset_build import _HOST
+
+    source = write_cc_source(tmp_path / "src", cc_rows[:3])
+    run(layout, ["codecontests"], ["process", "metadata"], source=source)
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    processed = layout.dataset("codecontests").split("train").parent
+    dead = processed / f".train.jsonl.partial-{_HOST}-{finished.pid}"
+    dead_too = processed / f".train_metadata.json.partial-{_HOST}-{finished.pid}"
+    live = processed / f".train.jsonl.partial-{_HOST}-{os.getppid()}"
+    elsewhere = processed / f".train.jsonl.partial-another_host-{finished.pid}"
+    for path in (dead, dead_too, live, elsewhere):
+        path.write_bytes(b"half a file")
+    capsys.readouterr()
+    run(layout, ["codecontests"], ["process", "metadata"], source=source)
+    said = capsys.readouterr().out
+    assert "removed 2 partial files left by a killed run" in said and "up to date" in said
+    assert not dead.exists() and not dead_too.exists()
+    assert live.exists() and elsewhere.exists()

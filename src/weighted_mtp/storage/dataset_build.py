@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,14 +36,19 @@ class Options:
 
 
 class Staging:
-    """Temporary files beside their final paths, all moved into place by :meth:`commit`."""
+    """Temporary files beside their final paths, all moved into place by :meth:`commit`.
+
+    A staged file is ``.<name>.partial-<host>-<pid>``. A run killed outright (``kill -9``)
+    cannot remove its own; the next run on the dataset removes those of processes of this
+    host that no longer exist (:func:`remove_stale_partials`).
+    """
 
     def __init__(self) -> None:
         self.pairs: list[tuple[Path, Path]] = []
 
     def path(self, final: Path) -> Path:
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
+        tmp = final.with_name(f".{final.name}.partial-{_HOST}-{os.getpid()}")
         self.pairs.append((tmp, final))
         return tmp
 
@@ -57,6 +63,35 @@ class Staging:
     def __exit__(self, *exc: object) -> None:
         for tmp, _ in self.pairs:
             tmp.unlink(missing_ok=True)
+
+
+_HOST = socket.gethostname().replace("-", "_")
+
+
+def remove_stale_partials(folder: Path) -> int:
+    """Remove the staged files under ``folder`` left by killed runs; return how many.
+
+    Only files of this host's processes that no longer exist: a live process's, or another
+    host's on a shared filesystem, may belong to a run in progress and are left alone.
+    """
+    marker = f".partial-{_HOST}-"
+    removed = 0
+    for leftover in folder.rglob(f".*{marker}*") if folder.is_dir() else ():
+        pid = leftover.name.rpartition(marker)[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            leftover.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @dataclass

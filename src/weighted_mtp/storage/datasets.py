@@ -18,7 +18,13 @@ from weighted_mtp.base.io import StorageError, write_json_atomic
 from weighted_mtp.base.layout import DATASET_NAMES, SMALL_SIZES, StorageLayout
 from weighted_mtp.data.jsonl import JsonlFile, JsonlWriter
 from weighted_mtp.data.metadata import load_problem_index
-from weighted_mtp.storage.dataset_build import Build, Options, Staging, dataset_splits
+from weighted_mtp.storage.dataset_build import (
+    Build,
+    Options,
+    Staging,
+    dataset_splits,
+    remove_stale_partials,
+)
 from weighted_mtp.storage.dataset_metadata import (
     build_metadata,
     problem_lines,
@@ -62,6 +68,10 @@ def run(
     options = Options(include_python2, skip_bad_records, max_length, force, token_lengths, workers)
     for name in names:
         build = Build(layout, name, options, source)
+        folders = {build.paths.root, build.paths.small_split(build.splits[0]).parent}
+        removed = sum(remove_stale_partials(folder) for folder in folders)
+        if removed:
+            build.say("storage", f"removed {removed} partial files left by a killed run")
         SourcePass(build).run(
             [s for s in ("process", "eval", "tests") if s in steps],
             with_metadata="metadata" in steps,
