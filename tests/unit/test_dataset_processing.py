@@ -373,18 +373,21 @@ if __name__ == "__main__":
 """
 
 
+def run_script(tmp_path: Path, text: str, tokenizer: Path) -> subprocess.CompletedProcess:
+    """``text`` as a script of its own (spawned workers import the main module), given the
+    tokenizer's path; two minutes at most."""
+    script = tmp_path / "script.py"
+    script.write_text(text)
+    return subprocess.run(
+        [sys.executable, str(script), str(tokenizer)], capture_output=True, text=True, timeout=120
+    )
+
+
 def test_a_killed_worker_fails_the_step_with_one_line_instead_of_hanging(tmp_path, small_tokenizer):
     """A worker killed while it holds a chunk (the out-of-memory killer, a cluster's limits):
     the main process says so in one line, stops the rest, and exits; with a plain process
     pool it waited for that chunk for ever."""
-    script = tmp_path / "killed_worker.py"
-    script.write_text(KILLED_WORKER_SCRIPT)
-    result = subprocess.run(
-        [sys.executable, str(script), str(small_tokenizer)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_script(tmp_path, KILLED_WORKER_SCRIPT, small_tokenizer)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert lines[0].startswith("error: a tokenising worker process died"), result.stdout
@@ -418,14 +421,7 @@ def _gone(pid: int) -> bool:
 def test_workers_do_not_outlive_a_killed_main_process(tmp_path, small_tokenizer):
     """The main process killed with SIGKILL: its worker exits too (it would otherwise wait on
     its pipe for ever, holding its memory) and removes the temporary results folder."""
-    script = tmp_path / "orphan.py"
-    script.write_text(ORPHAN_SCRIPT)
-    result = subprocess.run(
-        [sys.executable, str(script), str(small_tokenizer)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_script(tmp_path, ORPHAN_SCRIPT, small_tokenizer)
     assert result.returncode == -9, result.stderr[-2000:]
     pid, folder = result.stdout.split()
     for _ in range(100):
