@@ -258,13 +258,8 @@ class SourcePass:
             for split, info in results[step].items():
                 build.say(step, f"{split} {_describe(step, info, build.options.max_length)}")
         for split, stats in self.metadata_stats.items():
-            build.record("metadata", {"source_sha256": results["process"][split]["sha256"]}, split)
+            record_metadata(build, split, results["process"][split]["sha256"], stats)
             build.built_now.add(("metadata", split))
-            build.say("metadata", summary_line(split, stats))
-            if token_info and not token_info.get("computed"):
-                build.say(
-                    "metadata", f"{split}: token length lists are null ({token_info['reason']})"
-                )
 
     def _tokenizer_path(self) -> Path | None:
         if not self.build.options.token_lengths:
@@ -410,6 +405,16 @@ class SourcePass:
                 "source", f"{split}: skipped {bad.count} bad records; first: {bad.examples[0]}"
             )
         return bad.summary()
+
+
+def record_metadata(build: Build, split: str, sha256: str, stats: dict[str, Any]) -> None:
+    """Enter a split's freshly written metadata files in the manifest (built from the JSONL
+    with this sha256) and say so: by the metadata step and by the process pass alike."""
+    build.record("metadata", {"source_sha256": sha256}, split)
+    build.say("metadata", summary_line(split, stats))
+    token_info = build.manifest.get("process", {}).get("token_lengths")
+    if token_info and not token_info.get("computed"):
+        build.say("metadata", f"{split}: token length lists are null ({token_info['reason']})")
 
 
 def _describe(step: str, info: dict[str, Any], max_length: int) -> str:

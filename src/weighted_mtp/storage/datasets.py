@@ -31,9 +31,8 @@ from weighted_mtp.storage.dataset_metadata import (
     select_small,
     split_header,
     split_summary,
-    summary_line,
 )
-from weighted_mtp.storage.dataset_passes import SourcePass
+from weighted_mtp.storage.dataset_passes import SourcePass, record_metadata
 
 __all__ = ["SMALL_SEED", "dataset_splits", "run"]
 
@@ -100,10 +99,7 @@ def metadata_step(build: Build) -> None:
         with Staging() as staging:
             stats = build_metadata(paths.split(split), *map(staging.path, outputs), header)
             staging.commit()
-        build.record("metadata", {"source_sha256": sha}, split)
-        build.say("metadata", summary_line(split, stats))
-        if token_info and not token_info.get("computed"):
-            build.say("metadata", f"{split}: token length lists are null ({token_info['reason']})")
+        record_metadata(build, split, sha, stats)
 
 
 def _fresh(build: Build, step: str, split: str, sha: str, outputs: tuple[Path, ...]) -> bool:
