@@ -99,6 +99,14 @@ class TrainConfig(Section):
     compile: bool = False
     """Run every transformer block through ``torch.compile`` (inductor), in place: parameter
     and checkpoint names do not change. The first steps pay the compilation."""
+    fsdp_param_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Under torchrun, the dtype FSDP2 gathers parameters in and computes with (gradients are
+    reduced and the optimizer runs in fp32): ``auto`` = bfloat16 on CUDA with ``autocast``,
+    the parameters' own dtype elsewhere. ``bfloat16`` on a CPU runs the mixed-precision path of
+    a GPU node (docs/SCALING.md)."""
+    dist_timeout_s: float = Field(default=1800.0, gt=0)
+    """Timeout of every collective under torchrun: a rank that waits longer for the others
+    fails with an error instead of hanging (docs/SCALING.md)."""
 
 
 class Rho1Config(Section):

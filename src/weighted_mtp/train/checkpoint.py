@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from weighted_mtp.base.io import StorageError, write_json_atomic
+from weighted_mtp.train import distributed
 
 if TYPE_CHECKING:
     from weighted_mtp.base.layout import StorageLayout
@@ -105,6 +106,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _rank_rng(saved: dict[str, Any]) -> dict[str, Any]:
+    """This rank's saved random state. Under another world size than the run saved with, rank
+    0's state, then a seed of its own on every other rank: the run goes on reproducibly, not
+    bit-identically (docs/SCALING.md)."""
+    info = distributed.env_info()
+    ranks = saved.get("rng_ranks") or [saved["rng"]]
+    if len(ranks) == info.world:
+        return ranks[info.rank]
+    if info.rank == 0:
+        print(f"resuming on {info.world} ranks a run saved on {len(ranks)}: random numbers "
+              "(dropout masks) continue differently from an uninterrupted run", flush=True)  # fmt: skip
+    if info.rank > 0:
+        seed = int(ranks[0]["torch"].long().sum()) + 1_000_003 * info.rank
+        generator = torch.Generator().manual_seed(seed)
+        return {**ranks[0], "torch": generator.get_state()}
+    return ranks[0]
+
+
 def save(
     run_dir: Path,
     name: str,
@@ -123,6 +142,7 @@ def save(
     optim_state = (
         get_optimizer_state_dict(model, optimizer, options=_state_options()) if optimizer else None
     )
+    rngs = distributed.gather_objects(rng_state())  # each rank draws its own dropout masks
     target = run_dir / name
     if not is_main:
         return target
@@ -145,7 +165,8 @@ def save(
             "extra": state.extra,
             "optimizer": optim_state,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": rng_state(),
+            "rng": rngs[0],
+            "rng_ranks": rngs,
         },
         tmp / "train_state.pt",
     )
@@ -216,7 +237,7 @@ def resume(
     )
     if scheduler is not None and saved["scheduler"] is not None:
         scheduler.load_state_dict(saved["scheduler"])
-    set_rng_state(saved["rng"])
+    set_rng_state(_rank_rng(saved))
     return TrainState(saved["step"], saved["epoch"], saved["batches_in_epoch"], saved["extra"])
 
 

@@ -125,18 +125,21 @@ class Trainer:
     def __init__(self, config: Config, layout: StorageLayout):
         self.config = config
         self.layout = layout
-        self.device = distributed.resolve_device(config.train.device)
-        self.info = distributed.init(self.device)
+        # The rank (and so this rank's CUDA device) is known before anything is loaded.
+        self.info, self.device = distributed.setup(config.train.device, config.train.dist_timeout_s)
         torch.manual_seed(config.train.seed)  # identical LoRA init on every rank
         self.recipe = recipes.build(config, layout, self.device)
         self.model = self.recipe.model
         if config.train.compile:  # after LoRA, before sharding: FSDP's hooks stay eager
             compile_blocks(self.model)
         if self.info.enabled:
-            param_dtype = (
-                torch.bfloat16 if self.device.type == "cuda" and config.train.autocast else None
+            param_dtype = distributed.fsdp_param_dtype(
+                config.train.fsdp_param_dtype, self.device, config.train.autocast
             )
             distributed.shard(self.model, param_dtype, torch.float32)
+            # From here each rank draws its own random numbers (LoRA dropout masks, value-head
+            # dropout); reproducible, and saved per rank in every checkpoint.
+            torch.manual_seed(rank_seed(config.train.seed, self.info.rank))
         self.run_dir = run_dir_for(config, layout, self.info)
         self.train_stream, self.val_batches = self._data()
         self.total_steps = total_steps(config, self.train_stream.batches_per_epoch())
@@ -161,16 +164,20 @@ class Trainer:
         rank, world, batch_size = self.info.rank, self.info.world, self.config.train.batch_size
         train = build_examples(split_files(self.layout, data, data.train_split), sampling, tok,
                                data.max_length, sampling.n_samples, rank, world)  # fmt: skip
-        if self.info.enabled:  # ranks may drop different numbers of too-long examples
-            # On the run's device: NCCL reduces CUDA tensors only.
-            count = torch.tensor([len(train.examples)], device=self.device)
-            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
-            train.examples = train.examples[: int(count)]
+        # Ranks may drop different numbers of too-long examples: every rank keeps as many as
+        # the rank with the fewest, so all ranks run the same number of batches (and
+        # collectives) in training and in validation (docs/SCALING.md).
+        train.examples = train.examples[: distributed.min_over_ranks(len(train), self.device)]
         streams = [BatchStream(train, batch_size, self.config.train.seed, tok.pad_id)]
         if sampling.val_n_samples:
             val = build_examples(split_files(self.layout, data, data.val_split), sampling, tok,
                                  data.max_length, sampling.val_n_samples, rank, world,
                                  allow_fewer=True)  # fmt: skip
+            kept = distributed.min_over_ranks(len(val), self.device)
+            if kept < len(val) and self.info.enabled:
+                print(f"rank {rank}: validates {kept} of its {len(val)} examples (the fewest "
+                      f"of any rank)", flush=True)  # fmt: skip
+            val.examples = val.examples[:kept]
             if len(val):
                 streams.append(BatchStream(val, batch_size, sampling.seed, tok.pad_id))
         self.val_stream = streams[1] if len(streams) > 1 else None
@@ -220,7 +227,7 @@ class Trainer:
             loss += float(part) / world
             stats = stats + part_stats
             tokens += batch_tokens(plan.batch)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
+        grad_norm = distributed.clip_grad_norm(  # the global norm, all ranks' shards
             [p for p in self.model.parameters() if p.requires_grad], self.config.optim.max_grad_norm
         )
         self.optimizer.step()
@@ -402,7 +409,7 @@ class Trainer:
         if self.val_batches and self.state.step % config.log.val_every != 0:
             self.after_validation(self.validate(), logger)
         final = self.save("final")
-        if self.recipe.on_finish is not None and info.is_main:
+        if self.recipe.on_finish is not None:  # every rank: it may run the sharded model
             self.recipe.on_finish(self.model, self.val_stream, self.run_dir, self.device)
         logger.close()
         if info.is_main:
@@ -430,10 +437,20 @@ class Trainer:
         return self.config.log.mlflow_tracking_uri or self.layout.mlflow_uri()
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s random numbers after the identical initialisation."""
+    return seed + 1_000_003 * (rank + 1)
+
+
 def train(config: Config, layout: StorageLayout) -> Path:
     """Run one training job to its final checkpoint; returns the checkpoint folder."""
     trainer = Trainer(config, layout)
     try:
         return trainer.fit()
+    except Exception as error:
+        if trainer.info.enabled:  # which rank failed, and where (a timed-out collective too)
+            error.add_note(f"rank {trainer.info.rank} of {trainer.info.world}, "
+                           f"optimizer step {trainer.state.step + 1} of {trainer.total_steps}")  # fmt: skip
+        raise
     finally:
         distributed.destroy()

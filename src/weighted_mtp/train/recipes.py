@@ -58,7 +58,8 @@ class Recipe:
     lora_config: Any | None
     param_groups: Callable[[nn.Module], list[dict]] | None = None
     on_finish: Callable[[nn.Module, BatchStream | None, Path, torch.device], None] | None = None
-    """Runs once on rank 0 after the final checkpoint (e.g. the critic's diagnostics)."""
+    """Runs once on every rank after the final checkpoint (e.g. the critic's diagnostics):
+    the model may be sharded, so rank 0 alone must not run it; rank 0 writes the results."""
     checkpoint_info: dict = field(default_factory=dict)
     """Extra entries of the checkpoint info (e.g. the value head's type and sizes)."""
 
@@ -170,11 +171,14 @@ def write_critic_diagnostics(
     model: nn.Module, val: BatchStream | None, run_dir: Path, device: torch.device
 ) -> None:
     """``critic_diagnostics.json``: is the critic more than a length detector?"""
+    from weighted_mtp.train import distributed
     from weighted_mtp.train.value_objectives import critic_diagnostics
 
     if val is None:
         return
     report = critic_diagnostics(model, val, device)
+    if not distributed.env_info().is_main:
+        return
     write_json_atomic(run_dir / "critic_diagnostics.json", report)
     print(
         f"critic: pair accuracy {report['pair_accuracy']:.3f}, length-only predictor "

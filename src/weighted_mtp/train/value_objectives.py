@@ -335,9 +335,27 @@ def critic_diagnostics(
 ) -> dict[str, Any]:
     """Pairwise accuracy overall, by length bucket and by difficulty, next to the accuracy
     of a length-only predictor ("the shorter solution is the correct one") on the same pairs.
-    A critic that does no better than that predictor has learnt length, not correctness."""
-    from weighted_mtp.data.sampling import length_bin_label
+    A critic that does no better than that predictor has learnt length, not correctness.
 
+    Under torchrun every rank must call it (the model may be sharded): each scores its own
+    validation pairs (every rank has as many, ``Trainer._data``) and the report covers all
+    ranks' pairs."""
+    from weighted_mtp.train import distributed
+
+    mine = critic_pair_rows(model, stream, device, batch_size)
+    rows, difficulty = [], {}
+    for part, levels in distributed.gather_objects((mine, stream.data.difficulty or {})):
+        rows.extend(part)
+        difficulty.update(levels)
+    return summarize_pair_rows(rows, difficulty)
+
+
+@torch.no_grad()
+def critic_pair_rows(
+    model: torch.nn.Module, stream: Any, device: torch.device, batch_size: int = 8
+) -> list[tuple[bool, float, int, int, str]]:
+    """Per validation pair of ``stream``: (correct side scored higher, the length-only
+    predictor's credit, correct length, incorrect length, problem id)."""
     was_training = model.training
     model.eval()
     rows: list[tuple[bool, float, int, int, str]] = []
@@ -363,6 +381,14 @@ def critic_diagnostics(
                 (bool(means[row] > means[p + row]), shorter, lengths[row], lengths[p + row], pid)
             )
     model.train(was_training)
+    return rows
+
+
+def summarize_pair_rows(
+    rows: list[tuple[bool, float, int, int, str]], difficulty: dict | None
+) -> dict[str, Any]:
+    """The diagnostics report of ``critic_diagnostics`` from its pair rows."""
+    from weighted_mtp.data.sampling import length_bin_label
 
     def accuracy(selected: list) -> dict[str, float]:
         return {
@@ -375,8 +401,8 @@ def critic_diagnostics(
     bins = [0, 100, 150, 200, 300, 500, 1000, 2000]
     for row in rows:
         by_length.setdefault(length_bin_label((row[2] + row[3]) // 2, bins), []).append(row)
-        difficulty = stream.data.difficulty.get(row[4]) if stream.data.difficulty else None
-        by_difficulty.setdefault(str(difficulty), []).append(row)
+        level = difficulty.get(row[4]) if difficulty else None
+        by_difficulty.setdefault(str(level), []).append(row)
     n = max(1, len(rows))
     return {
         "pairs": len(rows),
