@@ -1,8 +1,11 @@
 """Runs three optimizer steps on fixed batches, under torchrun (FSDP2) or in one process.
 
-Step s has two micro-batches: with 2 ranks, rank r takes micro-batch r; in one process both
-run as gradient accumulation. The loss of a step is normalised over both, so the two set-ups
-must follow the same curve. Writes ``losses.json`` and a ``final`` checkpoint under OUT.
+Step s has MICRO micro-batches (default 2): with W ranks, rank r takes its consecutive
+MICRO / W of them as gradient accumulation; in one process all run as gradient accumulation.
+The loss of a step is normalised over all, so the set-ups must follow the same curve (and the
+same global gradient norm). Writes ``losses.json`` and a ``final`` checkpoint under OUT, and
+``dropout_<rank>.json``: the first random numbers each rank draws after the Trainer is built
+(the LoRA-dropout stream), which must differ between ranks.
 
 Then three more steps each with the TD weighting (critic values given as batch extras) and
 with Rho-1 (reference CE given as batch extras): their statistics are summed over ranks, so
@@ -44,7 +47,7 @@ def fixed_batches(steps: int = 3, micro: int = 2, seed: int = 7) -> list[list[Ba
     return out
 
 
-def main(storage: str, out: str, config_path: str) -> None:
+def main(storage: str, out: str, config_path: str, micro_count: str = "2") -> None:
     # max_steps with many epochs: both set-ups then share one LR schedule (3 steps).
     config = load_config(
         config_path,
@@ -60,22 +63,26 @@ def main(storage: str, out: str, config_path: str) -> None:
     )
     trainer = Trainer(config, StorageLayout(Path(storage)))
     trainer.run_dir = Path(out) / f"world{trainer.info.world}"
+    trainer.run_dir.mkdir(parents=True, exist_ok=True)
+    rank, world, micro_count = trainer.info.rank, trainer.info.world, int(micro_count)
+    state = torch.get_rng_state()
+    (trainer.run_dir / f"dropout_{rank}.json").write_text(json.dumps(torch.rand(8).tolist()))
+    torch.set_rng_state(state)
+    share = micro_count // world
     # Small chunks: the ranks' micro-batches have different numbers of valid rows, so without
     # a common chunk count they would call the sharded norm/output a different number of times.
     trainer.recipe.objective.chunk_rows = 7
     losses, metrics = [], []
-    for step in fixed_batches():
-        micro = [step[trainer.info.rank]] if trainer.info.enabled else step
-        losses.append(trainer.step(micro)["loss"])
+    for step in fixed_batches(micro=micro_count):
+        losses.append(trainer.step(step[rank * share : (rank + 1) * share])["loss"])
         trainer.state.step += 1
     trainer.save("final")
     objective = trainer.recipe.objective
     for seed, weighting in ((8, CriticTD(CriticTDConfig())), (9, Rho1(Rho1Config(k_percent=0.6)))):
         objective.weighting = weighting
-        for step in fixed_batches(seed=seed):
-            micro = [step[trainer.info.rank]] if trainer.info.enabled else step
-            got = trainer.step(micro)
-            metrics.append({k: v for k, v in got.items() if k not in ("grad_norm",)})
+        for step in fixed_batches(micro=micro_count, seed=seed):
+            got = trainer.step(step[rank * share : (rank + 1) * share])
+            metrics.append({k: v for k, v in got.items() if k not in ("tokens_per_s",)})
             trainer.state.step += 1
     if trainer.info.is_main:
         (trainer.run_dir / "losses.json").write_text(json.dumps(losses))
@@ -89,4 +96,4 @@ def main(storage: str, out: str, config_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

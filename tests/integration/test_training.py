@@ -272,51 +272,6 @@ def test_bad_config_is_one_line(tiny_storage, tmp_path):
     assert result.stderr.strip() == f"wmtp: error: {bad}:3: unknown config key 'train.bacth_size'"
 
 
-@pytest.mark.distributed
-def test_fsdp2_two_processes_match_one(tiny_storage, tmp_path):
-    worker = REPO / "tests/integration/fsdp_worker.py"
-    config = str(REPO / "configs/local/baseline.yaml")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
-    single = subprocess.run(
-        [sys.executable, str(worker), str(tiny_storage), str(tmp_path), config],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    multi = subprocess.run(
-        [*torchrun, str(worker), str(tiny_storage), str(tmp_path), config],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert multi.returncode == 0, multi.stderr[-3000:]
-    one = json.loads((tmp_path / "world1/losses.json").read_text())
-    two = json.loads((tmp_path / "world2/losses.json").read_text())
-    assert len(one) == 3 and one == pytest.approx(two, abs=1e-5)
-    # Weighting statistics are summed over ranks: the logged metrics do not depend on them.
-    one = json.loads((tmp_path / "world1/metrics.json").read_text())
-    two = json.loads((tmp_path / "world2/metrics.json").read_text())
-    assert [sorted(m) for m in one] == [sorted(m) for m in two]
-    assert {"td/weight_mean", "td/weight_entropy_norm", "td/ema_std"} <= set(one[0])
-    assert "rho1/selected_fraction" in one[-1]
-    for a, b in zip(one, two, strict=True):
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
-    a = checkpoint.load_tensors(tmp_path / "world1/final")
-    b = checkpoint.load_tensors(tmp_path / "world2/final")
-    assert a.keys() == b.keys()
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    # the FSDP checkpoint loads into a plain single-process model
-    layout = StorageLayout(tiny_storage)
-    trainer = Trainer(config_for("baseline", "run_name=fsdp-load"), layout)
-    checkpoint.load_into(trainer.model, tmp_path / "world2/final")
-    loaded = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
-    assert all(torch.allclose(loaded[k], b[k]) for k in b)
-
-
 def test_metrics_reach_mlflow_without_secrets(tiny_storage, monkeypatch):
     """The default tracking store: sqlite under the storage root; telemetry off; no token."""
     monkeypatch.setenv("HF_TOKEN", "hf_do_not_log_me")

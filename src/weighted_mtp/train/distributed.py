@@ -63,8 +63,13 @@ def setup(device_name: str, timeout_s: float | None = None) -> tuple[DistInfo, t
     return init(device, timeout_s), device
 
 
-def destroy() -> None:
+def destroy(clean: bool = True) -> None:
+    """Leave the process group. ``clean``: after a barrier, so that no rank tears the group
+    down while another still talks to it (gloo then aborts that rank: "terminate called
+    without an active exception"); after an error, at once (the others may be gone)."""
     if dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -137,6 +137,10 @@ class Trainer:
                 config.train.fsdp_param_dtype, self.device, config.train.autocast
             )
             distributed.shard(self.model, param_dtype, torch.float32)
+            if self.info.is_main:
+                gathered = str(param_dtype or "their own dtype").removeprefix("torch.")
+                print(f"FSDP2 on {self.info.world} ranks: parameters gathered in {gathered}, "
+                      "gradients reduced and optimizer state in float32", flush=True)  # fmt: skip
             # From here each rank draws its own random numbers (LoRA dropout masks, value-head
             # dropout); reproducible, and saved per rank in every checkpoint.
             torch.manual_seed(rank_seed(config.train.seed, self.info.rank))
@@ -446,11 +450,12 @@ def train(config: Config, layout: StorageLayout) -> Path:
     """Run one training job to its final checkpoint; returns the checkpoint folder."""
     trainer = Trainer(config, layout)
     try:
-        return trainer.fit()
-    except Exception as error:
+        final = trainer.fit()
+    except BaseException as error:
         if trainer.info.enabled:  # which rank failed, and where (a timed-out collective too)
             error.add_note(f"rank {trainer.info.rank} of {trainer.info.world}, "
                            f"optimizer step {trainer.state.step + 1} of {trainer.total_steps}")  # fmt: skip
+        distributed.destroy(clean=False)
         raise
-    finally:
-        distributed.destroy()
+    distributed.destroy()
+    return final
