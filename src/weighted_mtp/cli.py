@@ -437,7 +437,25 @@ def add_evaluate_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="sandbox processes at once")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (default): this rank's CUDA device if there is one, else the CPU; or cpu, "
+        "cuda, cuda:N",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="the model's weights and compute (default auto: bfloat16 on CUDA, float32 on a CPU)",
+    )
+    parser.add_argument(
+        "--shard-wait-s",
+        type=float,
+        default=None,
+        help="under torchrun, how long rank 0 waits after its own generation for the other "
+        "ranks' samples (default: 6 hours)",
+    )
     parser.add_argument(
         "--out", default=None, help="results folder (default: <checkpoint>/eval/<dataset>)"
     )
@@ -467,8 +485,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         layout, args.checkpoint, args.dataset, out, num_samples=args.num_samples,
         temperature=args.temperature, top_p=args.top_p, max_tasks=args.max_tasks,
         max_new_tokens=args.max_new_tokens, speculative=args.speculative, mode=args.mode,
-        seed=args.seed, workers=args.workers, device=args.device,
+        seed=args.seed, workers=args.workers, device=args.device, dtype=args.dtype,
         mlflow_uri=mlflow_uri(args, layout), scoring=args.scoring,
+        shard_wait_s=args.shard_wait_s,
     )  # fmt: skip
     if summary is None:  # a torchrun rank other than 0: rank 0 scores and writes
         return 0

@@ -10,19 +10,32 @@ from __future__ import annotations
 import gzip
 import importlib.resources
 import json
+import shutil
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.progress import Progress, track
 
-from weighted_mtp.base.io import StorageError
+from weighted_mtp.base.errors import UserError
+from weighted_mtp.base.io import (
+    StorageError,
+    read_json_or_none,
+    write_json_atomic,
+    write_text_atomic,
+)
 from weighted_mtp.base.layout import EVAL_DATASETS, EVAL_FILES, StorageLayout
 from weighted_mtp.data.jsonl import iter_jsonl
 from weighted_mtp.evaluation.metrics import accuracy, mean_pass_at_k
 from weighted_mtp.evaluation.sandbox import ExecResult, run_many
 from weighted_mtp.evaluation.tasks import TASKS, compare_output, extract_answer, is_correct
+
+if TYPE_CHECKING:
+    import torch
+
+    from weighted_mtp.models.transformer import Transformer
+    from weighted_mtp.train.distributed import DistInfo
 
 Record = dict[str, Any]
 
@@ -187,24 +200,72 @@ def summarize(rows: list[Record], task_name: str, scoring: str = "strict") -> di
     return summary
 
 
+EVAL_DTYPES = ("auto", "float32", "bfloat16")
+SHARD_WAIT_S = 6 * 3600.0
+"""How long rank 0 waits, after its own generation, for the other ranks' samples
+(docs/EVALUATION.md §8); ``--shard-wait-s``."""
+SHARDS = ".shards"
+"""The folder, inside the results folder, where each rank leaves its samples for rank 0."""
+
+
+def check_device(name: str) -> None:
+    """One line for a ``--device`` this machine cannot use (``auto``, ``cpu``, ``cuda``,
+    ``cuda:N``), before anything is loaded."""
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA device here (--device auto uses the CPU)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type != "cpu":
+        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def resolve_dtype(name: str, device: str | torch.device) -> str:
+    """``auto``: bfloat16 on a CUDA device, float32 elsewhere, so CPU results stay those of
+    fp32 (docs/EVALUATION.md §8)."""
+    if name not in EVAL_DTYPES:
+        raise UserError(f"--dtype {name!r}: expected one of {', '.join(EVAL_DTYPES)}")
+    if name == "auto":
+        return "bfloat16" if str(device).startswith("cuda") else "float32"
+    return name
+
+
 def load_for_evaluation(
-    layout: StorageLayout, checkpoint: str, device: str
+    layout: StorageLayout, checkpoint: str, device: str | torch.device = "auto", dtype: str = "auto"
 ) -> tuple[Any, Any, str]:
     """(model, tokenizer, default prompt mode): a training checkpoint (adapter merged, Alpaca
-    prompts as in training) or a storage/base model folder (published ``compat`` prompts)."""
+    prompts as in training) or a storage/base model folder (published ``compat`` prompts).
+
+    Loaded in ``dtype`` (``auto``: bf16 on CUDA, fp32 on a CPU) straight onto ``device``
+    (``auto``: the local CUDA device, else the CPU), one tensor at a time (docs/EVALUATION.md
+    §8)."""
     from weighted_mtp.models.checkpoints import load_pretrained
     from weighted_mtp.train.checkpoint import (
         is_checkpoint,
-        load_trained,
         read_info,
         resolve_model_path,
         tokenizer_for,
     )
+    from weighted_mtp.train.distributed import resolve_device
 
+    if isinstance(device, str):
+        check_device(device)
+        device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     path = Path(checkpoint)
     if is_checkpoint(path):
         info = read_info(path)
-        model = load_trained(path, layout, device=device)
+        model = load_trained_on(path, layout, dtype, device)
         return (
             model,
             tokenizer_for(layout, resolve_model_path(layout, info["base_model"])),
@@ -212,10 +273,44 @@ def load_for_evaluation(
         )
     model_dir = resolve_model_path(layout, checkpoint)
     return (
-        load_pretrained(model_dir, dtype="float32", device=device),
+        load_pretrained(model_dir, dtype=dtype, device=device),
         tokenizer_for(layout, model_dir),
         "compat",
     )
+
+
+def load_trained_on(
+    path: Path, layout: StorageLayout, dtype: str, device: str | torch.device
+) -> Transformer:
+    """``train.checkpoint.load_trained`` without the fp32 copy on the CPU: the base model is
+    read tensor by tensor onto ``device`` in ``dtype``, and each LoRA weight is merged there
+    in fp32 and stored back in ``dtype`` (``W = dtype(W + (alpha / r) B A)``). In fp32 on a
+    CPU it is exactly ``load_trained`` (docs/EVALUATION.md §8)."""
+    import torch
+
+    from weighted_mtp.models.checkpoints import load_pretrained
+    from weighted_mtp.train.checkpoint import load_tensors, read_info, resolve_model_path
+
+    info = read_info(path)
+    model = load_pretrained(
+        resolve_model_path(layout, info["base_model"]), dtype=dtype, device=device
+    )
+    tensors = load_tensors(path)
+    if not (path / "adapter_config.json").is_file():
+        model.load_state_dict(tensors, strict=False)  # copies cast to the model's dtype
+        return model.eval()
+    config = json.loads((path / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, a in tensors.items():
+            if ".lora_A.default.weight" not in name:
+                continue
+            b = tensors[name.replace("lora_A", "lora_B")]
+            weight = modules[name.split(".lora_A.")[0]].weight
+            delta = scale * (b.to(weight.device).float() @ a.to(weight.device).float())
+            weight.copy_(weight.float() + delta)
+    return model.eval()
 
 
 def generate_completions(
@@ -327,13 +422,13 @@ def compare_decoding(
 
 def decoding_comparison(
     layout: StorageLayout, checkpoint: str, dataset: str, out_path: Path, *,
-    max_tasks: int | None = None, max_new_tokens: int = 512, device: str = "cpu",
+    max_tasks: int | None = None, max_new_tokens: int = 512, device: str = "auto",
+    dtype: str = "auto",
 ) -> dict[str, Any]:  # fmt: skip
     """``compare_decoding`` on the prompts of ``dataset`` (the first ``max_tasks``), written
-    to ``out_path`` as JSON with the checkpoint and dataset."""
-    from weighted_mtp.base.io import write_json_atomic
-
-    model, tokenizer, mode = load_for_evaluation(layout, checkpoint, device)
+    to ``out_path`` as JSON with the checkpoint and dataset. ``device`` and ``dtype`` as
+    ``evaluate``'s (docs/EVALUATION.md §8)."""
+    model, tokenizer, mode = load_for_evaluation(layout, checkpoint, device, dtype)
     task = TASKS[benchmark_of(dataset)]
     problems = load_problems(layout, dataset, None)
     task_ids = list(problems)[:max_tasks] if max_tasks else list(problems)
@@ -377,28 +472,32 @@ def evaluate(
     layout: StorageLayout, checkpoint: str, dataset: str, out_dir: Path, *, num_samples: int = 1,
     temperature: float = 0.0, top_p: float = 0.95, max_tasks: int | None = None,
     max_new_tokens: int = 512, speculative: bool = False, mode: str | None = None,
-    seed: int = 0, workers: int = 2, device: str = "cpu", mlflow_uri: str | None = None,
-    scoring: str = "strict",
+    seed: int = 0, workers: int = 2, device: str = "auto", dtype: str = "auto",
+    mlflow_uri: str | None = None, scoring: str = "strict", shard_wait_s: float | None = None,
 ) -> dict[str, Any] | None:  # fmt: skip
     """Generate, score, and write ``samples.jsonl``, ``results.jsonl`` and ``summary.json``
     (and log the summary to MLflow when ``mlflow_uri`` is given).
 
-    Under ``torchrun`` every rank generates its share of the samples, rank 0 gathers them,
-    scores them in the sandbox and writes the same files one process writes; other ranks
-    return None.
+    ``device`` ``auto``: this rank's CUDA device when there is one, else the CPU; ``dtype``
+    ``auto``: bf16 on CUDA, fp32 on a CPU (docs/EVALUATION.md §8).
+
+    Under ``torchrun`` every rank generates its share of the samples and leaves it as a file
+    in ``out_dir/.shards``; rank 0 waits for every rank's file (up to ``shard_wait_s`` after
+    its own generation, no collective), merges them, scores them in the sandbox and writes the
+    same files one process writes; other ranks return None.
     """
     import time
 
-    import torch
-    import torch.distributed as dist
-
-    from weighted_mtp.base.io import write_json_atomic, write_text_atomic
     from weighted_mtp.train import distributed
 
-    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    info = distributed.init(torch.device("cuda" if cuda else "cpu"))
-    device = str(distributed.resolve_device(device, info))
-    model, tokenizer, default_mode = load_for_evaluation(layout, checkpoint, device)
+    check_device(device)
+    wait_s = SHARD_WAIT_S if shard_wait_s is None else shard_wait_s
+    if wait_s <= 0:
+        raise UserError(f"--shard-wait-s must be positive, got {wait_s:g}")
+    info, where = distributed.setup(device)
+    dtype = resolve_dtype(dtype, where)
+    run = start_shards(out_dir / SHARDS, info)
+    model, tokenizer, default_mode = load_for_evaluation(layout, checkpoint, where, dtype)
     mode = mode or default_mode
     task = TASKS[benchmark_of(dataset)]
     problems = load_problems(layout, dataset, None)
@@ -411,18 +510,21 @@ def evaluate(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
         speculative=speculative, rank=info.rank, world=info.world,
     )  # fmt: skip
-    parts: list[Any] = [(texts, stats, time.perf_counter() - started)]
+    seconds = time.perf_counter() - started
     if info.enabled:
-        parts = [None] * info.world
-        dist.all_gather_object(parts, (texts, stats, time.perf_counter() - started))
-        # Every rank past the collective before any tears the group down (as training ends).
-        distributed.barrier()
-        distributed.destroy()
+        header = {
+            "run": run, "world": info.world, "checkpoint": str(checkpoint), "dataset": dataset,
+            "task_ids": task_ids, "num_samples": num_samples, "prompt_mode": mode,
+            "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
+            "seed": seed, "speculative": speculative, "dtype": dtype,
+        }  # fmt: skip
+        write_shard(out_dir / SHARDS, info.rank, header, texts, stats, seconds)
         if not info.is_main:
             return None
-    texts = {job: text for part in parts for job, text in part[0].items()}
-    stats = merge_decoding_stats([part[1] for part in parts])
-    seconds = max(part[2] for part in parts)
+        texts, stats, seconds = merge_shards(collect_shards(out_dir / SHARDS, header, wait_s))
+        shutil.rmtree(out_dir / SHARDS, ignore_errors=True)
+    else:
+        stats = merge_decoding_stats([stats])
     samples = [{"task_id": t, "completion": task.postprocess(texts[i, j], mode, eos_text)}
                for i, t in enumerate(task_ids) for j in range(num_samples)]  # fmt: skip
     rows = score_samples(
@@ -434,6 +536,7 @@ def evaluate(
         "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
         "seed": seed, "speculative": speculative, "max_tasks": max_tasks,
         "task_ids": task_ids if max_tasks else "all", "ranks": info.world,
+        "device": where.type, "dtype": dtype,
     }  # fmt: skip
     summary["decoding"] = {
         **stats,
@@ -446,6 +549,109 @@ def evaluate(
     if mlflow_uri:
         log_summary(summary, mlflow_uri, "evaluate", Path(checkpoint), out_dir)
     return summary
+
+
+# ---- handing the samples of every rank to rank 0: files, not a collective (§8) ----
+
+
+def start_shards(folder: Path, info: DistInfo) -> str | None:
+    """A fresh shard folder and this run's id, the same on every rank (None in one process).
+
+    Rank 0 removes what an earlier run left in ``folder`` and draws the id; one broadcast
+    (every rank is at the start, nothing loaded yet) hands it to the others, then the process
+    group is closed: nothing after it is a collective, so a slow rank cannot make another one
+    time out (docs/EVALUATION.md §8)."""
+    import uuid
+
+    import torch.distributed as dist
+
+    from weighted_mtp.train import distributed
+
+    if info.is_main:
+        shutil.rmtree(folder, ignore_errors=True)
+    if not info.enabled:
+        return None
+    run = [uuid.uuid4().hex if info.is_main else None]
+    dist.broadcast_object_list(run, src=0)
+    # Every rank past the collective before any tears the group down (as training ends).
+    distributed.barrier()
+    distributed.destroy()
+    return str(run[0])
+
+
+def shard_path(folder: Path, rank: int, world: int) -> Path:
+    return folder / f"rank-{rank:05d}-of-{world:05d}.json"
+
+
+def write_shard(
+    folder: Path, rank: int, header: dict[str, Any], texts: dict[tuple[int, int], str],
+    stats: dict[str, Any], seconds: float,
+) -> Path:  # fmt: skip
+    """This rank's samples, decoding statistics and generation time as one file, written
+    under a temporary name and moved into place (rank 0 never reads half a file).
+    ``header`` (the run id, the world size and the settings) lets rank 0 refuse a shard of
+    another run."""
+    path = shard_path(folder, rank, header["world"])
+    part = {
+        "header": {**header, "rank": rank},
+        "texts": [[i, j, text] for (i, j), text in sorted(texts.items())],
+        "stats": stats,
+        "seconds": seconds,
+    }
+    write_text_atomic(path, json.dumps(part))  # ASCII escapes: any text survives
+    return path
+
+
+def collect_shards(
+    folder: Path, header: dict[str, Any], wait_s: float = SHARD_WAIT_S, poll_s: float = 2.0
+) -> list[dict[str, Any]]:
+    """Every rank's shard, in rank order, once all are in ``folder`` with ``header`` (this
+    run's id and settings); polls the folder, no collective. After ``wait_s`` seconds without
+    them: one line naming the missing ranks and the folder (docs/EVALUATION.md §8)."""
+    import time
+
+    world = header["world"]
+    deadline = time.monotonic() + wait_s
+    found: dict[int, dict[str, Any]] = {}
+    foreign: set[int] = set()
+    while True:
+        for rank in range(world):
+            if rank in found:
+                continue
+            part = read_json_or_none(shard_path(folder, rank, world))
+            if part is None:
+                continue
+            if isinstance(part, dict) and part.get("header") == {**header, "rank": rank}:
+                found[rank] = part
+                foreign.discard(rank)
+            else:  # another run's: its own rank's file will replace it
+                foreign.add(rank)
+        if len(found) == world:
+            return [found[rank] for rank in range(world)]
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(poll_s, left))
+    missing = ", ".join(str(rank) for rank in range(world) if rank not in found)
+    stale = ", ".join(str(rank) for rank in sorted(foreign))
+    noun = "ranks" if "," in missing else "rank"
+    raise StorageError(
+        f"{noun} {missing} of {world} gave no samples within {wait_s:g} s: no shard of this run "
+        f"in {folder}"
+        + (f" (rank {stale}'s file there is another run's)" if stale else "")
+        + "; a rank writes its shard there when its generation ends (a folder every node "
+        "sees; --shard-wait-s for slow ranks)"
+    )
+
+
+def merge_shards(
+    parts: list[dict[str, Any]],
+) -> tuple[dict[tuple[int, int], str], dict[str, Any], float]:
+    """The ranks' shards as one process's output: texts by ``(prompt, sample)``, decoding
+    statistics summed (``merge_decoding_stats``), the slowest rank's generation time."""
+    texts = {(i, j): text for part in parts for i, j, text in part["texts"]}
+    stats = merge_decoding_stats([part["stats"] for part in parts])
+    return texts, stats, max(part["seconds"] for part in parts)
 
 
 def evaluated(out_dir: Path, expected: dict[str, Any] | None = None) -> bool:
