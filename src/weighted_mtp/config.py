@@ -103,10 +103,10 @@ class TrainConfig(Section):
     """Under torchrun, the dtype FSDP2 gathers parameters in and computes with (gradients are
     reduced and the optimizer runs in fp32): ``auto`` = bfloat16 on CUDA with ``autocast``,
     the parameters' own dtype elsewhere. ``bfloat16`` on a CPU runs the mixed-precision path of
-    a GPU node (docs/SCALING.md)."""
+    a GPU node (docs/SCALING.md §2)."""
     dist_timeout_s: float = Field(default=1800.0, gt=0)
     """Timeout of every collective under torchrun: a rank that waits longer for the others
-    fails with an error instead of hanging (docs/SCALING.md)."""
+    fails with an error instead of hanging (docs/SCALING.md §6)."""
 
 
 class Rho1Config(Section):

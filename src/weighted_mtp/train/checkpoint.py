@@ -109,14 +109,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def _rank_rng(saved: dict[str, Any]) -> dict[str, Any]:
     """This rank's saved random state. Under another world size than the run saved with, rank
     0's state, then a seed of its own on every other rank: the run goes on reproducibly, not
-    bit-identically (docs/SCALING.md)."""
+    bit-identically (docs/SCALING.md §5)."""
     info = distributed.env_info()
     ranks = saved.get("rng_ranks") or [saved["rng"]]
     if len(ranks) == info.world:
         return ranks[info.rank]
     if info.rank == 0:
-        print(f"resuming on {info.world} ranks a run saved on {len(ranks)}: random numbers "
-              "(dropout masks) continue differently from an uninterrupted run", flush=True)  # fmt: skip
+        print(f"saved on {len(ranks)} rank(s), resumed on {info.world}: the random numbers "
+              "(dropout masks) and the data split continue differently from an uninterrupted "
+              "run (docs/SCALING.md §5)", flush=True)  # fmt: skip
     if info.rank > 0:
         seed = int(ranks[0]["torch"].long().sum()) + 1_000_003 * info.rank
         generator = torch.Generator().manual_seed(seed)

@@ -44,7 +44,7 @@ def env_info() -> DistInfo:
 def init(device: torch.device, timeout_s: float | None = None) -> DistInfo:
     """Join the process group torchrun describes in the environment, if any: NCCL bound to
     this rank's CUDA device, gloo on a CPU; every collective times out after ``timeout_s``
-    (docs/SCALING.md)."""
+    (docs/SCALING.md §1)."""
     info = env_info()
     if not info.enabled or dist.is_initialized():
         return info
@@ -110,7 +110,7 @@ def shard(
 ) -> nn.Module:
     """FSDP2: one unit per block, the embedding, norm+output, a value head; then the root.
 
-    Mixed precision (docs/SCALING.md): with ``param_dtype`` (bf16) the blocks gather and
+    Mixed precision (docs/SCALING.md §2): with ``param_dtype`` (bf16) the blocks gather and
     compute in it and gradients are reduced in ``reduce_dtype``; the optimizer keeps the fp32
     shards. Only the root casts its floating-point inputs: a block's inputs are not cast, so
     the RoPE table it receives stays fp32 (its hidden states are already in the compute dtype,
@@ -155,7 +155,7 @@ def materialize_unsharded(model: nn.Module) -> None:
     post-backward of EVERY unit runs at the end of each backward call, and it reads the
     unsharded parameter of units that have not been gathered yet (``AttributeError:
     'FSDPParam' object has no attribute '_unsharded_param'``). Our loss calls backward once per
-    chunk, before the later heads' blocks have run (docs/SCALING.md)."""
+    chunk, before the later heads' blocks have run (docs/SCALING.md §3)."""
     from torch.distributed.fsdp import FSDPModule
 
     for module in model.modules():

@@ -170,7 +170,7 @@ class Trainer:
                                data.max_length, sampling.n_samples, rank, world)  # fmt: skip
         # Ranks may drop different numbers of too-long examples: every rank keeps as many as
         # the rank with the fewest, so all ranks run the same number of batches (and
-        # collectives) in training and in validation (docs/SCALING.md).
+        # collectives) in training and in validation (docs/SCALING.md §4).
         train.examples = train.examples[: distributed.min_over_ranks(len(train), self.device)]
         streams = [BatchStream(train, batch_size, self.config.train.seed, tok.pad_id)]
         if sampling.val_n_samples:
