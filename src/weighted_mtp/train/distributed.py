@@ -175,22 +175,6 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
         model.set_requires_gradient_sync(enabled)
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Clip the gradients of ``params`` to a global L2 norm of ``max_norm`` and return that
-    norm: over the whole model, all ranks' shards together under FSDP (a sharded gradient's
-    own norm is only its rank's part)."""
-    from torch.distributed.tensor import DTensor
-
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    total = torch.nn.utils.get_total_norm(grads, 2.0)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total
-
-
 def gather_objects(obj: object) -> list[object]:
     """Every rank's ``obj``, in rank order (``[obj]`` in one process)."""
     if not dist.is_initialized():

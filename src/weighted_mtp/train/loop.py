@@ -231,7 +231,7 @@ class Trainer:
             loss += float(part) / world
             stats = stats + part_stats
             tokens += batch_tokens(plan.batch)
-        grad_norm = distributed.clip_grad_norm(  # the global norm, all ranks' shards
+        grad_norm = torch.nn.utils.clip_grad_norm_(  # FSDP2: the global norm, all shards
             [p for p in self.model.parameters() if p.requires_grad], self.config.optim.max_grad_norm
         )
         self.optimizer.step()
