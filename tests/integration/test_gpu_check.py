@@ -1,10 +1,12 @@
 """The prepared GPU check (``benchmarks/gpu_check.py``) on the CPU at a small width: every part
-runs, the JSON line has its keys and sane values, and the FLOP count matches the model."""
+runs (the compiled step through ``aot_eager``: inductor's code generation alone takes about 30 s
+on 2 cores), the JSON line has its keys and sane values, and the FLOP count matches the model."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -62,17 +64,20 @@ def test_flop_count_uses_the_models_own_matrices(kv_heads):
 @pytest.mark.distributed
 def test_cpu_run_reports_every_part(tmp_path):
     cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--dim", "128", "--layers", "1",
-           "--seq", "64", "--vocab", "1000", "--new-tokens", "16", "--quick", "--reps", "1"]  # fmt: skip
+           "--seq", "64", "--vocab", "1000", "--new-tokens", "16", "--quick", "--reps", "1",
+           "--compile-backend", "aot_eager", "--ref-chunk-rows", "256"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"),
            "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path)}  # fmt: skip
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["errors"] == {}
-    assert set(result["part_seconds"]) == {"lora_step", "mtp_loss", "critic", "decode",
-                                           "autocast", "torchrun"}  # fmt: skip
-    assert {"device", "shape", "policy_params", "lora_step", "mtp_loss", "critic", "decode",
-            "autocast", "torchrun", "part_seconds", "seconds"} <= result.keys()  # fmt: skip
+    gpu_check = load_script()
+    assert set(result["part_seconds"]) == set(gpu_check.KEYS) == {
+        "lora_step", "mtp_loss", "critic", "compile", "decode", "memory", "autocast", "torchrun"
+    }  # fmt: skip
+    assert {"device", "shape", "policy_params", *gpu_check.KEYS, "part_seconds",
+            "seconds"} <= result.keys()  # fmt: skip
     assert result["shape"] == {"dim": 128, "blocks": 5, "trunk_blocks": 1, "heads": 4,
                                "attention_heads": 1, "ffn": 512, "vocab": 1000, "seq": 64,
                                "lora_rank": 8, "dtype": "float32"}  # fmt: skip
@@ -105,8 +110,35 @@ def test_cpu_run_reports_every_part(tmp_path):
     auto = result["autocast"]
     assert auto["within_tolerance"] is True and auto["relative_difference"] <= auto["tolerance"]
 
+    compiled = result["compile"]
+    assert compiled["backend"] == "aot_eager" and compiled["compiled_blocks"] == 5
+    assert compiled["first_step_s"] > 0 and compiled["second_step_s"] > 0
+    assert compiled["within_tolerance"] is True and compiled["tolerance"] == 1e-4
+    assert compiled["losses"] == pytest.approx(compiled["eager_losses"], rel=1e-4)
+
+    memory = result["memory"]
+    # The production configs' micro-batch shapes, at --seq 64 (rows from configs/production).
+    assert (memory["baseline"]["rows"], memory["rho1"]["rows"]) == (12, 32)
+    assert (memory["critic"]["pairs"], memory["critic"]["rows"]) == (24, 48)
+    assert memory["baseline"]["lora_rank"] == 64 and memory["baseline"]["activation_checkpointing"]
+    steps = [memory["baseline"], memory["rho1"]["resident"], memory["rho1"]["precomputed"],
+             memory["critic"]]  # fmt: skip
+    for step in steps:
+        assert step["peak_gib"] is None and step["max_rss_gib"] > 0  # no CUDA: RSS beside
+        assert step["step_s"] > 0 and math.isfinite(step["loss"])
+    rho1 = memory["rho1"]
+    chunked, whole = rho1["reference_ce_chunked"], rho1["reference_ce_one_chunk"]
+    # 32 rows x 63 targets: chunks of at most 256 rows, against all 2016 rows in one call.
+    assert chunked["max_rows_per_output_call"] <= 256 and chunked["output_calls"] == 8
+    assert whole["max_rows_per_output_call"] == 2016 and whole["output_calls"] == 1
+    assert rho1["reference_ce_max_abs_diff"] < 1e-4
+
     torchrun = result["torchrun"]
-    assert torchrun["backend"] == "gloo" and torchrun["world"] == 1
+    assert torchrun["backend"] == "gloo" and torchrun["world"] == 2
     assert torchrun["fsdp2_sharded"] is True and torchrun["finite"] is True
-    assert len(torchrun["losses"]) == 2
+    assert torchrun["resumed"] is True and len(torchrun["losses"]) == 4
+    assert set(torchrun["val_ce"]) == {"2", "4"}  # validation at the checkpoint and the end
+    first, resume = torchrun["launches"]["first"], torchrun["launches"]["resume"]
+    assert (first["start_step"], first["end_step"]) == (0, 2)
+    assert (resume["start_step"], resume["end_step"]) == (2, 4)
     assert "LoRA step, activation checkpointing off" in run.stdout

@@ -503,3 +503,91 @@ def test_precompute_frees_the_reference_and_its_memory():
     batch.extras["ref_ce"] = torch.nn.utils.rnn.pad_sequence(stream.extras["ref_ce"][:2], True)
     planned = weighting.weigh(batch, 4, Micro())
     assert planned.weight_fn is not None and planned.denominators.shape == (4,)
+
+
+# ---- Rho-1: the reference's CE in bounded chunks (docs/METHOD.md §5) ----
+
+
+def small_reference(n_future_tokens: int = 2) -> torch.nn.Module:
+    from weighted_mtp.models.transformer import ModelArgs, Transformer, init_weights
+
+    args = ModelArgs(dim=32, n_layers=3, n_heads=2, vocab_size=97, ffn_hidden_dim=48,
+                     n_future_tokens=n_future_tokens, max_seq_len=64)  # fmt: skip
+    model = Transformer(args)
+    init_weights(model, seed=3)
+    return model.requires_grad_(False).eval()
+
+
+def unchunked_reference_ce(reference, tokens, labels):
+    """The full-vocabulary computation the chunked one replaces: every head's ``[B, L, V]``
+    logits from ``reference(tokens)``, head 1's up-cast, one cross-entropy over all rows."""
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        logits = reference(tokens)[:, :-1, 0].float()
+        targets = labels[:, 1:]
+        flat = logits.reshape(-1, logits.shape[-1])
+        ce = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
+    return F.pad(ce.view_as(targets), (1, 0))
+
+
+def prompt_and_padding_batch(rows: int = 3, length: int = 20, vocab: int = 97) -> Batch:
+    gen = torch.Generator().manual_seed(11)
+    tokens = torch.randint(3, vocab, (rows, length), generator=gen)
+    labels = tokens.clone()
+    labels[:, :6] = IGNORE_INDEX  # a prompt
+    labels[1, 14:] = IGNORE_INDEX  # padding
+    mask = (labels != IGNORE_INDEX).long()
+    mask[:, :6] = 1
+    return Batch(tokens, labels, mask)
+
+
+class RowCounter:
+    """Counts the rows each call of the reference's output layer receives."""
+
+    def __init__(self, reference: torch.nn.Module):
+        self.rows: list[int] = []
+        self.handle = reference.output.register_forward_hook(self)
+
+    def __call__(self, module, inputs, output) -> None:
+        self.rows.append(inputs[0].reshape(-1, inputs[0].shape[-1]).shape[0])
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, 16, 4096])
+def test_chunked_reference_ce_equals_the_unchunked_one(chunk_rows):
+    from weighted_mtp.train.mtp_loss import valid_rows
+    from weighted_mtp.train.weighting import reference_ce
+
+    reference, batch = small_reference(), prompt_and_padding_batch()
+    expected = unchunked_reference_ce(reference, batch.tokens, batch.labels)
+    counter = RowCounter(reference)
+    got = reference_ce(reference, batch.tokens, batch.labels, chunk_rows)
+    valid = len(valid_rows(batch.labels, 1)[0])
+    assert got.dtype == torch.float32 and got.shape == batch.labels.shape
+    torch.testing.assert_close(got, expected)  # fp32 rounding only
+    assert torch.equal(got == 0, expected == 0) and not got[:, :6].any()  # unscored: exactly 0
+    # At most one chunk of [rows, V] logits at a time, only rows with a valid target.
+    assert max(counter.rows) <= chunk_rows and sum(counter.rows) == valid
+    assert len(counter.rows) == -(-valid // chunk_rows)
+
+
+def test_rho1_bounds_the_reference_logits_per_step_and_in_precompute():
+    from weighted_mtp.config import Rho1Config
+    from weighted_mtp.train.weighting import Rho1
+
+    reference, batch = small_reference(n_future_tokens=1), prompt_and_padding_batch()
+    expected = unchunked_reference_ce(reference, batch.tokens, batch.labels)
+    counter = RowCounter(reference)
+    online = Rho1(Rho1Config(), reference=reference, chunk_rows=7)
+    online.weigh(batch, N_HEADS, Micro())
+    torch.testing.assert_close(online._reference_ce(batch), expected)
+    assert counter.rows and max(counter.rows) <= 7
+    counter.rows.clear()
+    stream = tiny_stream()
+    precomputed = Rho1(Rho1Config(precompute=True), reference=reference, chunk_rows=3)
+    precomputed.prepare([stream], torch.device("cpu"), batch_size=2)
+    assert precomputed.reference is None and max(counter.rows) == 3
+    whole = stream.collate([0, 1, 2, 3])
+    direct = unchunked_reference_ce(reference, whole.tokens, whole.labels)
+    for row, ce in enumerate(stream.extras["ref_ce"]):
+        torch.testing.assert_close(ce, direct[row, : len(ce)])

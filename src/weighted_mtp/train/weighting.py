@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import Tensor
 
@@ -36,7 +35,7 @@ import weighted_mtp.config as config_module
 from weighted_mtp.config import CriticTDConfig, Rho1Config
 from weighted_mtp.data.collate import IGNORE_INDEX
 from weighted_mtp.train.distributed import all_reduce_sum
-from weighted_mtp.train.mtp_loss import WeightFn, head_denominators
+from weighted_mtp.train.mtp_loss import WeightFn, head_denominators, per_token_ce, valid_rows
 from weighted_mtp.train.placement import TokenScores
 
 if TYPE_CHECKING:
@@ -255,21 +254,38 @@ def _precompute_for(
 # ---- Rho-1 (docs/METHOD.md §5) ----
 
 
-def reference_ce(reference: torch.nn.Module, tokens: Tensor, labels: Tensor) -> Tensor:
-    """Target-indexed next-token CE of the frozen reference: ``[B, L]``, 0 where unscored.
+REFERENCE_CHUNK_ROWS = 4096
+"""Rows of ``[rows, V]`` reference logits alive at once (the policy loss's ``chunk_rows``)."""
+
+
+def reference_ce(
+    reference: torch.nn.Module,
+    tokens: Tensor,
+    labels: Tensor,
+    chunk_rows: int = REFERENCE_CHUNK_ROWS,
+) -> Tensor:
+    """Target-indexed next-token CE of the frozen reference: ``[B, L]`` fp32, 0 where unscored.
 
     ``out[b, j] = -log P_ref(x_j | x_<j)`` comes from the reference's logit at ``j - 1``.
+    Bounded memory, as the policy's loss (docs/METHOD.md §1, §5): the trunk and head 1's block
+    run once, then the shared norm, output and an fp32 CE run on the rows with a valid target
+    only, ``chunk_rows`` rows at a time, so at most one chunk of ``[rows, V]`` logits is alive
+    (not ``[B, L, V]``: 8 GB in fp32 at 32 x 2048 and V 32000, and as much again per copy).
     """
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     with torch.no_grad():
-        logits = reference(tokens)[:, :-1, 0].float()
-        targets = labels[:, 1:]
-        ce = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]),
-            targets.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        ).view_as(targets)
-    return F.pad(ce, (1, 0))
+        hidden = reference.head_hidden(reference.trunk(tokens), 0)  # [B, L, d]
+        b_idx, j_idx = valid_rows(labels, 1)
+        rows = hidden[b_idx, j_idx - 1]  # [R, d]: the positions that predict a valid target
+        del hidden
+        targets = labels[b_idx, j_idx]
+        for start in range(0, rows.shape[0], chunk_rows):
+            end = start + chunk_rows
+            ce = per_token_ce(reference.unembed(rows[start:end]), targets[start:end])
+            out[b_idx[start:end], j_idx[start:end]] = ce
+    return out
 
 
 def select_top(scores: Tensor, k_percent: float) -> Tensor:
@@ -281,16 +297,21 @@ def select_top(scores: Tensor, k_percent: float) -> Tensor:
 
 
 def precompute_reference_ce(
-    reference: torch.nn.Module, stream: BatchStream, device: torch.device, batch_size: int
+    reference: torch.nn.Module,
+    stream: BatchStream,
+    device: torch.device,
+    batch_size: int,
+    chunk_rows: int = REFERENCE_CHUNK_ROWS,
 ) -> list[Tensor]:
     """The reference's target-indexed CE of every training example, computed once (the frozen
-    reference then need not stay in memory during training)."""
+    reference then need not stay in memory during training), ``chunk_rows`` logit rows at a
+    time (``reference_ce``)."""
     examples = stream.data.examples
     out: list[Tensor] = []
     for start in range(0, len(examples), batch_size):
         chosen = list(range(start, min(start + batch_size, len(examples))))
         batch = stream.collate(chosen).to(device)
-        ce = reference_ce(reference, batch.tokens, batch.labels).cpu()
+        ce = reference_ce(reference, batch.tokens, batch.labels, chunk_rows).cpu()
         out.extend(ce[row, : examples[i].length].clone() for row, i in enumerate(chosen))
     return out
 
@@ -323,10 +344,13 @@ class Rho1(Weighting):
         normalization: str = "weight_sum",
         control: str = "none",
         seed: int = 0,
+        chunk_rows: int = REFERENCE_CHUNK_ROWS,
     ) -> None:
         super().__init__(settings, normalization=normalization, control=control, seed=seed)
         self.reference = reference
         self.precompute = precompute
+        self.chunk_rows = chunk_rows
+        """Reference logit rows alive at once, per step and in precompute (``reference_ce``)."""
 
     @classmethod
     def build(cls, settings: Rho1Config | None, ctx: BuildContext) -> Rho1:
@@ -349,7 +373,10 @@ class Rho1(Weighting):
             return
         precompute = self.precompute or Precompute("", "ref_ce", {})
         precompute.fill(
-            streams, lambda s: precompute_reference_ce(self.reference, s, device, batch_size)
+            streams,
+            lambda s: precompute_reference_ce(
+                self.reference, s, device, batch_size, self.chunk_rows
+            ),
         )
         self.reference = None
         release_memory()
@@ -366,7 +393,7 @@ class Rho1(Weighting):
         if ref_ce is None:
             if self.reference is None:
                 raise ValueError("Rho1 without a reference needs batch.extras['ref_ce']")
-            ref_ce = reference_ce(self.reference, batch.tokens, batch.labels)
+            ref_ce = reference_ce(self.reference, batch.tokens, batch.labels, self.chunk_rows)
         return ref_ce
 
     def token_scores(self, batch: Any, policy_ce: Tensor | None = None) -> TokenScores | None:
