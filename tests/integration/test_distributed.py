@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -318,3 +319,41 @@ def test_fsdp2_two_ranks_match_one_process(storage, tmp_path, micro):
     checkpoint.load_into(trainer.model, tmp_path / "world2/final")
     loaded = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert all(torch.allclose(loaded[k], b[k]) for k in b)
+
+
+@pytest.mark.slow
+def test_resume_on_another_world_size_keeps_the_planned_schedule(storage):
+    """A 2-rank run resumed by one process from its step-2 checkpoint: the same settings, so
+    the same planned length and LR schedule (one process would plan twice the steps: its
+    share of an epoch is twice a rank's), the same LR at every step."""
+    settings = ["train.max_steps=1000", "train.epochs=1", "checkpoint.every=2",
+                "checkpoint.keep_last=5", "data.sampling.val_n_samples=0", "lora.dropout=0.0"]  # fmt: skip
+    two = launch(torchrun(*wmtp_train("baseline", storage, *settings, "run_name=world2")))
+    assert two.returncode == 0, two.stderr[-3000:]
+    source = storage / "checkpoints/baseline/world2"
+    planned = {m["step"]: m["lr"] for m in read_metrics(source / "metrics.jsonl") if "lr" in m}
+    assert len(planned) >= 4
+    target = storage / "checkpoints/baseline/world1"
+    target.mkdir()
+    for name in ("config.yaml", "step_00000002"):
+        shutil.copytree(source / name, target / name) if (source / name).is_dir() else (
+            shutil.copy(source / name, target / name))  # fmt: skip
+    one = launch([sys.executable, *wmtp_train("baseline", storage, *settings, "run_name=world1",
+                                              "checkpoint.resume=true")])  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert f"keeps the planned {len(planned)} steps" in one.stdout
+    assert "saved on 2 rank(s), resumed on 1" in one.stdout
+    resumed = {m["step"]: m["lr"] for m in read_metrics(target / "metrics.jsonl") if "lr" in m}
+    assert sorted(resumed) == list(range(3, len(planned) + 1))
+    assert all(resumed[s] == pytest.approx(planned[s], rel=1e-9) for s in resumed)
+
+
+@pytest.mark.slow
+def test_a_setup_error_on_two_ranks_is_one_line_without_an_abort(storage):
+    """An error before training (no example survives the length cap) ends each rank with its
+    message and exit code 1: no rank aborts in the process group's teardown."""
+    result = launch(torchrun(*wmtp_train("baseline", storage, "run_name=setup-error",
+                                         "data.max_length=8")))  # fmt: skip
+    assert result.returncode != 0
+    assert "wmtp: error: no training examples left" in result.stderr
+    assert "terminate called" not in result.stderr and "SIGABRT" not in result.stderr

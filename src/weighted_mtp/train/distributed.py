@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -128,7 +129,7 @@ def shard(
         register_fsdp_forward_method,
     )
 
-    compute = None if param_dtype == torch.float32 else param_dtype
+    compute = param_dtype  # FSDP casts nothing where it equals a parameter's own dtype
     # Gradients are reduced in their own dtype when nothing is cast (fp32 LoRA, fp32 models).
     reduce = reduce_dtype if compute is not None else None
     inner = MixedPrecisionPolicy(compute, reduce, cast_forward_inputs=False)
@@ -144,6 +145,10 @@ def shard(
     for method in ("trunk", "head_hidden", "unembed", "hidden_states"):
         if hasattr(model, method):
             register_fsdp_forward_method(model, method)
+    # Units whose output is a view (a linear layer on [B, L, d], the value model's squeeze)
+    # make FSDP2 warn against in-place ops on it; the project does none, and the warning, once
+    # per call, would bury every other line of a run's log.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     materialize_unsharded(model)
     return model
 

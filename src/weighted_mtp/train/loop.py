@@ -318,6 +318,7 @@ class Trainer:
 
     def save(self, name: str) -> Path:
         self.state.extra["objective"] = self.recipe.objective.state_dict()
+        self.state.extra["schedule"] = {"total_steps": self.total_steps, **self._length_settings()}
         path = checkpoint.save(
             self.run_dir, name, self.model, self.optimizer, self.scheduler, self.state,
             self.recipe.lora_config, self.info.is_main,
@@ -340,8 +341,29 @@ class Trainer:
             extra = self.state.extra  # checkpoints before 2026-11-30 kept only "weighting"
             state = extra.get("objective") or {"weighting": extra.get("weighting", {})}
             self.recipe.objective.load_state_dict(state)
+            self._keep_saved_schedule(extra.get("schedule"))
             if self.info.is_main:
                 print(f"resumed from {latest} at step {self.state.step}", flush=True)
+
+    def _length_settings(self) -> dict:
+        train = self.config.train
+        return {"epochs": train.epochs, "max_steps": train.max_steps,
+                "grad_accum": train.grad_accum, "batch_size": train.batch_size}  # fmt: skip
+
+    def _keep_saved_schedule(self, saved: dict | None) -> None:
+        """A run resumed with the same length settings keeps the length it was planned with,
+        so its LR schedule continues exactly: on another world size each rank's share of an
+        epoch, and so the planned step count, would differ (docs/SCALING.md §5)."""
+        if not saved or saved["total_steps"] == self.total_steps:
+            return
+        if {k: v for k, v in saved.items() if k != "total_steps"} != self._length_settings():
+            return  # the length settings changed: the new length is what was asked for
+        if self.info.is_main:
+            print(f"keeps the planned {saved['total_steps']} steps and their LR schedule "
+                  f"(this world size would plan {self.total_steps})", flush=True)  # fmt: skip
+        self.total_steps = saved["total_steps"]
+        factor = lr_lambda(self.total_steps, self.config.optim)
+        self.scheduler.lr_lambdas = [factor] * len(self.optimizer.param_groups)
 
     # ---- the loop ----
 
@@ -448,13 +470,16 @@ def rank_seed(seed: int, rank: int) -> int:
 
 def train(config: Config, layout: StorageLayout) -> Path:
     """Run one training job to its final checkpoint; returns the checkpoint folder."""
-    trainer = Trainer(config, layout)
+    trainer = None
     try:
+        trainer = Trainer(config, layout)
         final = trainer.fit()
     except BaseException as error:
-        if trainer.info.enabled:  # which rank failed, and where (a timed-out collective too)
-            error.add_note(f"rank {trainer.info.rank} of {trainer.info.world}, "
-                           f"optimizer step {trainer.state.step + 1} of {trainer.total_steps}")  # fmt: skip
+        info = distributed.env_info()
+        if info.enabled:  # which rank failed, and where (a timed-out collective too)
+            where = (f"optimizer step {trainer.state.step + 1} of {trainer.total_steps}"
+                     if trainer is not None else "while setting up")  # fmt: skip
+            error.add_note(f"rank {info.rank} of {info.world}, {where}")
         distributed.destroy(clean=False)
         raise
     distributed.destroy()
