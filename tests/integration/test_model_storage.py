@@ -383,3 +383,34 @@ def test_hf_weights_in_meta_layout_convert_to_the_same_logits(tmp_path, small_to
     ours = load_pretrained(tmp_path / "models/meta-llama-mtp", dtype=torch.float32)
     with torch.no_grad():
         assert (ours(HF_TOKENS)[:, :, 0] - hf(HF_TOKENS).logits).abs().max() <= 1e-4
+
+
+def test_steps_with_an_nfkc_tokenizer_write_no_tokenizer_json(tmp_path, small_tokenizer, capsys):
+    """A BPE ``tokenizer.model`` normalised with ``nmt_nfkc`` and whitespace folding: the storage
+    steps succeed and its ``tokenizer/`` folder has no ``tokenizer.json``, with one warning line
+    (docs/DECISIONS.md 2026-12-07); an identity-normalised one keeps its ``tokenizer.json``."""
+    from tests.unit.test_tokenizer import train_nfkc_tokenizer
+
+    args = ModelArgs(dim=64, n_layers=3, n_heads=2, vocab_size=1000, ffn_hidden_dim=96,
+                     multiple_of=32, n_future_tokens=2, max_seq_len=64)  # fmt: skip
+    nfkc = train_nfkc_tokenizer(tmp_path / "nfkc")
+    for name, tokenizer in (("nfkc", nfkc), ("identity", small_tokenizer)):
+        layout = StorageLayout(tmp_path / name)
+        raw = layout.model("meta-llama-mtp").raw
+        (raw / "7B_1T_4").mkdir(parents=True)
+        model = Transformer(args)
+        init_weights(model, seed=5)
+        torch.save(model.state_dict(), raw / "7B_1T_4/consolidated.pth")
+        (raw / "7B_1T_4/params.json").write_text(json.dumps(args.to_dict()))
+        shutil.copy(tokenizer, raw / "tokenizer.model")
+        capsys.readouterr()
+        steps = ["convert", "config", "verify"]
+        assert model_storage.run(layout, "meta-llama-mtp", steps)
+        paths = layout.model("meta-llama-mtp")
+        assert paths.tokenizer.read_bytes() == tokenizer.read_bytes()
+        err = capsys.readouterr().err
+        if name == "nfkc":
+            assert not (paths.tokenizer_dir / "tokenizer.json").exists()
+            assert err.count("\n") == 1 and err.startswith("warning:") and "'nmt_nfkc'" in err
+        else:
+            assert (paths.tokenizer_dir / "tokenizer.json").is_file() and err == ""

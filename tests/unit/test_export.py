@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.unit.test_tokenizer import train_nfkc_tokenizer
 from weighted_mtp.base.layout import StorageLayout
 from weighted_mtp.cli import main
 from weighted_mtp.config import LoraConfig
@@ -205,3 +206,58 @@ def test_storage_tokenizer_folder_loads_in_transformers_with_our_ids(tmp_path, s
         assert hf(text)["input_ids"] == ours.encode(text, bos=True), text
     config = json.loads((paths.tokenizer_dir / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
+# ---- a SentencePiece normalisation that tokenizer.json cannot express ----
+
+
+@pytest.fixture(scope="module")
+def nfkc_tokenizer(tmp_path_factory) -> Path:
+    return train_nfkc_tokenizer(tmp_path_factory.mktemp("nfkc"))
+
+
+def warning_lines(err: str) -> list[str]:
+    """stderr's lines, less tqdm's progress bars (drawn with carriage returns)."""
+    lines = [line.rsplit("\r", 1)[-1] for line in err.split("\n")]
+    return [line for line in lines if line.strip()]
+
+
+def test_hf_export_without_tokenizer_json_when_the_normalisation_has_none(
+    tmp_path, nfkc_tokenizer, small_tokenizer, capsys
+):
+    out = export(tiny_mtp(), "hf", tmp_path / "hf", nfkc_tokenizer, torch.float32)
+    err = capsys.readouterr().err
+    assert (out / "tokenizer.model").read_bytes() == nfkc_tokenizer.read_bytes()
+    assert not (out / "tokenizer.json").exists()
+    assert (out / "tokenizer_config.json").is_file() and (out / "model.safetensors").is_file()
+    [line] = warning_lines(err)
+    assert line.startswith("warning:") and "tokenizer.json not written" in line
+    assert "normalisation 'nmt_nfkc' with whitespace folding" in line
+    # The identity rule LLaMA uses still gets its checked tokenizer.json, silently.
+    out = export(tiny_mtp(), "hf", tmp_path / "hf2", small_tokenizer, torch.float32)
+    assert (out / "tokenizer.json").is_file() and "warning" not in capsys.readouterr().err
+
+
+def test_cli_export_and_storage_folder_of_an_nfkc_tokenizer(tmp_path, nfkc_tokenizer, capsys):
+    layout = StorageLayout(tmp_path / "storage")
+    paths = layout.model("micro-mtp")
+    save_model(tiny_mtp(), paths.root)
+    write_tokenizer_folder(nfkc_tokenizer, paths)
+    assert ["nmt_nfkc" in line for line in warning_lines(capsys.readouterr().err)] == [True]
+    assert paths.tokenizer.is_file() and not (paths.tokenizer_dir / "tokenizer.json").exists()
+    out = tmp_path / "served"
+    assert main(["export", "micro-mtp", str(out), "--storage", str(layout.root)]) == 0
+    err = capsys.readouterr().err
+    [line] = warning_lines(err)
+    assert line.startswith("warning:") and "'nmt_nfkc'" in line
+    assert (out / "tokenizer.model").is_file() and not (out / "tokenizer.json").exists()
+    assert hf_logits(out).shape == (*TOKENS.shape, VOCAB)
+
+
+def test_storage_folder_drops_a_stale_tokenizer_json(tmp_path, small_tokenizer, nfkc_tokenizer):
+    paths = StorageLayout(tmp_path / "storage").model("micro-mtp")
+    write_tokenizer_folder(small_tokenizer, paths)
+    assert (paths.tokenizer_dir / "tokenizer.json").is_file()
+    write_tokenizer_folder(nfkc_tokenizer, paths, force=True)
+    assert paths.tokenizer.read_bytes() == nfkc_tokenizer.read_bytes()
+    assert not (paths.tokenizer_dir / "tokenizer.json").exists()

@@ -6,8 +6,14 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 
-from weighted_mtp.models.tokenizer import Tokenizer, train_local_tokenizer
+from weighted_mtp.models.tokenizer import (
+    Tokenizer,
+    hf_unsupported_normalisation,
+    sentencepiece_spec,
+    train_local_tokenizer,
+)
 
 CODE = 'def f(x):\n    if x:\n\t\treturn  "héllo"  # two spaces\n\n    return None\n'
 
@@ -51,3 +57,35 @@ def test_training_is_deterministic(tmp_path):
 def test_missing_model_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer model not found"):
         Tokenizer(tmp_path)
+
+
+def train_nfkc_tokenizer(folder: Path) -> Path:
+    """A 1000-piece BPE ``tokenizer.model`` with SentencePiece's default ``nmt_nfkc`` rule and
+    whitespace folding, which no ``tokenizer.json`` here reproduces (docs/DECISIONS.md
+    2026-12-07), trained on a few stdlib files (~0.2 s)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = [stdlib / name for name in ("textwrap.py", "argparse.py", "string.py")]
+    folder.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        input=",".join(str(f) for f in files),
+        model_prefix=str(folder / "tokenizer"),
+        model_type="bpe",
+        vocab_size=1000,
+        byte_fallback=True,
+        normalization_rule_name="nmt_nfkc",
+        remove_extra_whitespaces=True,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return folder / "tokenizer.model"
+
+
+def test_normalisation_a_tokenizer_json_cannot_express_is_named(tmp_path, small_tokenizer):
+    nfkc = train_nfkc_tokenizer(tmp_path)
+    spec = sentencepiece_spec(nfkc)
+    assert (spec.model_type, spec.normalisation, spec.folds_whitespace) == ("BPE", "nmt_nfkc", True)
+    assert hf_unsupported_normalisation(nfkc) == (
+        "SentencePiece normalisation 'nmt_nfkc' with whitespace folding"
+    )
+    assert sentencepiece_spec(small_tokenizer).normalisation == "identity"
+    assert hf_unsupported_normalisation(small_tokenizer) is None

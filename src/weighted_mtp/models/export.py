@@ -7,7 +7,8 @@ Meta's layout (README, "Serving a trained model"; docs/DECISIONS.md, 2026-12-01)
   (``extra_heads``) are left out. q/k rows are permuted from Meta's adjacent-pair RoPE layout
   to HF's ``rotate_half`` layout (``meta_to_hf_qk``). Files: ``config.json`` (``LlamaConfig``),
   ``generation_config.json``, ``model.safetensors`` and, when a SentencePiece model is given,
-  the tokenizer (``tokenizer.model`` + a ``tokenizer.json`` that gives the same ids).
+  the tokenizer (``tokenizer.model`` + a ``tokenizer.json`` that gives the same ids; none, with
+  one warning line, for a normalisation that ``tokenizer.json`` cannot express).
 * ``meta``: ``consolidated.pth`` (every tensor under our names, which are Meta's, all heads)
   and ``params.json``, plus ``tokenizer.model``; ``load_pretrained`` reads it back.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +37,13 @@ from weighted_mtp.models.checkpoints import (
     meta_to_hf_qk,
     write_safetensors,
 )
-from weighted_mtp.models.tokenizer import Tokenizer, hf_tokenizer_json, hf_tokenizer_mismatch
+from weighted_mtp.models.tokenizer import (
+    Tokenizer,
+    hf_tokenizer_json,
+    hf_tokenizer_mismatch,
+    hf_unsupported_normalisation,
+    sentencepiece_spec,
+)
 from weighted_mtp.models.transformer import ModelArgs, Transformer, ffn_hidden_size
 
 FORMATS = ("hf", "meta")
@@ -135,29 +143,41 @@ def export_hf(
 
 def write_hf_tokenizer(
     tokenizer_model: str | Path, folder: Path, max_length: int, copy_model: bool = True
-) -> None:
+) -> str | None:
     """``tokenizer.model`` plus a ``tokenizer.json`` checked to give SentencePiece's ids.
 
     The config names the generic fast tokenizer class: transformers' ``LlamaTokenizer``
     rebuilds its own pre-tokeniser and would split leading spaces differently. With
-    ``copy_model`` false, ``tokenizer.model`` is already in ``folder`` (storage folders)."""
-    tokenizer_json = None
-    for dummy_prefix in (True, False):
-        candidate = hf_tokenizer_json(tokenizer_model, dummy_prefix)
-        if hf_tokenizer_mismatch(candidate, tokenizer_model) is None:
-            tokenizer_json = candidate
-            break
-    if tokenizer_json is None:
+    ``copy_model`` false, ``tokenizer.model`` is already in ``folder`` (storage folders).
+
+    A normalisation no ``tokenizer.json`` here can express (``nmt_nfkc``, whitespace folding:
+    ``hf_unsupported_normalisation``) is not an error: ``tokenizer.model``, which this project
+    tokenises with, is written without ``tokenizer.json`` (a stale one is removed) and one
+    warning line goes to stderr; that line is returned, else None (docs/DECISIONS.md 2026-12-07).
+    """
+    spec = sentencepiece_spec(tokenizer_model)
+    if spec.model_type != "BPE":
         raise ExportError(
-            f"{tokenizer_model}: no tokenizer.json reproduces this SentencePiece model's ids "
-            "(only BPE models are supported)"
+            f"{tokenizer_model}: a {spec.model_type} SentencePiece model has no tokenizer.json "
+            "here (only BPE models are supported)"
         )
+    unsupported = hf_unsupported_normalisation(tokenizer_model)
+    tokenizer_json = None if unsupported else _checked_tokenizer_json(tokenizer_model)
     tok = Tokenizer(tokenizer_model)
     pieces = {name: tok.id_to_piece(i) for name, i in
               (("bos_token", tok.bos_id), ("eos_token", tok.eos_id), ("unk_token", 0))}  # fmt: skip
     if copy_model:
         copy_atomic(tokenizer_model, folder / "tokenizer.model")
-    write_json_atomic(folder / "tokenizer.json", tokenizer_json, indent=None)
+    warning = None
+    if tokenizer_json is None:
+        (folder / "tokenizer.json").unlink(missing_ok=True)
+        warning = (
+            f"warning: {tokenizer_model}: tokenizer.json not written: {unsupported} has no "
+            "tokenizers equivalent; tokenizer.model is used"
+        )
+        print(warning, file=sys.stderr, flush=True)
+    else:
+        write_json_atomic(folder / "tokenizer.json", tokenizer_json, indent=None)
     write_json_atomic(
         folder / "tokenizer_config.json",
         {
@@ -171,6 +191,23 @@ def write_hf_tokenizer(
         },
     )
     write_json_atomic(folder / "special_tokens_map.json", pieces)
+    return warning
+
+
+def _checked_tokenizer_json(tokenizer_model: str | Path) -> dict:
+    """The first ``hf_tokenizer_json`` candidate (with, then without SentencePiece's dummy
+    prefix) that gives SentencePiece's ids on ``PROBE_TEXTS``."""
+    first_mismatch = None
+    for dummy_prefix in (True, False):
+        candidate = hf_tokenizer_json(tokenizer_model, dummy_prefix)
+        mismatch = hf_tokenizer_mismatch(candidate, tokenizer_model)
+        if mismatch is None:
+            return candidate
+        first_mismatch = first_mismatch if first_mismatch is not None else mismatch
+    raise ExportError(
+        f"{tokenizer_model}: no tokenizer.json reproduces this SentencePiece model's ids "
+        f"(first differing text: {first_mismatch!r})"
+    )
 
 
 # ---- Meta: every head ----

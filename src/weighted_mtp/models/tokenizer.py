@@ -284,6 +284,43 @@ def hf_tokenizer_json(model_path: str | Path, dummy_prefix: bool = True) -> dict
     }
 
 
+@dataclass(frozen=True)
+class SentencePieceSpec:
+    """What a ``tokenizer.model`` says about its algorithm and normaliser."""
+
+    model_type: str  # "BPE", "UNIGRAM", "WORD" or "CHAR"
+    normalisation: str  # the normaliser's rule: "identity" (LLaMA), "nmt_nfkc" (the default), ...
+    folds_whitespace: bool  # remove_extra_whitespaces: leading, trailing and repeated spaces
+
+
+def sentencepiece_spec(model_path: str | Path) -> SentencePieceSpec:
+    """The trainer's model type and the normaliser of a SentencePiece model file."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(Path(model_path).read_bytes())
+    return SentencePieceSpec(
+        model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type),
+        proto.normalizer_spec.name,
+        proto.normalizer_spec.remove_extra_whitespaces,
+    )
+
+
+def hf_unsupported_normalisation(model_path: str | Path) -> str | None:
+    """The model's normalisation when :func:`hf_tokenizer_json` cannot reproduce it, else None.
+
+    That pipeline only prepends ``▁`` and turns spaces into ``▁``: the identity rule without
+    whitespace folding, as LLaMA's tokenizer has. Any other rule (``nmt_nfkc``, ``nfkc``...)
+    rewrites characters before the merges, and folding drops leading, trailing and repeated
+    spaces, which ``tokenizers`` normalisers do not do the same way (docs/DECISIONS.md
+    2026-12-07)."""
+    spec = sentencepiece_spec(model_path)
+    if spec.normalisation == "identity" and not spec.folds_whitespace:
+        return None
+    folding = " with whitespace folding" if spec.folds_whitespace else ""
+    return f"SentencePiece normalisation {spec.normalisation!r}{folding}"
+
+
 def _special_token(content: str, token_id: int) -> dict:
     return {
         "id": token_id,
