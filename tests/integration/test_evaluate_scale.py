@@ -31,7 +31,8 @@ from weighted_mtp.evaluation.harness import (
     merge_shards,
     write_shard,
 )
-from weighted_mtp.train.checkpoint import load_trained
+from weighted_mtp.models.checkpoints import load_pretrained
+from weighted_mtp.train.checkpoint import load_tensors, load_trained
 from weighted_mtp.train.loop import train
 
 HERE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -187,12 +188,20 @@ def test_a_bad_setting_is_one_line(tiny_storage, tmp_path, changes, message):
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
-def test_float32_on_a_cpu_loads_what_training_saved(policy):
+def test_float32_on_a_cpu_merges_the_adapter_exactly(policy):
+    """``W + (alpha / r) B A`` from the checkpoint's own files, computed here in fp32."""
     layout, final = policy
     model, _, mode = load_for_evaluation(layout, str(final), "cpu")  # dtype auto
-    reference = load_trained(final, layout)
     assert mode == "alpaca" and {p.dtype for p in model.parameters()} == {torch.float32}
-    got, want = model.state_dict(), reference.state_dict()
+    want = load_pretrained(layout.model("micro-mtp").root, dtype="float32").state_dict()
+    config = json.loads((final / "adapter_config.json").read_text())
+    tensors = load_tensors(final)
+    for name, a in tensors.items():
+        if ".lora_A." in name:
+            b = tensors[name.replace("lora_A", "lora_B")]
+            weight = name.split(".lora_A.")[0] + ".weight"
+            want[weight] = want[weight] + config["lora_alpha"] / config["r"] * (b @ a)
+    got = model.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
 
 

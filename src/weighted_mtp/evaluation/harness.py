@@ -34,7 +34,6 @@ from weighted_mtp.evaluation.tasks import TASKS, compare_output, extract_answer,
 if TYPE_CHECKING:
     import torch
 
-    from weighted_mtp.models.transformer import Transformer
     from weighted_mtp.train.distributed import DistInfo
 
 Record = dict[str, Any]
@@ -252,6 +251,7 @@ def load_for_evaluation(
     from weighted_mtp.models.checkpoints import load_pretrained
     from weighted_mtp.train.checkpoint import (
         is_checkpoint,
+        load_trained,
         read_info,
         resolve_model_path,
         tokenizer_for,
@@ -265,7 +265,7 @@ def load_for_evaluation(
     path = Path(checkpoint)
     if is_checkpoint(path):
         info = read_info(path)
-        model = load_trained_on(path, layout, dtype, device)
+        model = load_trained(path, layout, dtype, device)
         return (
             model,
             tokenizer_for(layout, resolve_model_path(layout, info["base_model"])),
@@ -277,40 +277,6 @@ def load_for_evaluation(
         tokenizer_for(layout, model_dir),
         "compat",
     )
-
-
-def load_trained_on(
-    path: Path, layout: StorageLayout, dtype: str, device: str | torch.device
-) -> Transformer:
-    """``train.checkpoint.load_trained`` without the fp32 copy on the CPU: the base model is
-    read tensor by tensor onto ``device`` in ``dtype``, and each LoRA weight is merged there
-    in fp32 and stored back in ``dtype`` (``W = dtype(W + (alpha / r) B A)``). In fp32 on a
-    CPU it is exactly ``load_trained`` (docs/EVALUATION.md §8)."""
-    import torch
-
-    from weighted_mtp.models.checkpoints import load_pretrained
-    from weighted_mtp.train.checkpoint import load_tensors, read_info, resolve_model_path
-
-    info = read_info(path)
-    model = load_pretrained(
-        resolve_model_path(layout, info["base_model"]), dtype=dtype, device=device
-    )
-    tensors = load_tensors(path)
-    if not (path / "adapter_config.json").is_file():
-        model.load_state_dict(tensors, strict=False)  # copies cast to the model's dtype
-        return model.eval()
-    config = json.loads((path / "adapter_config.json").read_text())
-    scale = config["lora_alpha"] / config["r"]
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, a in tensors.items():
-            if ".lora_A.default.weight" not in name:
-                continue
-            b = tensors[name.replace("lora_A", "lora_B")]
-            weight = modules[name.split(".lora_A.")[0]].weight
-            delta = scale * (b.to(weight.device).float() @ a.to(weight.device).float())
-            weight.copy_(weight.float() + delta)
-    return model.eval()
 
 
 def generate_completions(

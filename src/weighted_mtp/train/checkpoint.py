@@ -321,7 +321,8 @@ def fingerprint(ckpt: Path) -> str:
 
 
 def merge_adapter(model: nn.Module, ckpt: Path) -> None:
-    """Fold a saved LoRA adapter into the base weights: ``W += (alpha / r) B A``."""
+    """Fold a saved LoRA adapter into the base weights, on their device, in fp32, stored back in
+    their dtype: ``W = dtype(W + (alpha / r) B A)``."""
     config = json.loads((ckpt / "adapter_config.json").read_text())
     scale = config["lora_alpha"] / config["r"]
     tensors = load_tensors(ckpt)
@@ -331,26 +332,30 @@ def merge_adapter(model: nn.Module, ckpt: Path) -> None:
             if ".lora_A.default.weight" not in name:
                 continue
             b = tensors[name.replace("lora_A", "lora_B")]
-            linear = modules[name.split(".lora_A.")[0]]
-            linear.weight += (scale * (b.float() @ a.float())).to(linear.weight.dtype)
+            weight = modules[name.split(".lora_A.")[0]].weight
+            delta = scale * (b.to(weight.device).float() @ a.to(weight.device).float())
+            weight.copy_(weight.float() + delta)
 
 
 def load_trained(
     ckpt: Path,
     layout: StorageLayout,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
 ) -> Transformer:
-    """A trained policy checkpoint as a plain model: base weights with the adapter merged in."""
+    """A trained policy checkpoint as a plain model: base weights read tensor by tensor straight
+    onto ``device`` in ``dtype`` (default fp32), with the adapter merged in there (no full
+    fp32 copy on the CPU first)."""
     from weighted_mtp.models.checkpoints import load_pretrained
 
     info = read_info(ckpt)
-    model = load_pretrained(resolve_model_path(layout, info["base_model"]), dtype=torch.float32)
+    base = resolve_model_path(layout, info["base_model"])
+    model = load_pretrained(base, dtype=dtype or torch.float32, device=device)
     if (ckpt / "adapter_config.json").is_file():
         merge_adapter(model, ckpt)
     else:
-        model.load_state_dict(load_tensors(ckpt), strict=False)
-    return model.to(device=device, dtype=dtype or torch.float32).eval()
+        model.load_state_dict(load_tensors(ckpt), strict=False)  # copies cast to the dtype
+    return model.eval()
 
 
 def load_critic(
