@@ -51,6 +51,8 @@ POOLING_RULE = (
     "per problem, the mean over seeds of the greedy sample's pass/fail; an arm's pass@1 is "
     "the mean of those over the problems every run was scored on"
 )
+FAMILY_ID = re.compile(r"^synthetic_[A-Za-z]+_\d+_(?P<family>\w+)$")
+"""A known-answer problem's name: ``synthetic_<split>_<index>_<family>`` (docs/DATA.md §1)."""
 
 
 class BudgetSpec(Section):
@@ -109,6 +111,12 @@ class StudySpec(Section):
     arms: dict[str, ArmSpec] = Field(min_length=2)
     overrides: list[str] = Field(default_factory=list)
     """``key=value`` overrides of every run, helpers included (``train.device=cuda``)."""
+    contrasts: list[tuple[str, str]] | None = None
+    """The comparisons, each ``[arm, reference]``; None: every arm against the baseline and
+    every arm without a control against its ``shuffled`` control (docs/EVALUATION.md §5)."""
+    cluster: Literal["problem", "family"] = "problem"
+    """The unit of the paired test: each problem, or each task family of the known-answer
+    problems (``synthetic_<split>_<index>_<family>``; held-out problems share one wording)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> StudySpec:
@@ -119,7 +127,26 @@ class StudySpec(Section):
         bad = [a for a in self.arms if not re.match(NAME_PATTERN, a)]
         if bad:
             raise ValueError(f"arms: name {bad[0]!r} must be letters, digits, '_', '.' or '-'")
+        seen: set[frozenset[str]] = set()
+        for arm, reference in self.contrasts or []:
+            for name in (arm, reference):
+                if name not in self.arms:
+                    raise ValueError(f"contrasts: {name!r} is not an arm ({', '.join(self.arms)})")
+            if arm == reference:
+                raise ValueError(f"contrasts: {arm!r} against itself")
+            if frozenset((arm, reference)) in seen:
+                raise ValueError(f"contrasts: {arm!r} and {reference!r} compared twice")
+            seen.add(frozenset((arm, reference)))
         return self
+
+    def contrast_pairs(self) -> list[tuple[str, str]]:
+        """The declared contrasts, or the default ones."""
+        from weighted_mtp.evaluation.compare import default_contrasts
+
+        if self.contrasts is not None:
+            return list(self.contrasts)
+        arms = {name: (a.recipe, a.control) for name, a in self.arms.items()}
+        return default_contrasts(arms, self.baseline)
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec:
@@ -443,8 +470,9 @@ class Study:
             <= 1,
         }
         baseline = self.spec.baseline if self.spec.baseline in complete else None
+        arms = {a: s.model_dump() for a, s in self.spec.arms.items()}
         summary.update(
-            pool(complete, baseline, {a: s.model_dump() for a, s in self.spec.arms.items()})
+            pool(complete, baseline, arms, self.spec.contrast_pairs(), self.spec.cluster)
         )
         return summary
 
@@ -472,19 +500,35 @@ class Study:
 
     def print_summary(self, summary: dict[str, Any], page: Path) -> None:
         table = Table(title=f"study {summary['name']}: greedy pass@1 on {summary['dataset']}")
-        for column in ("arm", "pass@1 [95% interval]", "vs baseline [95% interval]", "p",
-                       "test", "verdict"):  # fmt: skip
+        for column in ("arm", "pass@1 [95% Wilson]", "per seed"):
             table.add_column(column)
-        comparisons = {c["arm"]: c for c in summary.get("comparisons", [])}
         for arm, row in summary.get("arms", {}).items():
-            c = comparisons.get(arm)
-            table.add_row(
-                arm, f"{row['pass_at_1']:.3f} [{row['low']:.3f}, {row['high']:.3f}]",
-                f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]" if c else "-",
-                f"{c['p_value']:.3g}" if c else "-", c["test"] if c else "baseline",
-                c["verdict"] if c else "-",
-            )  # fmt: skip
+            per_seed = ", ".join(f"{s}: {v:.3f}" for s, v in row["per_seed"].items())
+            table.add_row(arm, f"{row['pass_at_1']:.3f} [{row['low']:.3f}, {row['high']:.3f}]",
+                          per_seed)  # fmt: skip
         self.console.print(table)
+        comparisons = summary.get("comparisons", [])
+        if comparisons:
+            unit = "family" if summary.get("cluster") == "family" else "problem"
+            contrasts = Table(
+                title=f"contrasts: paired per {unit} ({summary.get('clusters')} clusters), "
+                f"Holm-adjusted over {len(comparisons)}"
+            )
+            units = "families" if unit == "family" else "problems"
+            for column in ("arm - reference", "difference [95%]", f"{units} +/-", "p",
+                           "Holm p", "test", "verdict"):  # fmt: skip
+                contrasts.add_column(column)
+            for c in comparisons:
+                contrasts.add_row(
+                    f"{c['arm']} - {c['baseline']}",
+                    f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]",
+                    f"{c['arm_better']}/{c['baseline_better']}", f"{c['p_value']:.3g}",
+                    f"{c['p_adjusted']:.3g}", c["test"], c["statement"],
+                )  # fmt: skip
+            self.console.print(contrasts)
+        if summary.get("contrasts_pending"):
+            pending = ", ".join(summary["contrasts_pending"])
+            self.console.print(f"[yellow]contrasts waiting for runs: {pending}[/yellow]")
         if not (summary["same_steps"] and summary["same_training_examples"]):
             self.console.print(
                 "[yellow]the arms did not all train the same steps over the same examples "
@@ -510,53 +554,96 @@ def read_results(eval_dir: Path) -> dict[str, bool]:
     return out
 
 
+def clusters_of(tasks: list[str], rule: str) -> dict[str, str] | None:
+    """Each problem's cluster under ``rule``: None for "problem" (every problem its own),
+    the family of a known-answer problem's name for "family"; any other name is an error."""
+    if rule == "problem":
+        return None
+    out = {}
+    for task in tasks:
+        match = FAMILY_ID.match(task)
+        if match is None:
+            raise UserError(
+                f"cluster: family needs known-answer problem names "
+                f"(synthetic_<split>_<index>_<family>), got {task!r}; use cluster: problem"
+            )
+        out[task] = match["family"]
+    return out
+
+
 def pool(
     results: dict[str, dict[int, dict[str, bool]]],
     baseline: str | None,
     arms: dict[str, Any] | None = None,
+    contrasts: list[tuple[str, str]] | None = None,
+    cluster: str = "problem",
 ) -> dict[str, Any]:
     """Pool ``results[arm][seed][task_id]`` (pass/fail of the greedy sample) over seeds and
-    compare every arm with ``baseline`` (docs/EVALUATION.md §6).
+    run the contrasts (docs/EVALUATION.md §5 and §6).
 
     Only the problems scored in every run count. Per arm and problem the outcomes of the seeds
     form the problem's list of samples, so a problem's score is the mean over seeds; the arm's
-    pass@1 is the mean of those scores with the percentile bootstrap interval over problems.
-    The comparison is ``compare_arms`` on the same lists: McNemar's exact test with one seed,
-    the paired bootstrap of per-problem scores with several."""
-    from weighted_mtp.evaluation.compare import bootstrap_interval, compare_arms
+    pass@1 is the mean of those scores with the Wilson interval over problems. ``contrasts``
+    (default: every arm against ``baseline``) whose two arms both finished are compared with
+    ``compare_arms`` on the same lists, per ``cluster`` ("problem" or "family"), Holm-adjusted
+    over the contrasts compared."""
+    from weighted_mtp.evaluation.compare import compare_arms, wilson_interval
 
+    empty: dict[str, Any] = {"problems": 0, "arms": {}, "comparisons": []}
     if not results:
-        return {"problems": 0, "arms": {}, "comparisons": []}
+        return empty
     shared = set.intersection(*(set(r) for seeds in results.values() for r in seeds.values()))
     tasks = sorted(shared)
     if not tasks:
-        return {"problems": 0, "arms": {}, "comparisons": []}
+        return empty
     pooled = {
         arm: {t: [seeds[s][t] for s in sorted(seeds)] for t in tasks}
         for arm, seeds in results.items()
     }
-    out: dict[str, Any] = {"problems": len(tasks), "arms": {}, "comparisons": []}
+    groups = clusters_of(tasks, cluster)
+    out: dict[str, Any] = {
+        "problems": len(tasks),
+        "cluster": cluster,
+        "clusters": len(set(groups.values())) if groups else len(tasks),
+        "arms": {},
+        "comparisons": [],
+    }
+    n = len(tasks)
     for arm, per_task in pooled.items():
-        scores = [sum(v) / len(v) for v in per_task.values()]
-        mean, low, high = bootstrap_interval(scores)
+        total = sum(sum(v) / len(v) for v in per_task.values())
+        low, high = wilson_interval(total, n)
         seeds = results[arm]
+        per_seed = {s: sum(seeds[s][t] for t in tasks) for s in sorted(seeds)}
         out["arms"][arm] = {
             **((arms or {}).get(arm) or {}),
             "seeds": sorted(seeds),
-            "pass_at_1": mean, "low": low, "high": high,
-            "per_seed": {str(s): sum(seeds[s][t] for t in tasks) / len(tasks)
-                         for s in sorted(seeds)},
+            "pass_at_1": total / n, "low": low, "high": high,
+            "per_seed": {str(s): k / n for s, k in per_seed.items()},
+            "per_seed_interval": {str(s): list(wilson_interval(k, n))
+                                  for s, k in per_seed.items()},
             "passed_any_seed": sum(any(v) for v in per_task.values()),
         }  # fmt: skip
     if baseline is not None:
         out["baseline"] = baseline
-        out["comparisons"] = [asdict(c) for c in compare_arms(pooled, baseline)]
+    if contrasts is None:
+        contrasts = [(a, baseline) for a in pooled if a != baseline] if baseline else []
+    ready = [(a, r) for a, r in contrasts if a in pooled and r in pooled]
+    out["contrasts_pending"] = [f"{a} - {r}" for a, r in contrasts if (a, r) not in ready]
+    if ready:
+        rows = compare_arms(pooled, baseline or ready[0][1], ready, groups)
+        out["comparisons"] = [asdict(c) for c in rows]
     return out
+
+
+def contrast_key(comparison: dict[str, Any]) -> str:
+    """``<arm>-vs-<reference>``: a contrast's name in MLflow keys."""
+    return f"{comparison['arm']}-vs-{comparison['baseline']}"
 
 
 def log_study(summary: dict[str, Any], mlflow_uri: str, out: Path, page: Path) -> str | None:
     """One MLflow run in the ``study`` experiment: the spec as params, per arm pass@1 and its
-    interval, per comparison the difference, p-value and verdict (as a tag)."""
+    interval, per contrast the difference, raw and Holm-adjusted p-values, detectable
+    difference and verdict (as a tag)."""
     from weighted_mtp.train.tracking import TAG_KIND, TAG_REPORT, log_summary_run, source_tags
 
     metrics: dict[str, float] = {}
@@ -566,9 +653,14 @@ def log_study(summary: dict[str, Any], mlflow_uri: str, out: Path, page: Path) -
         metrics[f"pass_at_1_high/{arm}"] = row["high"]
     tags = {TAG_KIND: "study", TAG_REPORT: str(page.resolve()), **source_tags()}
     for c in summary.get("comparisons", []):
-        metrics[f"difference/{c['arm']}"] = c["difference"]
-        metrics[f"p_value/{c['arm']}"] = c["p_value"]
-        tags[f"wmtp.verdict.{c['arm']}"] = c["verdict"]
+        # against the baseline: keyed by the arm; other contrasts: "<arm>-vs-<reference>"
+        key = c["arm"] if c["baseline"] == summary.get("baseline") else contrast_key(c)
+        metrics[f"difference/{key}"] = c["difference"]
+        metrics[f"p_value/{key}"] = c["p_value"]
+        metrics[f"p_adjusted/{key}"] = c["p_adjusted"]
+        if c.get("detectable") is not None:
+            metrics[f"detectable/{key}"] = c["detectable"]
+        tags[f"wmtp.verdict.{key}"] = c["verdict"]
     params = {**summary["spec"], "problems": summary["problems"]}
     return log_summary_run(
         mlflow_uri, STUDY_EXPERIMENT, f"study-{summary['name']}", params, tags, metrics, out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -9,11 +10,18 @@ import numpy as np
 import pytest
 
 from weighted_mtp.evaluation.compare import (
+    SIGN_FLIP_DRAWS,
     bootstrap_interval,
     compare_arms,
+    default_contrasts,
+    detectable_difference,
+    holm,
     mcnemar,
     paired_bootstrap,
+    sign_flip_interval,
+    sign_flip_test,
     verdict,
+    wilson_interval,
 )
 
 
@@ -85,8 +93,212 @@ def test_compare_arms_pairs_by_problem_and_picks_the_test() -> None:
     )}  # fmt: skip
     assert rows["better"].test == "McNemar (exact)" and rows["better"].verdict == "better"
     assert rows["better"].difference == pytest.approx(0.75)
+    assert (rows["better"].arm_better, rows["better"].baseline_better) == (30, 0)
     assert rows["same"].verdict == "not distinguishable" and rows["same"].p_value == 1.0
-    assert rows["sampled"].test == "paired bootstrap"
-    assert rows["sampled"].problems == 40
+    assert rows["same"].p_adjusted == 1.0 and rows["same"].detectable is None
+    assert rows["sampled"].test == "sign-flip (100,000 random patterns)"  # 40 non-zero problems
+    assert rows["sampled"].problems == rows["sampled"].clusters == 40
     mean, low, high = bootstrap_interval([1.0, 0.0, 1.0, 1.0], resamples=500)
     assert mean == 0.75 and 0.0 <= low <= mean <= high <= 1.0
+
+
+# ---- the paired sign-flip test, Holm, the detectable difference, Wilson ----
+
+
+def test_four_of_a_hundred_gained_in_one_seed_of_two_is_not_distinguishable() -> None:
+    """The issue's case: 4 of 100 problems pass in one of two seeds of the arm, never in the
+    baseline, every other problem tied. The bootstrap called it "better" (p ~ 0.03); the exact
+    sign-flip test gives 2 / 2^4 = 0.125."""
+    stats = pytest.importorskip("scipy.stats")
+    tasks = [f"t{i:03d}" for i in range(100)]
+    base = {t: [False, False] for t in tasks}
+    arm = {t: [i < 4, False] for i, t in enumerate(tasks)}
+    scores = [sum(arm[t]) / 2 for t in tasks]
+    assert paired_bootstrap(scores, [0.0] * 100)[3] < 0.05  # what the old verdict rested on
+    (row,) = compare_arms({"baseline": base, "arm": arm}, "baseline")
+    assert row.p_value == 0.125 == stats.binomtest(4, 4, 0.5).pvalue
+    assert row.p_adjusted == 0.125 and row.test == "sign-flip (exact)"
+    assert row.verdict == "not distinguishable"
+    assert (row.arm_better, row.baseline_better) == (4, 0)
+    assert (row.problems_arm_better, row.problems_baseline_better) == (4, 0)
+    assert row.difference == pytest.approx(0.02) and row.low <= 0 <= row.high
+    # the detectable difference by hand: sd of 4 x 0.5 and 96 x 0 (ddof 1), over sqrt(100)
+    sd = math.sqrt((4 * (0.5 - 0.02) ** 2 + 96 * 0.02**2) / 99)
+    expected = (stats.norm.ppf(0.975) + stats.norm.ppf(0.8)) * sd / 10
+    assert row.detectable == pytest.approx(expected, rel=1e-9)
+    assert row.statement == (
+        f"not distinguishable; this study could see a difference of {expected:.2f} or more"
+    )
+
+
+def _scipy_sign_flip(stats, values: list[float], **kwargs) -> float:
+    """SciPy's paired permutation test (each pair's two members swapped = a sign flip)."""
+    x = np.asarray(values, dtype=np.float64)
+    return stats.permutation_test(
+        (x, np.zeros_like(x)), lambda a, b, axis: np.mean(a - b, axis=axis), vectorized=True,
+        permutation_type="samples", alternative="two-sided", **kwargs,
+    ).pvalue  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [0.5, 0.5, 0.5, 0.5, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 1, -1, 0, 0],
+        [1 / 3, 2 / 3, -1 / 3, 1, 1 / 3, 0, 2 / 3, -2 / 3, 1 / 3, 1 / 3, 0.5, -0.1],
+        [0.2, -0.1, 0.05, 0.3, 0.15, -0.05, 0.1, 0.1, 0.4, -0.2, 0.25],
+        [0.1, 0.0],
+    ],
+)
+def test_sign_flip_test_matches_scipys_exact_permutation_test(values: list[float]) -> None:
+    stats = pytest.importorskip("scipy.stats")
+    p, exact = sign_flip_test(values)
+    assert exact
+    assert p == pytest.approx(_scipy_sign_flip(stats, values), rel=1e-12)
+
+
+def test_sign_flip_test_samples_patterns_past_twenty_clusters() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(4)
+    values = list(np.round(rng.normal(0.04, 0.2, 30), 3))
+    p, exact = sign_flip_test(values)
+    assert not exact and p == sign_flip_test(values)[0]  # fixed seed: reproducible
+    assert p >= 1 / (SIGN_FLIP_DRAWS + 1)
+    reference = _scipy_sign_flip(stats, values, n_resamples=200_000, random_state=9)
+    assert p == pytest.approx(reference, abs=0.006)  # two Monte Carlo estimates, s.e. ~0.002
+    strong = [0.3] * 25
+    assert sign_flip_test(strong)[0] == pytest.approx(1 / (SIGN_FLIP_DRAWS + 1))
+
+
+def _brute_p(values: list[float], delta: float) -> float:
+    """Every sign pattern of ``values - delta`` by itertools: the two-sided p-value."""
+    shifted = [v - delta for v in values]
+    observed = abs(sum(shifted))
+    patterns = list(itertools.product((1, -1), repeat=len(shifted)))
+    hits = sum(abs(sum(s * v for s, v in zip(signs, shifted, strict=True))) >= observed - 1e-9
+               for signs in patterns)  # fmt: skip
+    return hits / len(patterns)
+
+
+def test_sign_flip_interval_is_the_inverted_test() -> None:
+    values = [0.5, 0.0, 0.25, 1.0, 0.5, -0.25, 0.75, 0.0, 0.5, 0.25]
+    low, high = sign_flip_interval(values)
+    assert -1 < low < np.mean(values) < high < 1
+    assert _brute_p(values, low + 1e-6) >= 0.05 and _brute_p(values, low - 1e-6) < 0.05
+    assert _brute_p(values, high - 1e-6) >= 0.05 and _brute_p(values, high + 1e-6) < 0.05
+    assert low > 0 and sign_flip_test(values)[0] < 0.05  # excludes 0 exactly when p < 0.05
+    # five clusters can never reach p < 0.05 (2 / 2^5): the interval is every difference
+    assert sign_flip_interval([0.2, 0.3, 0.1, 0.4, 0.2]) == (-1.0, 1.0)
+
+
+def _holm_step_down(p_values: list[float], alpha: float) -> set[int]:
+    """Holm's procedure as written: reject the smallest while p_(j) <= alpha / (m - j)."""
+    m, rejected = len(p_values), set()
+    for j, i in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+        if p_values[i] > alpha / (m - j):
+            break
+        rejected.add(i)
+    return rejected
+
+
+@pytest.mark.parametrize(
+    "p_values",
+    [[0.01, 0.04, 0.03, 0.005], [0.2], [0.001, 0.001, 0.5, 0.02, 0.3, 0.011, 0.049, 0.6, 1.0],
+     [0.03125, 1.0]],
+)  # fmt: skip
+def test_holm_adjusted_p_values_reject_what_the_step_down_procedure_rejects(
+    p_values: list[float],
+) -> None:
+    adjusted = holm(p_values)
+    assert all(p <= a <= 1 for p, a in zip(p_values, adjusted, strict=True))
+    # every level below 1 (at 1 the cap makes every adjusted p 'reject')
+    levels = sorted({a for a in adjusted if a < 1} | {0.001, 0.01, 0.05, 0.1, 0.5, 0.999})
+    for alpha in levels + [x * (1 - 1e-9) for x in levels]:
+        assert {i for i, a in enumerate(adjusted) if a <= alpha} == _holm_step_down(p_values, alpha)
+
+
+def test_holm_by_hand() -> None:
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1: 0.02, 0.03, 0.06, 0.04 -> running max
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+
+
+def test_verdicts_use_the_holm_adjusted_p_value() -> None:
+    """Six of ten problems gained (one seed): p = 2 / 64 = 0.031 alone is "better"; beside a
+    second contrast with p = 1, Holm doubles it to 0.0625: "not distinguishable"."""
+    tasks = [f"t{i}" for i in range(10)]
+    base = {t: [False] for t in tasks}
+    arm = {t: [i < 6] for i, t in enumerate(tasks)}
+    alone = compare_arms({"baseline": base, "arm": arm}, "baseline")
+    assert alone[0].p_value == pytest.approx(2 / 64) and alone[0].verdict == "better"
+    assert alone[0].statement == "better (adjusted p 0.0312)"
+    both = compare_arms({"baseline": base, "arm": arm, "same": dict(base)}, "baseline")
+    assert both[0].p_value == pytest.approx(2 / 64) and both[0].p_adjusted == pytest.approx(2 / 32)
+    assert both[0].verdict == "not distinguishable"
+
+
+def test_clusters_are_the_unit_and_seeds_average_inside_them() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    # 12 problems in 4 clusters of 3, two seeds each
+    rng = np.random.default_rng(8)
+    tasks = [f"t{i:02d}" for i in range(12)]
+    clusters = {t: f"c{i // 3}" for i, t in enumerate(tasks)}
+    arm = {t: [bool(x) for x in rng.random(2) < 0.7] for t in tasks}
+    base = {t: [bool(x) for x in rng.random(2) < 0.4] for t in tasks}
+    (row,) = compare_arms({"b": base, "a": arm}, "b", clusters=clusters)
+    by_hand = [
+        np.mean([(sum(arm[t]) - sum(base[t])) / 2 for t in tasks if clusters[t] == c])
+        for c in ("c0", "c1", "c2", "c3")
+    ]
+    assert row.clusters == 4 and row.problems == 12 and row.test == "sign-flip (exact)"
+    assert row.p_value == pytest.approx(_scipy_sign_flip(stats, by_hand), rel=1e-12)
+    assert row.arm_better == sum(d > 0 for d in by_hand)
+    assert row.baseline_better == sum(d < 0 for d in by_hand)
+    assert row.statement == "not distinguishable; with 4 clusters no result can reach p < 0.05"
+    # one sample per problem but several problems per cluster: not McNemar
+    (one,) = compare_arms({"b": {t: v[:1] for t, v in base.items()},
+                           "a": {t: v[:1] for t, v in arm.items()}}, "b", clusters=clusters)  # fmt: skip
+    assert one.test == "sign-flip (exact)"
+
+
+def test_contrasts_default_to_the_baseline_and_each_weightings_shuffled_control() -> None:
+    arms = {
+        "baseline": ("baseline", "none"), "ntp": ("ntp", "none"),
+        "verifiable": ("verifiable", "none"), "verifiable_shuffled": ("verifiable", "shuffled"),
+        "verifiable_random_matched": ("verifiable", "random_matched"),
+        "rho1": ("rho1", "none"), "rho1_shuffled": ("rho1", "shuffled"),
+    }  # fmt: skip
+    pairs = default_contrasts(arms, "baseline")
+    assert pairs == [(a, "baseline") for a in arms if a != "baseline"] + [
+        ("verifiable", "verifiable_shuffled"), ("rho1", "rho1_shuffled"),
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="no results of arm 'nope'"):
+        compare_arms({"baseline": {"t": [True]}}, "baseline", [("nope", "baseline")])
+
+
+def test_detectable_difference_is_the_normal_power_formula() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    values = [0.1, -0.2, 0.3, 0.0, 0.05, 0.2, -0.1, 0.15]
+    expected = (stats.norm.ppf(0.975) + stats.norm.ppf(0.8)) * np.std(values, ddof=1) / math.sqrt(8)
+    assert detectable_difference(values) == pytest.approx(expected, rel=1e-9)
+    assert detectable_difference([0.0] * 10) is None and detectable_difference([0.3]) is None
+
+
+@pytest.mark.parametrize(("k", "n"), [(0, 10), (10, 10), (3, 40), (57, 100), (1, 1), (99, 100)])
+def test_wilson_interval_matches_scipy_and_stays_in_the_unit_interval(k: int, n: int) -> None:
+    stats = pytest.importorskip("scipy.stats")
+    ref = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    low, high = wilson_interval(k, n)
+    assert low == pytest.approx(ref.low, abs=1e-12) and high == pytest.approx(ref.high, abs=1e-12)
+    assert 0.0 <= low <= k / n <= high <= 1.0
+    fractional = wilson_interval(k / 2, n)  # a mean over two seeds
+    assert 0.0 <= fractional[0] <= k / 2 / n <= fractional[1] <= 1.0
+    with pytest.raises(ValueError):
+        wilson_interval(n + 1, n)
+
+
+def test_one_sample_per_problem_the_sign_flip_test_is_mcnemars() -> None:
+    arm = [True] * 9 + [False] * 3 + [True] * 5
+    base = [False] * 9 + [True] * 3 + [True] * 5
+    assert sign_flip_test([x - y for x, y in zip(arm, base, strict=True)])[0] == pytest.approx(
+        mcnemar(arm, base)[2], rel=1e-12
+    )

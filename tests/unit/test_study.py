@@ -8,7 +8,6 @@ import json
 import random
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
@@ -96,6 +95,11 @@ def test_plan_names_runs_and_adds_only_the_study_overrides(tmp_path):
          r"spec.yaml:\d+: config key 'arms.baseline.control'"),
         ({"evaluation": {"dataset": "nope"}}, "unknown dataset 'nope'"),
         ({"surprise": 1}, r"spec.yaml:\d+: unknown config key 'surprise'"),
+        ({"contrasts": [["nope", "baseline"]]}, "spec.yaml: contrasts: 'nope' is not an arm"),
+        ({"contrasts": [["baseline", "baseline"]]}, "contrasts: 'baseline' against itself"),
+        ({"contrasts": [["verifiable", "baseline"], ["baseline", "verifiable"]]},
+         "contrasts: 'baseline' and 'verifiable' compared twice"),
+        ({"cluster": "seed"}, r"spec.yaml:\d+: config key 'cluster'"),
     ],
 )  # fmt: skip
 def test_bad_specs_fail_in_one_line_with_the_file_and_key(tmp_path, change, message):
@@ -192,9 +196,17 @@ def test_run_trains_and_evaluates_only_what_is_missing_then_skips_everything(tmp
     assert summary["problems"] == 4 and summary["missing"] == []
     assert summary["same_steps"] and summary["same_training_examples"]
     assert summary["arms"]["verifiable_shuffled"]["pass_at_1"] == pytest.approx(0.5)
-    assert [c["test"] for c in summary["comparisons"]] == ["paired bootstrap"] * 2
+    # the default contrasts: each arm against the baseline, the weighting against its control
+    assert [(c["arm"], c["baseline"]) for c in summary["comparisons"]] == [
+        ("verifiable", "baseline"), ("verifiable_shuffled", "baseline"),
+        ("verifiable", "verifiable_shuffled"),
+    ]  # fmt: skip
+    assert [c["test"] for c in summary["comparisons"]] == ["sign-flip (exact)"] * 3
+    assert all(c["p_adjusted"] >= c["p_value"] for c in summary["comparisons"])
+    assert summary["contrasts_pending"] == [] and summary["cluster"] == "problem"
     page = (study.report_dir / "index.html").read_text()
     assert "verifiable_shuffled" in page and "not distinguishable" in page
+    assert "Holm p" in page and "detectable" in page and "Wilson" in page
     assert "http://" not in page and "https://" not in page
 
     trained.clear(), evaluated.clear()
@@ -270,12 +282,12 @@ def test_one_seed_is_mcnemar_and_matches_scipys_binomial_test():
         stats.binomtest(only_arm, only_arm + only_base, 0.5).pvalue, rel=1e-12
     )
     assert comparison["difference"] == pytest.approx((only_arm - only_base) / 40)
+    assert (comparison["arm_better"], comparison["baseline_better"]) == (only_arm, only_base)
 
 
-def test_several_seeds_match_the_exact_bootstrap_distribution():
-    """With 6 problems every one of the 6^6 resamples can be enumerated: the exact bootstrap
-    distribution of the mean per-problem difference (seeds pooled by hand) against the
-    study's 10,000 random draws."""
+def test_several_seeds_match_every_sign_pattern_enumerated_by_hand():
+    """Seeds pooled by hand into per-problem differences, then every one of the 2^6 sign
+    patterns of six problems enumerated: the exact two-sided sign-flip p-value."""
     results = _fake_results(2, 3, 6, seed=5)
     tasks = [f"p{t}" for t in range(6)]
     diff = [
@@ -283,20 +295,41 @@ def test_several_seeds_match_the_exact_bootstrap_distribution():
         - sum(results["arm0"][s][t] for s in range(3)) / 3
         for t in tasks
     ]
-    means = np.array([sum(diff[i] for i in draw) / 6
-                      for draw in itertools.product(range(6), repeat=6)])  # fmt: skip
-    low, high = np.quantile(means, [0.025, 0.975])
     observed = sum(diff) / 6
-    tail = np.mean(means <= 0) if observed > 0 else np.mean(means >= 0)
+    flipped = [abs(sum(s * d for s, d in zip(signs, diff, strict=True))) / 6
+               for signs in itertools.product((1, -1), repeat=6)]  # fmt: skip
+    exact_p = sum(f >= abs(observed) - 1e-12 for f in flipped) / 64
     (comparison,) = pool(results, "arm0")["comparisons"]
-    assert comparison["test"] == "paired bootstrap"
+    assert comparison["test"] == "sign-flip (exact)"
     assert comparison["difference"] == pytest.approx(observed, abs=1e-12)
-    step = 1 / 18  # the resampled means move on a grid of 1 / (3 seeds x 6 problems)
-    assert abs(comparison["low"] - low) <= step + 1e-9
-    assert abs(comparison["high"] - high) <= step + 1e-9
-    exact_p = min(1.0, 2 * tail)
-    assert comparison["p_value"] == pytest.approx(exact_p, abs=0.01)  # 10,000 draws: s.e. 0.003
-    assert exact_p < 0.05 and comparison["verdict"] == "better"  # these inputs do differ
+    assert comparison["p_value"] == pytest.approx(exact_p, rel=1e-12)
+    assert comparison["p_adjusted"] == comparison["p_value"]  # one contrast
+    assert comparison["low"] <= observed <= comparison["high"]
+    assert comparison["arm_better"] == sum(d > 0 for d in diff)
+    assert comparison["baseline_better"] == sum(d < 0 for d in diff)
+    # the bootstrap called these inputs "better" (p < 0.05); six problems cannot support it
+    assert exact_p > 0.05 and comparison["verdict"] == "not distinguishable"
+
+
+def test_family_clusters_and_declared_contrasts(tmp_path):
+    spec = load_spec(SPEC)
+    assert spec.cluster == "family"
+    pairs = spec.contrast_pairs()
+    assert len(pairs) == 9 and pairs[-2:] == [
+        ("verifiable", "verifiable_shuffled"), ("rho1", "rho1_shuffled"),
+    ]  # fmt: skip
+    rng = random.Random(3)
+    names = [f"synthetic_test_{i:05d}_{['sum_threshold', 'caesar'][i % 2]}" for i in range(8)]
+    results = {arm: {s: {t: rng.random() < 0.5 for t in names} for s in (0, 1)}
+               for arm in ("b", "a", "c")}  # fmt: skip
+    out = pool(results, "b", None, [("a", "b"), ("a", "c"), ("c", "x")], "family")
+    assert out["clusters"] == 2 and [c["clusters"] for c in out["comparisons"]] == [2, 2]
+    assert out["contrasts_pending"] == ["c - x"]
+    assert all("no result can reach" in c["statement"] for c in out["comparisons"])
+    with pytest.raises(UserError, match="cluster: family needs known-answer problem names"):
+        pool({"b": {0: {"HumanEval/0": True}}}, "b", cluster="family")
+    declared = _study(tmp_path, contrasts=[["verifiable", "verifiable_shuffled"]])
+    assert declared.spec.contrast_pairs() == [("verifiable", "verifiable_shuffled")]
 
 
 def test_the_summary_goes_to_mlflow_once_with_verdicts(tmp_path, monkeypatch):

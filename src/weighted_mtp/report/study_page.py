@@ -1,5 +1,6 @@
-"""The one page of a study (``wmtp study``): pass@1 per arm with its interval, every arm against
-the baseline with its test and verdict, and the runs behind them.
+"""The one page of a study (``wmtp study``): pass@1 per arm with its interval, every contrast
+(an arm against the baseline or its shuffled control) with its discordant counts, raw and
+Holm-adjusted p-values, detectable difference and verdict, and the runs behind them.
 
 It takes the study's summary (the content of ``study.json``) and returns a self-contained HTML
 page in the report's style (``report/style.py``): nothing is fetched, nothing is drawn.
@@ -39,7 +40,8 @@ def study_page(summary: dict[str, Any]) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>wmtp study: {_esc(name)}</title><style>{CSS}</style></head><body><main>"
         + header
-        + _section("Arms against the baseline", _arms_table(summary))
+        + _section("Arms", _arms_table(summary))
+        + _section("Contrasts", _contrasts_table(summary))
         + _section("Runs", _runs_table(summary))
         + "</main></body></html>\n"
     )
@@ -58,43 +60,80 @@ def _arms_table(summary: dict[str, Any]) -> str:
     arms = summary.get("arms", {})
     if not arms:
         return "<p class='empty'>No arm has finished all its seeds yet.</p>"
-    comparisons = {c["arm"]: c for c in summary.get("comparisons", [])}
     rows = []
     for arm, row in arms.items():
-        c = comparisons.get(arm)
-        if c is not None:
-            versus = (
-                f"<td class='num'>{_pct(c['difference'], True)} <span class='se'>"
-                f"[{_pct(c['low'], True)}, {_pct(c['high'], True)}]</span></td>"
-                f"<td class='num'>{c['p_value']:.3g}</td><td>{_esc(c['test'])}</td>"
-                f"<td><b>{_esc(c['verdict'])}</b></td>"
-            )
-        elif arm == summary.get("baseline"):
-            versus = "<td colspan='4' class='note'>the baseline</td>"
-        else:
-            versus = "<td colspan='4' class='note'>no baseline to compare with</td>"
-        per_seed = ", ".join(f"{s}: {_pct(v)}" for s, v in row.get("per_seed", {}).items())
+        intervals = row.get("per_seed_interval", {})
+        per_seed = ", ".join(
+            f"{s}: {_pct(v)}" + (f" [{_pct(intervals[s][0])}, {_pct(intervals[s][1])}]"
+                                 if s in intervals else "")
+            for s, v in row.get("per_seed", {}).items()
+        )  # fmt: skip
+        role = " (baseline)" if arm == summary.get("baseline") else ""
         rows.append(
-            f"<tr><td>{_esc(arm)}</td><td>{_esc(str(row.get('recipe', '')))}</td>"
+            f"<tr><td>{_esc(arm)}{role}</td><td>{_esc(str(row.get('recipe', '')))}</td>"
             f"<td>{_esc(str(row.get('control', '')))}</td>"
             f"<td class='num'>{_pct(row['pass_at_1'])} <span class='se'>"
             f"[{_pct(row['low'])}, {_pct(row['high'])}]</span></td>"
-            f"<td class='num'>{_esc(per_seed)}</td>{versus}</tr>"
+            f"<td class='num'>{_esc(per_seed)}</td></tr>"
         )
     note = (
-        "<p class='meta'>Intervals: 95% percentile bootstrap over problems. Against the "
-        "baseline: McNemar's exact test with one seed, else the paired bootstrap of per-problem "
-        "scores; the verdict is 'better' or 'worse' when p &lt; 0.05, else 'not "
-        "distinguishable'.</p>"
+        "<p class='meta'>Intervals: 95% Wilson score intervals, over problems for the pooled "
+        "pass@1 (a problem's score is the mean over seeds) and per seed.</p>"
     )
     return (
         "<div class='scroll'><table class='eval'><thead><tr><th>arm</th><th>recipe</th>"
-        "<th>control</th><th>pass@1 [95%]</th><th>per seed</th><th>arm − baseline [95%]</th>"
-        "<th>p</th><th>test</th><th>verdict</th></tr></thead><tbody>"
+        "<th>control</th><th>pass@1 [95%]</th><th>per seed [95%]</th></tr></thead><tbody>"
         + "".join(rows)
         + "</tbody></table></div>"
         + note
     )
+
+
+def _contrasts_table(summary: dict[str, Any]) -> str:
+    comparisons = summary.get("comparisons", [])
+    pending = summary.get("contrasts_pending", [])
+    waiting = (
+        f"<p class='note'>Waiting for runs: {_esc(', '.join(pending))}.</p>" if pending else ""
+    )
+    if not comparisons:
+        return "<p class='empty'>No contrast has both its arms finished yet.</p>" + waiting
+    unit = "family" if summary.get("cluster") == "family" else "problem"
+    units = "families" if unit == "family" else "problems"
+    rows = "".join(
+        f"<tr><td>{_esc(c['arm'])} − {_esc(c['baseline'])}</td>"
+        f"<td class='num'>{_pct(c['difference'], True)} <span class='se'>"
+        f"[{_pct(c['low'], True)}, {_pct(c['high'], True)}]</span></td>"
+        f"<td class='num'>{c['arm_better']} / {c['baseline_better']}</td>"
+        f"<td class='num'>{c['problems_arm_better']} / {c['problems_baseline_better']}</td>"
+        f"<td class='num'>{c['p_value']:.3g}</td><td class='num'>{c['p_adjusted']:.3g}</td>"
+        f"<td class='num'>{_detectable(c.get('detectable'))}</td><td>{_esc(c['test'])}</td>"
+        f"<td><b>{_esc(c['verdict'])}</b><br><span class='se'>{_esc(c['statement'])}"
+        "</span></td></tr>"
+        for c in comparisons
+    )
+    note = (
+        f"<p class='meta'>Paired per {unit} ({summary.get('clusters')} clusters; seeds are "
+        "averaged inside a cluster): the exact sign-flip test of the per-cluster mean "
+        "differences (random sign patterns past 20 non-zero clusters), its inversion for the "
+        f"95% interval, Holm's adjustment over the {len(comparisons)} contrasts for the "
+        "verdict ('better' or 'worse' when the adjusted p &lt; 0.05). + / −: clusters and "
+        "problems where the arm scored higher / lower. Detectable: the difference this study "
+        "would find with 80% power at alpha 0.05, (1.96 + 0.84) × SD of the per-cluster "
+        "differences / √clusters.</p>"
+    )
+    return (
+        "<div class='scroll'><table class='eval'><thead><tr><th>arm − reference</th>"
+        f"<th>difference [95%]</th><th>{units} + / −</th><th>problems + / −</th><th>p</th>"
+        "<th>Holm p</th><th>detectable</th><th>test</th><th>verdict</th></tr></thead><tbody>"
+        + rows
+        + "</tbody></table></div>"
+        + note
+        + waiting
+    )
+
+
+def _detectable(value: float | None) -> str:
+    return "–" if value is None else _pct(value)
 
 
 def _runs_table(summary: dict[str, Any]) -> str:
