@@ -285,10 +285,16 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from weighted_mtp.config import load_config
-    from weighted_mtp.train.loop import train
+    from weighted_mtp.train import distributed
+    from weighted_mtp.train.loop import PREEMPTED_EXIT_CODE, Preempted, train
 
     config = load_config(args.config, args.overrides)
-    train(config, StorageLayout.from_arg(args.storage))
+    try:
+        train(config, StorageLayout.from_arg(args.storage))
+    except Preempted as stop:
+        if distributed.env_info().is_main:
+            print(f"wmtp: {stop}", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT_CODE
     return 0
 
 

@@ -238,7 +238,10 @@ class CriticConfig(Section):
 class CheckpointConfig(Section):
     every: int = Field(default=500, ge=1)
     keep_last: int = Field(default=2, ge=1)
-    resume: bool = False
+    resume: bool | Literal["auto"] = False
+    """Continue from the run's newest step checkpoint. ``true``: that of ``run_name`` (without
+    one, of the experiment's newest run); ``auto``: only with a ``run_name`` whose folder holds
+    one, else a fresh start (what a requeued job wants, docs/SCALING.md §6)."""
     best_metric: str | None = None
     """Also keep ``best/``: the checkpoint with the best value of this validation metric."""
     best_mode: Literal["min", "max"] = "min"

@@ -15,8 +15,11 @@ import datetime as dt
 import json
 import math
 import resource
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -105,7 +108,7 @@ def run_dir_for(config: Config, layout: StorageLayout, info: distributed.DistInf
     """``checkpoints/<experiment>/<run>``; on resume without a name, the newest run."""
     base = layout.checkpoint(config.experiment)
     name = config.run_name
-    if name is None and config.checkpoint.resume and base.is_dir():
+    if name is None and config.checkpoint.resume is True and base.is_dir():
         runs = sorted(
             (p for p in base.iterdir() if (p / "config.yaml").is_file()), key=lambda p: p.name
         )
@@ -117,6 +120,23 @@ def run_dir_for(config: Config, layout: StorageLayout, info: distributed.DistInf
         torch.distributed.broadcast_object_list(box, src=0)
         name = box[0]
     return base / name
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""A scheduler's notice (preemption, the end of a time limit): finish the optimizer step,
+write a checkpoint, stop (docs/SCALING.md §6)."""
+PREEMPTED_EXIT_CODE = 75
+"""``wmtp train``'s exit code after such a stop (EX_TEMPFAIL: run it again to continue)."""
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after writing a step checkpoint; the run goes on with
+    ``checkpoint.resume=auto`` (or ``true``) and the same ``run_name``."""
+
+    def __init__(self, signal_name: str, step: int, path: Path) -> None:
+        super().__init__(f"stopped by {signal_name} after step {step}: checkpoint {path}; "
+                         "run the same command with checkpoint.resume=auto to continue")  # fmt: skip
+        self.step, self.path = step, path
 
 
 class Trainer:
@@ -367,7 +387,40 @@ class Trainer:
 
     # ---- the loop ----
 
+    @contextmanager
+    def stop_signals(self) -> Iterator[None]:
+        """Within: SIGTERM and SIGUSR1 ask the loop to stop after the current step
+        (``self.stop_requested``); the previous handlers come back afterwards."""
+        self.stop_requested: str | None = None
+        if threading.current_thread() is not threading.main_thread():
+            yield  # handlers can only be installed from the main thread
+            return
+
+        def ask(signum: int, frame: object) -> None:
+            self.stop_requested = signal.Signals(signum).name
+
+        previous = {s: signal.signal(s, ask) for s in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def should_stop(self) -> str | None:
+        """The signal that asked to stop, if any rank got one (every rank calls this after every
+        step, so all stop after the same step)."""
+        asked = self.stop_requested
+        if self.info.enabled:
+            flag = torch.tensor([0 if asked is None else 1], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            asked = asked or ("a signal to another rank" if int(flag) else None)
+        return asked
+
     def fit(self) -> Path:
+        with self.stop_signals():
+            return self._fit()
+
+    def _fit(self) -> Path:
         config, info = self.config, self.info
         self.maybe_resume()
         if info.is_main:
@@ -427,11 +480,18 @@ class Trainer:
                     logger.log(metrics, self.state.step)
                 if self.val_batches and self.state.step % config.log.val_every == 0:
                     self.after_validation(self.validate(), logger)
-                if (
+                saved = (
                     self.state.step % config.checkpoint.every == 0
                     and self.state.step < self.total_steps
-                ):
+                )
+                if saved:
                     self.save(f"step_{self.state.step:08d}")
+                asked = self.should_stop()
+                if asked and self.state.step < self.total_steps:
+                    name = f"step_{self.state.step:08d}"
+                    path = self.run_dir / name if saved else self.save(name)
+                    logger.close()
+                    raise Preempted(asked, self.state.step, path)
         if self.val_batches and self.state.step % config.log.val_every != 0:
             self.after_validation(self.validate(), logger)
         final = self.save("final")
@@ -474,6 +534,9 @@ def train(config: Config, layout: StorageLayout) -> Path:
     try:
         trainer = Trainer(config, layout)
         final = trainer.fit()
+    except Preempted:
+        distributed.destroy()  # every rank stopped after the same step and saved
+        raise
     except BaseException as error:
         info = distributed.env_info()
         if info.enabled:  # which rank failed, and where (a timed-out collective too)
