@@ -3,8 +3,11 @@ test_sandbox_attacks.py."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -230,6 +233,99 @@ def test_run_many_is_deterministic() -> None:
     two = [r.verdict for r in run_many(programs, workers=2, timeout_s=2.0)]
     assert one == two
     assert [e or v for e, v in zip(expected, one, strict=True)] == one
+
+
+ADD_TESTS = {"setup": "", "test": "assert add(1, 2) == 3\nassert add(5, -5) == 0\n",
+             "entry_point": "add"}  # fmt: skip
+
+
+def _strict(program: str, timeout_s: float = 2.0) -> dict[str, object]:
+    return {"program": program, "check": "function", "tests": ADD_TESTS, "timeout_s": timeout_s}
+
+
+def test_verdicts_do_not_depend_on_the_run_or_the_worker_count() -> None:
+    """Candidates whose answer depends on ``random`` or on str hashes: one verdict over five
+    runs with one and with two workers, each run in fresh jails as a new ``wmtp score`` gets
+    (docs/EVALUATION.md §4.3). Unseeded, each jail drew its own."""
+    jobs = {
+        "random": _strict(
+            "import random\ndef add(a, b):\n    return a + b if random.random() < 0.5 else 0\n"
+        ),
+        "random-in-call": _strict(
+            "def add(a, b):\n    import random\n    return a + b if random.random() < 0.5 else 0\n"
+        ),
+        "hash": _strict("def add(a, b):\n    return a + b if hash('wmtp') & 1 else 0\n"),
+        "hash-compat": {"program": "assert hash('wmtp') & 1\n", "timeout_s": 2.0},
+    }
+    seen: dict[str, set[str]] = {name: set() for name in jobs}
+    for _ in range(5):
+        for workers in (1, 2):
+            supervisor.shutdown()  # fresh jails
+            results = run_many(list(jobs.values()) * 2, workers=workers)
+            for name, result in zip(list(jobs) * 2, results, strict=True):
+                seen[name].add(result.verdict)
+    assert all(len(verdicts) == 1 for verdicts in seen.values()), seen
+
+
+def _fd_links(pid: int) -> dict[int, str]:
+    links = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            links[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+    return links
+
+
+def _pid_1_of(pid: int) -> int:
+    """The host pid of PID 1 of ``pid``'s PID namespace."""
+    ns = os.readlink(f"/proc/{pid}/ns/pid")
+    for name in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            if name.isdigit() and os.readlink(f"/proc/{name}/ns/pid") == ns:
+                text = Path(f"/proc/{name}/status").read_text()
+                if text.split("NSpid:")[1].splitlines()[0].split()[-1] == "1":
+                    return int(name)
+    raise AssertionError(f"no PID 1 in the namespace of {pid}")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="reading a jail's /proc files from the host")
+def test_pid_1_of_a_sample_holds_none_of_its_descriptors_and_blocks_signals() -> None:
+    """The holder (PID 1 of the sample's namespace) keeps no copy of the sample's channel, its
+    stdout/stderr or the trusted tests (so the tester sees end-of-file when the candidate lets
+    go, and the tests are not open in PID 1), and has every signal blocked (a handled signal
+    would run the zygote's handler): docs/EVALUATION.md §4.1."""
+    token = f"wmtp-h{os.getpid() % 1000000:06d}"
+    program = (
+        f"import ctypes, time\nctypes.CDLL(None).prctl(15, b'{token}', 0, 0, 0)\n"
+        "time.sleep(3)\ndef add(a, b):\n    return a + b\n"
+    )
+    done: list[ExecResult] = []
+    thread = threading.Thread(target=lambda: done.append(run_program(**_strict(program, 5.0))))
+    thread.start()
+    try:
+        runner = None
+        deadline = time.monotonic() + 10.0
+        while runner is None and time.monotonic() < deadline:
+            for name in os.listdir("/proc"):
+                with contextlib.suppress(OSError):
+                    if name.isdigit() and Path(f"/proc/{name}/comm").read_text().strip() == token:
+                        runner = int(name)
+            time.sleep(0.05)
+        assert runner is not None, "the sample never started"
+        status = dict(
+            line.split(":\t", 1) for line in Path(f"/proc/{runner}/status").read_text().splitlines()
+        )
+        assert status["NSpid"].split()[-1] == "2"  # the runner is PID 2 of its namespace
+        holder = _pid_1_of(runner)
+        ours, theirs = _fd_links(runner), _fd_links(holder)
+        assert not [link for link in theirs.values() if "memfd:" in link], theirs
+        assert not {ours[fd] for fd in (1, 2, 3)} & set(theirs.values()), (ours, theirs)
+        holder_status = Path(f"/proc/{holder}/status").read_text()
+        blocked = int(holder_status.split("SigBlk:")[1].split()[0], 16)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+            assert blocked & (1 << (sig - 1)), holder_status
+    finally:
+        thread.join()
+    assert done and done[0].verdict == "passed", done
 
 
 def test_isolation_report_keys() -> None:

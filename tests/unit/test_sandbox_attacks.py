@@ -608,3 +608,73 @@ def test_nothing_carries_over_through_the_network_stack(sbx: Any) -> None:
     first, second = sbx.many([send, look])
     assert first["verdict"] == "passed" and second["verdict"] == "passed"
     assert second["stdout"].strip() == "0"  # no socket of the first: a fresh network namespace
+
+
+# --- a candidate that drops its channel, signals its PID 1, raises odd exceptions --------------
+
+DROPPED_CHANNEL = {
+    "exit-at-import": "import os\nos._exit(0)\n",
+    "closes-every-fd": "import os\nos.closerange(0, 1 << 16)\n",
+    "swaps-fd-3": "import os\nos.dup2(os.open('/dev/null', os.O_RDWR), 3)\n",
+    "swaps-fd-3-and-waits": "import os, socket, time\nmine, other = socket.socketpair()\n"
+    "os.dup2(mine.fileno(), 3)\ntime.sleep(30)\n",
+    "closes-fd-3-and-waits": "import os, time\nos.close(3)\ntime.sleep(30)\n",
+    "exits-leaving-a-child": "import os, time\nif os.fork() == 0:\n    time.sleep(30)\n"
+    "os._exit(0)\n",
+    "exits-in-a-call": "    raise SystemExit(0)\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(DROPPED_CHANNEL))
+def test_a_dropped_channel_is_no_result_at_once(sbx: Any, name: str) -> None:
+    # The tester sees end-of-file as soon as the candidate's process is gone or lets go of its
+    # channel: nothing else (PID 1 of its namespace included) holds a copy; not the wall limit
+    # of 3 x 3 s + 1 s and "timeout" (docs/EVALUATION.md §4.4).
+    code = DROPPED_CHANNEL[name]
+    completion = code if code.startswith(" ") else "    return a + b\n" + code
+    start = time.monotonic()
+    (result,) = sbx.many([_strict(completion)])
+    assert result["verdict"] == "no_result", result
+    assert "first_verdict" not in result["detail"], result
+    assert time.monotonic() - start < 3.0
+
+
+def test_signals_to_pid_1_cannot_reach_the_zygote(sbx: Any) -> None:
+    # PID 1 of a sample shares the zygote's memory: a signal it handled would run the zygote's
+    # Python handler (SIGINT: KeyboardInterrupt in the zygote, the jail gone, harness_error).
+    send = """\
+        import os, signal
+        for sig in sorted(signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}):
+            try:
+                os.kill(1, sig)
+            except OSError:
+                pass
+        """
+    send = textwrap.dedent(send)
+    stdio = _prog(send + "import time\ntime.sleep(0.3)\nprint('alive')\n", check="stdio")
+    strict = _strict("    return a + b\n" + send)
+    first, second, control = sbx.many([stdio, strict, _strict("    return a + b\n")])
+    assert first["verdict"] == "passed" and first["stdout"] == "alive\n", first
+    assert second["verdict"] == "passed", second
+    assert control["verdict"] == "passed", control
+    assert not [r for r in (first, second, control) if "first_verdict" in r["detail"]]
+
+
+ODD_EXCEPTIONS = {
+    "UnicodeDecodeError": "raise UnicodeDecodeError('utf-8', b'', 0, 1, 'x')\n",
+    "ExceptionGroup": "raise ExceptionGroup('x', [ValueError()])\n",
+    "user-class": "class UnicodeDecodeError(Exception):\n    pass\nraise UnicodeDecodeError()\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ODD_EXCEPTIONS))
+def test_exceptions_whose_constructor_needs_arguments_are_error_verdicts(
+    sbx: Any, name: str
+) -> None:
+    code = ODD_EXCEPTIONS[name]
+    at_import = _strict("    return a + b\n" + code)
+    in_a_call = _strict(textwrap.indent(code, "    "))
+    want = "error:ExceptionGroup" if name == "ExceptionGroup" else "error:UnicodeDecodeError"
+    for result in sbx.many([at_import, in_a_call]):
+        assert result["verdict"] == want, result
+        assert "first_verdict" not in result["detail"], result

@@ -1,7 +1,7 @@
 """The code that runs inside a worker's jail (docs/EVALUATION.md §4).
 
 Standard library only, and no import from this package: the supervisor compiles it and hands
-the bytecode to ``python -I -S`` inside bubblewrap (``jail.BOOTSTRAP``), where nothing of the
+the bytecode to ``python -s -P -S`` inside bubblewrap (``jail.BOOTSTRAP``), where nothing of the
 project is mounted. Tests import it as an ordinary module (the codec, the seccomp filter).
 
 Roles, all forked from one pre-warmed process per jail, the *zygote*:
@@ -62,6 +62,12 @@ PREWARM = (
 
 MAX_MESSAGE = 16 << 20
 MAX_DEPTH = 100
+# At most this many items (keys) of one decoded set or dict may share a hash value: items of
+# equal hash make building the set quadratic (20,000 ints k * (2**61 - 1): 6 s of the trusted
+# tester's CPU, outside the sample's limit). Real data has a handful at most (-1 and -2 share
+# one); a peer's message with more is refused before anything is built (docs/EVALUATION.md §4.3).
+MAX_EQUAL_HASHES = 16
+MAX_EXCEPTION_MESSAGE = 1000  # characters of a candidate's exception message carried back
 
 
 class ProtocolError(Exception):
@@ -144,24 +150,39 @@ def decode(obj: Any, handle: Any, depth: int = 0) -> Any:
         if type(body) is not list:
             raise ProtocolError("malformed container")
         if tag == "d":
-            out = {}
+            pairs = []
             for pair in body:
                 if type(pair) is not list or len(pair) != 2:
                     raise ProtocolError("malformed dict item")
-                out[decode(pair[0], handle, depth + 1)] = decode(pair[1], handle, depth + 1)
-            return out
+                pairs.append(
+                    (decode(pair[0], handle, depth + 1), decode(pair[1], handle, depth + 1))
+                )
+            _check_hashes([key for key, _ in pairs])
+            return dict(pairs)
         items = [decode(v, handle, depth + 1) for v in body]
         if tag == "l":
             return items
         if tag == "t":
             return tuple(items)
         if tag == "s":
-            return set(items)
+            return set(_check_hashes(items))
         if tag == "F":
-            return frozenset(items)
+            return frozenset(_check_hashes(items))
     except (ValueError, TypeError, OverflowError) as exc:
         raise ProtocolError(f"bad {tag!r} value: {type(exc).__name__}") from None
     raise ProtocolError(f"unknown tag {tag!r}")
+
+
+def _check_hashes(items: list[Any]) -> list[Any]:
+    """``items`` if at most MAX_EQUAL_HASHES of them share a hash value, else ProtocolError:
+    linear work before a set or dict is built from a peer's items (TypeError if unhashable)."""
+    counts: dict[int, int] = {}
+    for item in items:
+        h = hash(item)
+        seen = counts[h] = counts.get(h, 0) + 1
+        if seen > MAX_EQUAL_HASHES:
+            raise ProtocolError("too many items of equal hash")
+    return items
 
 
 def send_message(sock: socket.socket, message: Any) -> None:
@@ -342,7 +363,7 @@ def _read_fd(fd: int) -> bytes:
 # --- the sample: namespaces, init, runner --------------------------------------------------------
 
 
-CLONE_VM = 0x100
+CLONE_VM, CLONE_FILES = 0x100, 0x400
 SIGCHLD_FLAG = 17  # the exit signal in clone's flags: SIGCHLD, as fork() has it
 _OWN_PID_NS = -1  # the zygote's own PID namespace, to return to after starting a sample
 _HOLDER_STACK: Any = None  # the stack of the namespace holders (one alive at a time)
@@ -389,11 +410,25 @@ def _start_sample(cfg: dict[str, Any], fds: dict[int, int]) -> tuple[int, int | 
     _call("unshare", CLONE_NEWPID)
     holder = runner = None
     try:
-        holder = libc.clone(
-            pause, ctypes.c_void_p(top), ctypes.c_int(CLONE_VM | SIGCHLD_FLAG), None
-        )
-        if holder < 0:
+        # The holder runs no code of its own before pause(), so what it must not have is
+        # arranged by the clone (docs/EVALUATION.md §4.1):
+        # * CLONE_FILES: it shares the zygote's descriptor table instead of keeping copies of
+        #   it (the sample's channel end and stdout/stderr, the tests' memfd, the zygote's
+        #   sockets), so the tester sees end-of-file when the sample's process goes away, and
+        #   the trusted tests, which the zygote closes at once, are not open in PID 1.
+        # * every signal blocked (the mask is inherited; the zygote's own comes back at once):
+        #   the holder has copies of the zygote's handlers, and a sample's os.kill(1, SIGINT)
+        #   would run the zygote's Python handler, in the zygote's memory, and end the jail.
+        #   Blocked, a signal from the sample stays pending; SIGKILL from the zygote still ends
+        #   the holder, and nothing in the namespace may send it to its PID 1.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            flags = CLONE_VM | CLONE_FILES | SIGCHLD_FLAG
+            holder = libc.clone(pause, ctypes.c_void_p(top), ctypes.c_int(flags), None)
             errno = ctypes.get_errno()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if holder < 0:
             raise OSError(errno, f"clone: {os.strerror(errno)}")
         runner = _fork(_sample, fds, cfg)
     finally:
@@ -567,24 +602,38 @@ def _serve(src: str) -> None:
         return objects[ref]
 
     namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+    import random
+
+    # Seeded as compat's programs are (``_run_program``; the hash seed is the jail's): a
+    # candidate that uses ``random`` gets the same verdict in every run (docs/EVALUATION.md §4.3).
+    random.seed(0)
     try:
         exec(compile(src, "<candidate>", "exec"), namespace)
         reply: Any = ["ready"]
     except SystemExit:
         os._exit(0)
-    except Exception as exc:
-        import traceback
-
-        traceback.print_exc()
-        reply = ["raise", type(exc).__name__]
-    send_message(chan, reply)
-    if reply[0] != "ready":
-        os._exit(0)
-    while True:
+    except BaseException as exc:
         try:
-            request = recv_message(chan)
-        except EOFError:
-            os._exit(0)
+            import traceback
+
+            traceback.print_exc()
+        except BaseException:
+            pass
+        reply = _raised(exc)
+    try:
+        send_message(chan, reply)
+        if reply[0] == "ready":
+            _answer(chan, namespace, handle_of, resolve)
+    except (OSError, EOFError, ProtocolError):
+        pass  # the channel is gone: closed or replaced by the candidate, or the tests are done
+    # The tester sees end-of-file and says ``no_result`` unless it has its verdict.
+    os._exit(0)
+
+
+def _answer(chan: socket.socket, namespace: dict[str, Any], handle_of: Any, resolve: Any) -> None:
+    """Answer the tester's requests on ``chan`` until it closes it (EOFError)."""
+    while True:
+        request = recv_message(chan)
         op = request[0]
         try:
             if op == "has":
@@ -599,12 +648,23 @@ def _serve(src: str) -> None:
                 reply = ["ok", encode(getattr(resolve(request[1]), request[2]), handle_of)]
             else:
                 raise ProtocolError(f"unknown request {op!r}")
-        except Exception as exc:
-            reply = ["raise", type(exc).__name__]
+        except SystemExit:
+            os._exit(0)  # the program ended before the tests did: ``no_result`` (§4.4)
+        except BaseException as exc:
+            reply = _raised(exc)
         try:
             send_message(chan, reply)
         except ProtocolError:
             send_message(chan, ["too_large"])
+
+
+def _raised(exc: BaseException) -> list[str]:
+    """The reply for a candidate's exception: its type name and message, as strings only."""
+    try:
+        message = str(exc)[:MAX_EXCEPTION_MESSAGE]
+    except BaseException:
+        message = ""
+    return ["raise", type(exc).__name__, message]
 
 
 # --- the tester: trusted test code against the candidate over the channel ------------------------
@@ -625,8 +685,8 @@ class Remote:
         reply = recv_message(self.sock)
         if type(reply) is not list or not reply or type(reply[0]) is not str:
             raise ProtocolError("malformed reply")
-        if reply[0] == "raise" and len(reply) == 2 and type(reply[1]) is str:
-            raise _remote_exception(reply[1])
+        if reply[0] == "raise" and _is_raise(reply):
+            raise _remote_exception(*reply[1:])
         if reply[0] == "too_large":
             raise OutputTooLarge("the candidate's value is over the channel cap")
         return reply
@@ -654,15 +714,36 @@ class Remote:
 _NOT_REBUILT = {"StopIteration", "StopAsyncIteration"}
 
 
-def _remote_exception(name: str) -> BaseException:
+def _is_raise(reply: Any) -> bool:
+    """``["raise", type name, message]`` (the message may be absent), all strings."""
+    return (
+        type(reply) is list
+        and len(reply) in (2, 3)
+        and reply[0] == "raise"
+        and all(type(part) is str for part in reply[1:])
+        and len(reply[-1]) <= MAX_EXCEPTION_MESSAGE
+    )
+
+
+def _remote_exception(name: str, message: str = "") -> BaseException:
     """The candidate's exception, by type name: a builtin exception class where one exists
-    (tests may expect ``ValueError``), else a fresh ``Exception`` subclass of that name."""
+    (tests may expect ``ValueError``), else a fresh ``Exception`` subclass of that name. Made
+    without the class's constructor, whose arguments the candidate never sends (a
+    ``UnicodeDecodeError`` needs five): its ``args`` are the message only (docs/EVALUATION.md
+    §4.3)."""
     if not name.isidentifier() or len(name) > 100:
         return ProtocolError("bad exception name")
+    message = message or "raised by the candidate"
     known = getattr(builtins, name, None)
     if isinstance(known, type) and issubclass(known, Exception) and name not in _NOT_REBUILT:
-        return known("raised by the candidate")
-    return type(name, (Exception,), {})("raised by the candidate")
+        try:
+            exc = known.__new__(known)  # no __init__: nothing the constructor would need
+            exc.args = (message,)
+            str(exc)  # printable, as the test's own handlers may need
+            return exc
+        except Exception:  # a class whose __new__ itself wants arguments (ExceptionGroup)
+            pass
+    return type(name, (Exception,), {})(message)
 
 
 class CandidateFunction:
@@ -689,9 +770,8 @@ def run_tests(spec: dict[str, Any], remote: Remote) -> str:
     first = recv_message(remote.sock)
     if first == ["ready"]:
         pass
-    elif type(first) is list and len(first) == 2 and first[0] == "raise" and type(first[1]) is str:
-        exc = _remote_exception(first[1])
-        return _verdict(exc)
+    elif _is_raise(first):
+        return _verdict(_remote_exception(*first[1:]))
     else:
         raise ProtocolError("malformed greeting")
     namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
@@ -933,6 +1013,11 @@ def _run_one(sock: socket.socket, cfg: dict[str, Any], fds: list[int]) -> dict[s
         if pidfd in ready:
             watch.remove(pidfd)
             sample_done = True
+            if function and not report_done:
+                # The candidate's process is gone, so is the sample: end its namespace now
+                # (a child of it may hold the channel), and the tester sees end-of-file at
+                # once, ``no_result`` (docs/EVALUATION.md §4.4), instead of the wall limit.
+                _kill(holder)
         if sock in ready:
             stopped = sock.recv(64)  # the supervisor says stop (deadline, output cap) or left
             break
@@ -948,6 +1033,10 @@ def _run_one(sock: socket.socket, cfg: dict[str, Any], fds: list[int]) -> dict[s
                 timed_out = True
                 break
             governor.tick(now, cpu, pids)
+    if function and not sample_done and report.strip() == b"no_result":
+        # The channel's end-of-file comes as the candidate's process exits; give its exit
+        # status a moment to tell how (a crash, a MemoryError) before the kill below.
+        sample_done = bool(select.select([pidfd], [], [], 0.1)[0])
     _kill(holder or runner)  # in a jail the kernel kills the rest of the sample's namespace
     tester = _TESTER.kill() if function and not report else None  # it may be stuck: a new one
     if governor.stopped:
@@ -974,6 +1063,8 @@ def _run_one(sock: socket.socket, cfg: dict[str, Any], fds: list[int]) -> dict[s
         # Without a jail the runner's parent exits 128+n when the runner died of signal n.
         rc = 128 - code if code >= 128 and not cfg["isolate"] else code
         pending.remove(runner)
+        if function and not sample_done:
+            rc = None  # alive until the kill above: its end was ours, not the story
     return {
         "rc": rc,
         "report": report[:256].decode("utf-8", "replace"),

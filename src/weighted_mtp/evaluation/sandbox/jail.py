@@ -44,6 +44,9 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 JAIL_OVERHEAD_BYTES = 256 << 20  # zygote + tester, on top of the sample's own memory cap
 PIDS_PER_JAIL = 320  # the sample's RLIMIT_NPROC (256) plus the jail's own processes
 INSIDE_SOURCE = Path(__file__).with_name("inside.py")
+# The zygote's interpreter flags: ``-I`` (isolated) but for ``-E``, so that the environment we
+# set, which is all of it, fixes the hash seed (docs/EVALUATION.md §4.3); no site-packages.
+PYTHON_FLAGS = ("-s", "-P", "-S")
 # The zygote's program arrives as marshalled bytecode on a descriptor: compiled here once, so
 # the jail's interpreter does not compile inside.py itself, which would leave it about 3 MiB
 # larger, and every sample is a fork of it. The jail's Python has our minor version
@@ -94,7 +97,7 @@ def _traversable_by_others(path: str) -> bool:
 def interpreter() -> tuple[str, str]:
     """(executable, prefix) of the Python that runs inside the jail.
 
-    The project's own interpreter without site-packages (``-I -S``: samples get the standard
+    The project's own interpreter without site-packages (``PYTHON_FLAGS``: samples get the standard
     library only). As root the jail runs under a slot uid, which cannot read an interpreter
     kept under a private home (say ``/root``, mode 0700); then the system's Python of the same
     minor version is used, and the isolation report names it.
@@ -134,7 +137,12 @@ def bwrap_command(bwrap: str, exe: str, prefix: str, sock_fd: int, code: int) ->
         "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--dir", "/var/tmp",
         "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/", "--clearenv",
         "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
-        "--", exe, "-I", "-S", "-c", BOOTSTRAP, "jailed-zygote", str(sock_fd), str(code),
+        # The zygote's str hashes are fixed at its start and inherited by every sample and the
+        # tester: seeded, so set orders (and verdicts) do not depend on which jail ran a sample
+        # (docs/EVALUATION.md §4.3). ``-I`` would ignore the seed (it implies ``-E``); ``-s -P``
+        # are the rest of it, and --clearenv leaves no other variable to honour.
+        "--setenv", "PYTHONHASHSEED", "0",
+        "--", exe, *PYTHON_FLAGS, "-c", BOOTSTRAP, "jailed-zygote", str(sock_fd), str(code),
     ]  # fmt: skip
     return cmd
 

@@ -88,7 +88,7 @@ class _UnsafeJail:
         ids = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
         self.uid = uid
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", jails.INSIDE_SOURCE.read_text(), "zygote",
+            [sys.executable, *jails.PYTHON_FLAGS, "-c", jails.INSIDE_SOURCE.read_text(), "zygote",
              str(theirs.fileno())],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             pass_fds=(theirs.fileno(),), env=sample_env() | {"HOME": "/"}, cwd="/",
