@@ -298,6 +298,65 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_slurm_train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="a YAML file from configs/local or configs/production")
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.lr=3e-5")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    parser.add_argument(
+        "--gpus-per-node", type=int, default=1, help="GPUs per node, one rank each (0: CPU ranks)"
+    )
+    parser.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        help="ranks per node (default: --gpus-per-node; with 0 GPUs, 1 gloo rank)",
+    )
+    parser.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per node's task")
+    parser.add_argument("--partition", default=None)
+    parser.add_argument("--time", default=None, help="time limit, e.g. 1-00:00:00")
+    parser.add_argument("--job-name", default=None, help="default: wmtp-<experiment>-<run>")
+    parser.add_argument(
+        "--notice-s",
+        type=int,
+        default=300,
+        help="seconds before the time limit to checkpoint and requeue (default 300)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=None, help="rendezvous port (default: from the job id)"
+    )
+    parser.add_argument(
+        "--sbatch-arg",
+        action="append",
+        default=[],
+        metavar="=--OPTION",
+        help="an extra sbatch option, repeatable: --sbatch-arg=--qos=high",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the script; write and submit nothing"
+    )
+    add_storage_arg(parser)
+
+
+def run_slurm_train(args: argparse.Namespace) -> int:
+    from weighted_mtp import slurm
+
+    options = slurm.JobOptions(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node,
+        cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time,
+        job_name=args.job_name, notice_s=args.notice_s, port=args.port,
+        sbatch_args=list(args.sbatch_arg),
+    )  # fmt: skip
+    job = slurm.plan_train(args.config, args.overrides, args.storage, options)
+    if args.dry_run:
+        print(job.script, end="")
+        print(f"dry run: not written ({job.script_path}), not submitted", file=sys.stderr)
+        return 0
+    job_id = slurm.write_and_submit(job)
+    print(f"submitted job {job_id}: {job.script_path}")
+    print(f"logs: {job.script_path.parent}/{job_id}.out, .err")
+    return 0
+
+
 def add_unsafe_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--unsafe",
@@ -720,6 +779,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     add_train_args(commands.add_parser("train", help="train a recipe from a config file"))
+    slurm = commands.add_parser("slurm", help="run on a SLURM cluster (sbatch)")
+    slurm_cmds = slurm.add_subparsers(dest="slurm_command", required=True)
+    add_slurm_train_args(
+        slurm_cmds.add_parser(
+            "train", help="write the run's sbatch script (torchrun per node, requeue) and submit it"
+        )
+    )
     add_score_args(commands.add_parser("score", help="score pre-generated samples in the sandbox"))
     add_evaluate_args(
         commands.add_parser("evaluate", help="generate and score a checkpoint on a benchmark")
@@ -757,6 +823,7 @@ HANDLERS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
     ("storage", "synthetic"): run_synthetic,
     ("storage", "micro-base"): run_micro_base,
     ("train", None): run_train,
+    ("slurm", "train"): run_slurm_train,
     ("score", None): run_score,
     ("evaluate", None): run_evaluate,
     ("quickstart", None): run_quickstart,
@@ -789,12 +856,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options (``wmtp train c.yaml --storage s lr=1``)
-    if args.command in ("train", "study"):
+    if args.command in ("train", "study", "slurm"):
         args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
         extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    key = (args.command, getattr(args, "storage_command", None))
+    key = (
+        args.command,
+        getattr(args, "storage_command", None) or getattr(args, "slurm_command", None),
+    )
     return dispatch(HANDLERS[key], args, "wmtp")
 
 

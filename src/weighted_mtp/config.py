@@ -7,13 +7,20 @@ of the wrong type fails with the key's dotted path (and, for YAML, ``file:line``
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from weighted_mtp import registry
 from weighted_mtp.base.errors import UserError
 
 
@@ -156,27 +163,39 @@ class WeightingConfig(Section):
     """The per-token weighting of a policy recipe: which one, its control arm, and one section
     of knobs per weighting (``weighting.<name>``), each with its own defaults.
 
-    A weighting registered in ``train/weighting.py`` (``WEIGHTINGS``) brings its own section:
-    ``weighting.<its name>`` is validated against its ``Settings`` class."""
+    Every section is validated against the weighting registry (``weighted_mtp/registry.py``):
+    the built-in ones are the fields below, a weighting registered by another package (entry
+    point ``weighted_mtp.weightings``) brings its own ``Settings`` class, and an unknown section
+    is an error. The registry sits below this module, so every command validates the same way
+    whatever it imported first (docs/ARCHITECTURE.md, "The weighting registry")."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     name: str | None = None
-    """A registered weighting; None uses the recipe's own (``uniform`` for baseline, ntp and
-    ref_tuning, ``rho1`` for rho1, ``critic_td`` for verifiable)."""
+    """A registered weighting; None uses the recipe's own (``registry.RECIPE_WEIGHTINGS``:
+    ``uniform`` for baseline, ntp and ref_tuning, ``rho1`` for rho1, ``critic_td`` for
+    verifiable)."""
     control: Literal["none", "shuffled", "random_matched"] = "none"
     """Control arms: the same weights moved to other tokens (``shuffled`` within each
-    sequence) or random weights matched in distribution (``random_matched``)."""
+    sequence) or random weights matched in distribution (``random_matched``), applied to any
+    weighting's output (``train/weighting/controls.py``, docs/METHOD.md §6)."""
     rho1: Rho1Config = Rho1Config()
     critic_td: CriticTDConfig = CriticTDConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _registered_name(cls, name: str | None) -> str | None:
+        if name is not None and registry.get(name) is None:
+            raise ValueError(
+                f"unknown weighting {name!r}; choose from {', '.join(registry.names())}"
+            )
+        return name
 
     @model_validator(mode="after")
     def _registered_sections(self) -> WeightingConfig:
         extra = self.__pydantic_extra__ or {}
-        if not extra:
-            return self
         for key, value in extra.items():
-            settings = weighting_section(key)
+            settings = registry.settings_of(key)
             if settings is None:
                 raise ValueError(
                     f"unknown weighting section {key!r} (no registered weighting has it)"
@@ -187,6 +206,8 @@ class WeightingConfig(Section):
                 except ValidationError as err:
                     first = err.errors()[0]
                     where = ".".join(str(p) for p in first["loc"])
+                    if first["type"] == "extra_forbidden":
+                        raise ValueError(f"unknown config key 'weighting.{key}.{where}'") from None
                     raise ValueError(f"{key}.{where}: {first['msg']}") from None
         return self
 
@@ -196,23 +217,6 @@ class WeightingConfig(Section):
         if isinstance(section, BaseModel):
             return section
         return default() if default is not None else None
-
-
-def _no_sections(name: str) -> type[BaseModel] | None:
-    return None
-
-
-# The Settings class of a registered weighting, by name. ``train.weighting`` installs its
-# registry lookup here when imported: config sits below train and never imports it.
-weighting_section: Callable[[str], type[BaseModel] | None] = _no_sections
-
-
-HELPERS: dict[str, tuple[str, str]] = {
-    "verifiable": ("weighting.critic_td.critic_checkpoint", "critic"),
-    "rho1": ("weighting.rho1.reference", "ref_tuning"),
-}
-"""Recipe -> (the config key naming its frozen helper's checkpoint, the helper's recipe): what
-must be trained first (docs/METHOD.md §4, §5)."""
 
 
 class CriticConfig(Section):
@@ -346,6 +350,14 @@ def _format_error(err: ValidationError, lines: dict[str, int], source: str) -> s
         return f"{source}: {first['msg'].removeprefix('Value error, ')}"
     if first["type"] == "extra_forbidden":
         return f"{where}unknown config key '{path}'"
+    if first["type"] == "value_error" and isinstance(first.get("input"), dict):
+        # A section's own check (a weighting section validated through the registry): its
+        # message names the key; the section's whole input would not fit on one line.
+        message = first["msg"].removeprefix("Value error, ")
+        if message.startswith("unknown config key '"):
+            key = message.split("'")[1]
+            return f"{source}:{lines[key]}: {message}" if key in lines else message
+        return f"{where}config key '{path}': {message}"
     return f"{where}config key '{path}': {first['msg']} (got {first.get('input')!r})"
 
 

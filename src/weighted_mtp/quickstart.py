@@ -238,12 +238,14 @@ class Quickstart:
 
     def _planned(self, experiment: str) -> Config:
         """The config the stage trains with: the recipe's file and the quickstart's overrides."""
-        from weighted_mtp.config import HELPERS, load_config
+        from weighted_mtp import registry
+        from weighted_mtp.config import load_config
 
         overrides = [f"run_name={RUN_NAME}", f"log.mlflow={self.mlflow_uri is not None}"]
         # A stage that consumes another's checkpoint points at it by run name, not "newest".
-        if experiment in HELPERS:
-            key, upstream = HELPERS[experiment]
+        helper = registry.helper_for(experiment)  # the configs are named after their recipes
+        if helper is not None:
+            key, upstream = helper
             overrides.append(f"{key}={self.final(upstream)}")
         return load_config(self.configs / f"{experiment}.yaml", overrides)
 

@@ -30,11 +30,11 @@ from pydantic import Field, field_validator, model_validator
 from rich.console import Console
 from rich.table import Table
 
+from weighted_mtp import registry
 from weighted_mtp.base.errors import UserError
 from weighted_mtp.base.io import write_json_atomic, write_text_atomic
 from weighted_mtp.base.layout import EVAL_DATASETS, StorageLayout
 from weighted_mtp.config import (
-    HELPERS,
     Config,
     ConfigError,
     Section,
@@ -250,8 +250,9 @@ class Study:
         helper_seeds = spec.seeds[:1] if spec.helpers == "once" else spec.seeds
         recipes = {arm: self._load(self._config_file(a.recipe, f"arms.{arm}.recipe"), [],
                                    f"arms.{arm}") for arm, a in spec.arms.items()}  # fmt: skip
-        needed = sorted({HELPERS[c.train.recipe][1] for c in recipes.values()
-                         if c.train.recipe in HELPERS})  # fmt: skip
+        helpers = {arm: registry.helper_for(c.train.recipe, c.weighting.name)
+                   for arm, c in recipes.items()}  # fmt: skip
+        needed = sorted({h[1] for h in helpers.values() if h is not None})
         for helper in needed:
             path = self._config_file(helper, f"helper {helper}")
             for seed in helper_seeds:
@@ -275,9 +276,8 @@ class Study:
                 overrides = [*common, *arm_spec.overrides, f"run_name={name}",
                              f"train.seed={seed}", *budget,
                              f"weighting.control={arm_spec.control}", *tracking]  # fmt: skip
-                recipe = recipes[arm].train.recipe
-                if recipe in HELPERS:
-                    key, helper = HELPERS[recipe]
+                if helpers[arm] is not None:
+                    key, helper = helpers[arm]
                     upstream = helper_runs[helper, seed if spec.helpers == "per_seed" else
                                            helper_seeds[0]]  # fmt: skip
                     relative = upstream.final.relative_to(self.layout.root)
@@ -396,8 +396,9 @@ class Study:
         if only is None:
             return plan
         arm_runs = [r for r in plan if r.evaluate and r.arm == only]
-        recipe = self._configs[arm_runs[0]].train.recipe
-        helper = HELPERS.get(recipe, (None, None))[1]
+        config = self._configs[arm_runs[0]]
+        helper = (registry.helper_for(config.train.recipe, config.weighting.name)
+                  or (None, None))[1]  # fmt: skip
         return [r for r in plan if (not r.evaluate and r.arm == helper) or r in arm_runs]
 
     def _require_sandbox(self) -> None:

@@ -371,7 +371,7 @@ def test_evaluate_under_torchrun_writes_what_one_process_writes(trained, tmp_pat
     assert run.data.params["num_samples"] == "3" and run.data.params["dataset"] == "humaneval"
 
 
-# ---- the cost of a new idea: one weighting class and one registry entry ----
+# ---- the cost of a new idea: one weighting class and one registry entry (or entry point) ----
 
 
 class EndDecay(Weighting):
@@ -382,7 +382,7 @@ class EndDecay(Weighting):
     class Settings(Section):
         decay: float = 0.9
 
-    def weigh(self, batch, n_heads: int, micro: Micro) -> MicroWeights:
+    def weights(self, batch, n_heads: int, micro: Micro) -> MicroWeights:
         mask = batch.labels != IGNORE_INDEX
         pos = torch.arange(mask.shape[1], device=mask.device)
         last = torch.where(mask, pos, -1).amax(dim=1, keepdim=True)
@@ -436,3 +436,83 @@ def test_nothing_holds_the_frozen_helper_after_prepare(
     assert len(helpers) == 1 and helpers[0]() is None
     metrics = trainer.step([next(trainer.train_stream.iterate(trainer.state))])
     assert torch.isfinite(torch.tensor(metrics["loss"]))
+
+
+# ---- a weighting from another package: one class, one entry point, one YAML file ----
+
+PLUGIN = '''
+import torch
+
+from weighted_mtp.config import Section
+from weighted_mtp.data.collate import IGNORE_INDEX
+from weighted_mtp.train.weighting import Weighting
+
+
+class FirstTokens(Weighting):
+    """Weight ``boost`` on the first ``n`` targets of each response, 1 elsewhere."""
+
+    name = "first_tokens"
+    display_name = "first tokens"
+
+    class Settings(Section):
+        n: int = 4
+        boost: float = 3.0
+
+    def weights(self, batch, n_heads, micro):
+        mask = batch.labels != IGNORE_INDEX
+        rank = torch.cumsum(mask.long(), dim=1)
+        w = torch.where(rank <= self.settings.n, self.settings.boost, 1.0) * mask
+        return self.dense_weights(batch, w, n_heads)
+'''
+
+
+def _plugin_package(root):
+    """``wmtp_first`` and its ``.dist-info`` on ``root``: what ``pip install`` leaves."""
+    (root / "wmtp_first").mkdir(parents=True)
+    (root / "wmtp_first/__init__.py").write_text(PLUGIN)
+    info = root / "wmtp_first-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: wmtp-first\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[weighted_mtp.weightings]\nfirst_tokens = wmtp_first:FirstTokens\n"
+    )
+
+
+def test_a_weighting_from_an_entry_point_trains_with_its_controls(tiny_storage, tmp_path):
+    plugin = tmp_path / "site"
+    _plugin_package(plugin)
+    config = yaml.safe_load((REPO / "configs/local/baseline.yaml").read_text())
+    config["weighting"] = {"name": "first_tokens", "first_tokens": {"n": 3, "boost": 4.0}}
+    path = tmp_path / "first_tokens.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(plugin), str(REPO / "src"), str(REPO)])}  # fmt: skip
+
+    def wmtp_train(*overrides: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "weighted_mtp", "train", str(path), *FAST, *overrides,
+             "--storage", str(tiny_storage)],
+            capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+        )  # fmt: skip
+
+    runs = {}
+    for control in ("none", "shuffled"):
+        result = wmtp_train(f"run_name=first-{control}", f"weighting.control={control}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        run_dir = tiny_storage / "checkpoints" / config["experiment"] / f"first-{control}"
+        runs[control] = [m for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m]
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert saved["weighting"]["first_tokens"] == {"n": 3, "boost": 4.0}
+    plain, shuffled = runs["none"], runs["shuffled"]
+    assert [m["step"] for m in plain] == [m["step"] for m in shuffled] == [1, 2, 3]
+    assert all(m["weight_mean/head1"] > 1.0 for m in plain)
+    # The control arm, with no line of the plugin's: the same weights, other tokens.
+    assert [m["weight_mean/head1"] for m in shuffled] == pytest.approx(
+        [m["weight_mean/head1"] for m in plain], abs=1e-6
+    )
+    assert [m["loss"] for m in shuffled] != pytest.approx([m["loss"] for m in plain], abs=1e-6)
+    bad = wmtp_train("run_name=first-bad", "weighting.first_tokens.boots=2")
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == [
+        "wmtp: error: unknown config key 'weighting.first_tokens.boots'"
+    ]

@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from weighted_mtp import registry
 from weighted_mtp.report.runs import Run
 
 RUN_COLORS = plt.get_cmap("tab10").colors
@@ -57,9 +58,15 @@ def head_numbers(runs: list[Run]) -> list[int]:
 def build_figures(runs: list[Run]) -> list[Figure]:
     """Every figure that the runs' metrics can fill, in page order."""
     colors = {run.label: run_color(i) for i, run in enumerate(runs)}
-    policy = [r for r in runs if r.recipe != "critic"]
-    critic = [r for r in runs if r.recipe == "critic"]
+    policy = [r for r in runs if not registry.is_value_recipe(r.recipe)]
+    critic = [r for r in runs if registry.is_value_recipe(r.recipe)]
     heads = head_numbers(policy)
+    # Each registered weighting's own statistics (its registry entry's panels), then per head.
+    weighted = [e for e in registry.report_entries() if e.report_panels]
+    weight_panels = [Panel(title, keys) for e in weighted for title, keys in e.report_panels]
+    weight_panels.append(
+        Panel("weight mean per head", tuple(f"weight_mean/head{k}" for k in heads))
+    )
     specs: list[tuple[str, str, str, list[Run], list[Panel], int]] = [
         ("loss", "Loss and cross-entropy", "Left to right: the training objective and the "
          "unweighted CE averaged over heads, training then validation.", policy, [
@@ -72,19 +79,10 @@ def build_figures(runs: list[Run]) -> list[Figure]:
          "training, bottom row validation; head k predicts the token k positions ahead.",
          policy, [Panel(f"head {k} ({split})", (f"ce/head{k}", f"wce/head{k}"), (split,))
                   for split in ("train", "val") for k in heads], max(1, len(heads))),
-        ("weights", "Token-weight statistics", "TD weights (Verifiable Critic): mean, spread "
-         "and the share of weights clipped low (solid) or high (dashed); Rho-1: the share of "
-         "tokens selected; per-head mean weight (heads 1-4: solid, dashed, dotted, dash-dot).",
-         policy, [
-            Panel("td weight mean", ("td/weight_mean",)),
-            Panel("td weight std", ("td/weight_std",)),
-            Panel("td clipped fraction: low / high", ("td/clip_low_frac", "td/clip_high_frac")),
-            Panel("td advantage mean", ("td/adv_mean",)),
-            Panel("td advantage std", ("td/adv_std",)),
-            Panel("td weight entropy (normalised)", ("td/weight_entropy_norm",)),
-            Panel("rho-1 selected fraction", ("rho1/selected_fraction",)),
-            Panel("weight mean per head", tuple(f"weight_mean/head{k}" for k in heads)),
-        ], 4),
+        ("weights", "Token-weight statistics", "Each weighting's own statistics ("
+         + ", ".join(e.label for e in weighted) + "; a second metric in a panel is dashed, "
+         "e.g. the share of weights clipped high beside those clipped low) and the per-head "
+         "mean weight (heads 1-4: solid, dashed, dotted, dash-dot).", policy, weight_panels, 4),
         ("critic", "Critic training", "Pairwise accuracy (is the correct solution valued "
          "above the incorrect one) and value diagnostics, training and validation.", critic, [
             Panel("pairwise accuracy", ("pair_accuracy",)),

@@ -2,8 +2,8 @@
 coloured by the loss weight a head puts on it.
 
 Continuous weights (Verifiable Critic TD weights) use a diverging map on a log scale centred on
-1, so a uniform weight is white, up-weighted tokens red and down-weighted tokens blue. Rho-1's
-0/1 weights are drawn as selected (green) or dropped (grey, struck through). Tokens where a
+1, so a uniform weight is white, up-weighted tokens red and down-weighted tokens blue. 0/1
+weights (a weighting whose registry entry says ``selection``, Rho-1) are drawn as selected (green) or dropped (grey, struck through). Tokens where a
 head has no target (the prompt, the first k-1 completion tokens of head k) stay uncoloured.
 The same colouring is drawn with matplotlib into a PNG for one example.
 """
@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt
 from matplotlib.colors import ListedColormap, to_hex, to_rgb
 from matplotlib.patches import Rectangle
 
+from weighted_mtp import registry
 from weighted_mtp.report.runs import Run, TokenWeights
 
 CMAP = plt.get_cmap("RdBu_r")
@@ -53,20 +54,21 @@ class WeightScale:
 
 
 def scale_for(run: Run) -> WeightScale:
-    """Rho-1 (or any 0/1 weights with a zero) is a selection; otherwise a continuous scale
-    spanning the configured clip range and the logged values."""
+    """A weighting whose registry entry says 0/1 selection (Rho-1), or any 0/1 weights with a
+    zero, is a selection; otherwise a continuous scale spanning the weighting's clip range
+    (its entry's ``clip_keys`` in its config section) and the logged values."""
     values = [w for ex in run.token_weights for head in ex.weights for w in head if w is not None]
     binary = bool(values) and all(w in (0.0, 1.0) for w in values)
-    if run.recipe == "rho1" or (binary and 0.0 in values):
+    entry = registry.run_weighting(run.recipe, run.config)
+    if (entry is not None and entry.selection) or (binary and 0.0 in values):
         return WeightScale("selection", 0.0, 1.0)
     weighting = run.config.get("weighting") if isinstance(run.config, dict) else None
     low, high, clipped = 0.5, 2.0, False
-    name = weighting.get("name") if isinstance(weighting, dict) else None
-    if isinstance(weighting, dict) and (name or run.recipe) in ("verifiable", "critic_td"):
-        # ``weighting.critic_td.clip_*``; runs before 2026-11-30 kept them in ``weighting``.
-        section = weighting.get("critic_td") or weighting
-        low = float(section.get("clip_min") or low)
-        high = float(section.get("clip_max") or high)
+    if isinstance(weighting, dict) and entry is not None and entry.clip_keys:
+        # ``weighting.<name>.clip_*``; runs before 2026-11-30 kept them in ``weighting``.
+        section = weighting.get(entry.name) or weighting
+        low = float(section.get(entry.clip_keys[0]) or low)
+        high = float(section.get(entry.clip_keys[1]) or high)
         clipped = True
     positive = [w for w in values if w > 0]
     low = min([low, *positive]) if positive else low

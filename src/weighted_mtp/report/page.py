@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from weighted_mtp import registry
 from weighted_mtp.report.figures import Figure, build_figures, run_color
 from weighted_mtp.report.heatmap import heatmap_html, heatmap_png, scale_for
 from weighted_mtp.report.runs import EvalResult, Run, load_runs
@@ -63,10 +64,21 @@ def _title(runs: list[Run]) -> str:
     return "wmtp report: " + (", ".join(r.label for r in runs) or "no runs")
 
 
+def _weighting_label(run: Run) -> str:
+    """The registry's display name of the run's weighting ("" for a value model)."""
+    entry = registry.run_weighting(run.recipe, run.config)
+    if entry is not None:
+        return entry.label
+    section = run.config.get("weighting") if isinstance(run.config, dict) else None
+    name = section.get("name") if isinstance(section, dict) else None
+    return str(name or "")
+
+
 def _header(runs: list[Run]) -> str:
     rows = "".join(
         f'<tr><td><span class="swatch" style="background:{run_color(i)}"></span>'
         f"{_esc(r.label)}</td><td>{_esc(r.experiment)}</td><td>{_esc(r.recipe)}</td>"
+        f"<td>{_esc(_weighting_label(r))}</td>"
         f"<td>{_esc(r.run_name)}</td><td>{_esc(r.base_model)}</td><td class='num'>{r.steps}</td>"
         f"<td class='num'>{_num(r.last('loss'))}</td>"
         f"<td class='num'>{_num(r.last('ce', 'val'))}</td>"
@@ -78,7 +90,7 @@ def _header(runs: list[Run]) -> str:
     return (
         f"<header><h1>Weighted MTP report</h1><p class='meta'>Generated {generated} · "
         f"{len(runs)} run{'s' if len(runs) != 1 else ''}</p>"
-        "<table class='runs'><thead><tr><th>run</th><th>experiment</th><th>recipe</th>"
+        "<table class='runs'><thead><tr><th>run</th><th>experiment</th><th>recipe</th><th>weighting</th>"
         "<th>run name</th><th>base model</th><th>steps</th><th>last loss</th><th>last val CE</th>"
         "<th>last val pair acc.</th><th>folder</th></tr></thead>"
         f"<tbody>{rows}</tbody></table></header>"

@@ -2,8 +2,8 @@
 
 Every recipe runs through the same loop (``train/loop.py``); a recipe only says which model
 trains and which objective it is trained with. A policy recipe's token weighting comes from
-the weighting registry (``train/weighting.py``): the recipe names its default, and
-``weighting.name`` may pick any registered one. Frozen helpers (a reference, a critic) belong
+the weighting registry (``weighted_mtp/registry.py``): ``registry.RECIPE_WEIGHTINGS`` names
+each recipe's default, and ``weighting.name`` may pick any registered one. Frozen helpers (a reference, a critic) belong
 to their weighting, which loads and frees them.
 """
 
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from weighted_mtp import registry
 from weighted_mtp.base.io import write_json_atomic
 from weighted_mtp.base.layout import StorageLayout
 from weighted_mtp.config import Config, LoraConfig
@@ -81,17 +82,18 @@ def policy_recipe(
     config: Config,
     layout: StorageLayout,
     device: torch.device,
-    weighting: str = "uniform",
     n_heads: int | None = None,
 ) -> Recipe:
     """An MTP policy (LoRA) trained on its first ``n_heads`` heads (default: ``model.
-    n_future_tokens`` or all) with the weighting ``weighting.name`` (default: ``weighting``)."""
+    n_future_tokens`` or all) with the weighting ``weighting.name`` (default: the recipe's,
+    ``registry.RECIPE_WEIGHTINGS``)."""
     ctx = BuildContext(layout, device, DTYPES[config.model.dtype], config.train.seed,
                        config.train.normalization, config.weighting.control,
                        config.data.max_length)  # fmt: skip
     # The weighting (and its frozen helper) first: the policy's LoRA init then draws the same
     # random numbers whichever weighting is used.
-    chosen = build_weighting(config.weighting.name or weighting, config.weighting, ctx)
+    name = registry.weighting_of(config.train.recipe, config.weighting.name) or "uniform"
+    chosen = build_weighting(name, config.weighting, ctx)
     model, model_dir, lora = _trainable_model(config, layout, device)
     heads = n_heads or config.model.n_future_tokens or model.n_future_tokens
     if heads > model.n_future_tokens:
@@ -119,12 +121,12 @@ def ref_tuning(config: Config, layout: StorageLayout, device: torch.device) -> R
 
 def rho1(config: Config, layout: StorageLayout, device: torch.device) -> Recipe:
     """The MTP policy with Rho-1 selection against a frozen tuned reference."""
-    return policy_recipe(config, layout, device, "rho1")
+    return policy_recipe(config, layout, device)
 
 
 def verifiable(config: Config, layout: StorageLayout, device: torch.device) -> Recipe:
     """The MTP policy with TD weights from a frozen critic (GAE -> EMA whitening -> exp)."""
-    return policy_recipe(config, layout, device, "critic_td")
+    return policy_recipe(config, layout, device)
 
 
 def critic(config: Config, layout: StorageLayout, device: torch.device) -> Recipe:

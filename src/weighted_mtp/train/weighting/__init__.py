@@ -1,0 +1,73 @@
+"""Per-token weights (docs/ARCHITECTURE.md, "Contracts"; docs/METHOD.md §4-§6), by concern:
+
+* ``base``: the ``Weighting`` contract (``Micro``, ``MicroWeights``, ``BuildContext``);
+* ``controls``: the control arms, applied by ``Weighting.weigh`` to every weighting's output;
+* ``precompute``: a frozen helper's signals computed once and cached;
+* ``uniform``, ``rho1``, ``critic_td`` (GAE, EMA whitening): the built-in weightings;
+* ``build``: a weighting by name from the registry (``weighted_mtp/registry.py``).
+
+A new weighting is one ``Weighting`` subclass (``name``, optional ``Settings``, ``weights``)
+registered by an entry point of ``weighted_mtp.weightings`` (or ``registry.register``); its
+knobs are then ``weighting.<name>.*`` in YAML and ``weighting.control`` applies to it.
+"""
+
+from weighted_mtp.train.weighting.base import BuildContext, Micro, MicroWeights, Weighting
+from weighted_mtp.train.weighting.build import WEIGHTINGS, build_weighting, weighting_class
+from weighted_mtp.train.weighting.controls import (
+    CONTROLS,
+    apply_arm,
+    apply_control,
+    control_generator,
+)
+from weighted_mtp.train.weighting.critic_td import (
+    AdvantageEMA,
+    CriticTD,
+    critic_values_for,
+    gae_advantages,
+    masked_batch_stats,
+    td_weights,
+)
+from weighted_mtp.train.weighting.precompute import (
+    Precompute,
+    cached_per_example,
+    precompute_for,
+    release_memory,
+)
+from weighted_mtp.train.weighting.rho1 import (
+    REFERENCE_CHUNK_ROWS,
+    Rho1,
+    precompute_reference_ce,
+    reference_ce,
+    select_top,
+)
+from weighted_mtp.train.weighting.uniform import Uniform
+
+__all__ = [
+    "CONTROLS",
+    "REFERENCE_CHUNK_ROWS",
+    "WEIGHTINGS",
+    "AdvantageEMA",
+    "BuildContext",
+    "CriticTD",
+    "Micro",
+    "MicroWeights",
+    "Precompute",
+    "Rho1",
+    "Uniform",
+    "Weighting",
+    "apply_arm",
+    "apply_control",
+    "build_weighting",
+    "cached_per_example",
+    "control_generator",
+    "critic_values_for",
+    "gae_advantages",
+    "masked_batch_stats",
+    "precompute_for",
+    "precompute_reference_ce",
+    "reference_ce",
+    "release_memory",
+    "select_top",
+    "td_weights",
+    "weighting_class",
+]
