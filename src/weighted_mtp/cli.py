@@ -289,13 +289,21 @@ def run_train(args: argparse.Namespace) -> int:
     from weighted_mtp.train.loop import PREEMPTED_EXIT_CODE, Preempted, train
 
     config = load_config(args.config, args.overrides)
+    code = 0
     try:
         train(config, StorageLayout.from_arg(args.storage))
     except Preempted as stop:
         if distributed.env_info().is_main:
             print(f"wmtp: {stop}", file=sys.stderr, flush=True)
-        return PREEMPTED_EXIT_CODE
-    return 0
+        code = PREEMPTED_EXIT_CODE
+    if distributed.env_info().enabled:
+        # The run is saved and the process group destroyed: leave now. Under load, gloo's
+        # threads could still abort a rank while the interpreter finalises ("terminate called
+        # without an active exception", SIGABRT), turning a finished run into a failed one.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def add_slurm_train_args(parser: argparse.ArgumentParser) -> None:
