@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup bwrap quickstart ui test lint format clean
+.PHONY: setup bwrap quickstart ui test test-fast lint format clean
 
 $(BIN)/wmtp: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,12 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -n 2 -q
+
+# The fast tier: everything but the tests marked slow or distributed (about 1.5 minutes on 2 cores).
+test-fast: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -n 2 -q -m "not slow and not distributed"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -199,6 +199,7 @@ def test_stats_and_rerun(built):
     )
 
 
+@pytest.mark.slow
 def test_verify_passes_then_catches_a_corrupted_index_map_and_a_flipped_byte(built, tmp_path):
     layout, _, _ = built
     storage = tmp_path / "copy"

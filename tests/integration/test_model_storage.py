@@ -129,6 +129,7 @@ def test_rerun_is_a_noop(meta_storage):
     assert before == {p: p.stat().st_mtime_ns for p in before}
 
 
+@pytest.mark.slow
 def test_flipped_byte_fails_verify_naming_the_file(meta_storage, tmp_path):
     storage = tmp_path / "copy"
     shutil.copytree(meta_storage, storage)
@@ -294,6 +295,7 @@ def test_hf_reference_steps_and_logits(hf_storage):
         assert (ours(TOKENS)[:, :, 0] - hf(TOKENS).logits).abs().max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_bad_input_exits_with_one_line(meta_storage, tmp_path):
     cases = [
         (["--model", "llama-9000", "--steps", "all"], "unknown --model 'llama-9000'"),

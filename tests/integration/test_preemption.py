@@ -82,6 +82,7 @@ def test_stop_on_a_signal_then_resume_auto_is_bitwise_exact(tiny_storage, ranks,
     assert losses[0] == losses[1]
 
 
+@pytest.mark.slow
 def test_resume_auto_without_a_checkpoint_starts_fresh(tiny_storage):
     """``auto`` on a run folder with no checkpoint (and on no run name) trains from step 0."""
     result = launch([sys.executable, *train_args(tiny_storage, "fresh-auto",

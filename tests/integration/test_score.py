@@ -59,6 +59,7 @@ def test_canonical_humaneval_all_pass_and_pass_bodies_all_fail(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_worker_count_does_not_change_verdicts(tmp_path):
     problems = dict(list(humaneval_from_package().items())[:12])
     samples = [{"task_id": t, "completion": c} for t, r in problems.items()

@@ -478,6 +478,7 @@ def _plugin_package(root):
     )
 
 
+@pytest.mark.slow
 def test_a_weighting_from_an_entry_point_trains_with_its_controls(tiny_storage, tmp_path):
     plugin = tmp_path / "site"
     _plugin_package(plugin)

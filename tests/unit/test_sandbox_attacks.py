@@ -465,6 +465,7 @@ def test_memory_by_fork_is_bounded_for_the_whole_sample(sbx: Any) -> None:
     assert held * 700 <= 2048 + 256 + 700, result  # never 6 x 700 MiB at once
 
 
+@pytest.mark.slow
 def test_cpu_hog_does_not_change_a_neighbours_verdict(sbx: Any) -> None:
     # 200 busy processes, each in its own session, for 8 s; beside it, on the other worker, a
     # correct program that needs 1 s of CPU within a 2 s limit (7 s wall backstop). Without a
