@@ -14,11 +14,15 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from weighted_mtp.base.errors import UserError
 from weighted_mtp.base.io import write_json_atomic, write_text_atomic
 from weighted_mtp.base.layout import DATASET_NAMES, EVAL_DATASETS, MODEL_ALIASES, StorageLayout
 from weighted_mtp.config import DataConfig
+
+if TYPE_CHECKING:
+    from weighted_mtp.slurm import JobOptions
 
 MODEL_STEPS = ("download", "convert", "config", "verify")
 DATASET_STEPS = ("process", "metadata", "small", "stats", "eval", "tests")
@@ -309,6 +313,16 @@ def run_train(args: argparse.Namespace) -> int:
 def add_slurm_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="a YAML file from configs/local or configs/production")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.lr=3e-5")
+    add_job_args(parser)
+    parser.add_argument("--job-name", default=None, help="default: wmtp-<experiment>-<run>")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the script; write and submit nothing"
+    )
+    add_storage_arg(parser)
+
+
+def add_job_args(parser: argparse.ArgumentParser) -> None:
+    """The SLURM allocation of a training job (``wmtp slurm train``, ``wmtp study``)."""
     parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     parser.add_argument(
         "--gpus-per-node", type=int, default=1, help="GPUs per node, one rank each (0: CPU ranks)"
@@ -322,7 +336,6 @@ def add_slurm_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per node's task")
     parser.add_argument("--partition", default=None)
     parser.add_argument("--time", default=None, help="time limit, e.g. 1-00:00:00")
-    parser.add_argument("--job-name", default=None, help="default: wmtp-<experiment>-<run>")
     parser.add_argument(
         "--notice-s",
         type=int,
@@ -339,21 +352,23 @@ def add_slurm_train_args(parser: argparse.ArgumentParser) -> None:
         metavar="=--OPTION",
         help="an extra sbatch option, repeatable: --sbatch-arg=--qos=high",
     )
-    parser.add_argument(
-        "--dry-run", action="store_true", help="print the script; write and submit nothing"
-    )
-    add_storage_arg(parser)
+
+
+def job_options(args: argparse.Namespace) -> JobOptions:
+    from weighted_mtp import slurm
+
+    return slurm.JobOptions(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node,
+        cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time,
+        job_name=getattr(args, "job_name", None), notice_s=args.notice_s, port=args.port,
+        sbatch_args=list(args.sbatch_arg),
+    )  # fmt: skip
 
 
 def run_slurm_train(args: argparse.Namespace) -> int:
     from weighted_mtp import slurm
 
-    options = slurm.JobOptions(
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node,
-        cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time,
-        job_name=args.job_name, notice_s=args.notice_s, port=args.port,
-        sbatch_args=list(args.sbatch_arg),
-    )  # fmt: skip
+    options = job_options(args)
     job = slurm.plan_train(args.config, args.overrides, args.storage, options)
     if args.dry_run:
         print(job.script, end="")
@@ -605,6 +620,22 @@ def add_study_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-mlflow", action="store_true", help="do not log runs, evaluations and the summary"
     )
+    parser.add_argument(
+        "--executor",
+        choices=("local", "slurm"),
+        default="local",
+        help="local: every run here, one after another (default); slurm: every run a SLURM "
+        "job with dependencies (run the command again to see progress and resubmit failures)",
+    )
+    parser.add_argument(
+        "--wait", action="store_true", help="slurm: wait until every job has ended, then report"
+    )
+    parser.add_argument(
+        "--poll-s", type=float, default=30.0, help="slurm --wait: seconds between looks"
+    )
+    parser.add_argument("--execute", default=None, help=argparse.SUPPRESS)  # a job's own step
+    slurm_group = parser.add_argument_group("the training jobs' allocation (--executor slurm)")
+    add_job_args(slurm_group)  # type: ignore[arg-type]
     add_unsafe_arg(parser)
     add_storage_arg(parser)
 
@@ -612,11 +643,23 @@ def add_study_args(parser: argparse.ArgumentParser) -> None:
 def run_study(args: argparse.Namespace) -> int:
     from weighted_mtp.study import study
 
+    if args.executor != "slurm" and (args.wait or _slurm_only(args)):
+        raise UserError("--wait and the allocation options go with --executor slurm")
     study(
         args.spec, args.storage, args.overrides, configs=args.configs, only=args.only,
         dry_run=args.dry_run, tracking=not args.no_mlflow, unsafe=args.unsafe,
+        executor=args.executor, jobs=job_options(args), wait=args.wait, poll_s=args.poll_s,
+        execute=args.execute,
     )  # fmt: skip
     return 0
+
+
+def _slurm_only(args: argparse.Namespace) -> bool:
+    """Whether any allocation option differs from its default."""
+    defaults = {"nodes": 1, "gpus_per_node": 1, "nproc_per_node": None, "cpus_per_task": None,
+                "partition": None, "time": None, "notice_s": 300, "port": None,
+                "sbatch_arg": []}  # fmt: skip
+    return any(getattr(args, k) != v for k, v in defaults.items())
 
 
 def add_report_args(parser: argparse.ArgumentParser) -> None:

@@ -161,18 +161,24 @@ def render(
     directives += options.sbatch_args
     train = [sys.executable, "-m", "weighted_mtp", "train", str(config_file),
              "--storage", str(root), *overrides]  # fmt: skip
-    torchrun = (
-        f'{q(sys.executable)} -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" '
-        f'--nproc_per_node={nproc} --rdzv_backend=c10d --rdzv_id="$SLURM_JOB_ID" '
-        f'--rdzv_endpoint="$WMTP_RDZV" {" ".join(q(a) for a in train[1:])}'
-    )
-    # One node: torchrun's agent ignores SIGUSR1 and SIGTERM (inherited: set before it starts),
-    # the workers install their own handlers; the node's shell sends them SIGUSR1 itself.
+    if options.nodes == 1 and nproc == 1:
+        # One process: no torchrun agent in between; the node's shell signals it directly.
+        launch, forward = " ".join(q(a) for a in train), "kill -USR1 $agent"
+    else:
+        launch = (
+            f'{q(sys.executable)} -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" '
+            f'--nproc_per_node={nproc} --rdzv_backend=c10d --rdzv_id="$SLURM_JOB_ID" '
+            f'--rdzv_endpoint="$WMTP_RDZV" {" ".join(q(a) for a in train[1:])}'
+        )
+        forward = "pkill -USR1 -P $agent"
+    # One node: the launched process (torchrun's agent, or the one worker) starts with SIGUSR1
+    # and SIGTERM ignored (inherited: set before it starts); the workers install their own
+    # handlers, and the node's shell sends them SIGUSR1 itself.
     node = f"""
 trap "" USR1 TERM
-{torchrun} &
+{launch} &
 agent=$!
-trap "asked=1; pkill -USR1 -P $agent" USR1
+trap "asked=1; {forward}" USR1
 trap "asked=1" TERM
 while kill -0 $agent 2>/dev/null; do wait $agent; done
 wait $agent
@@ -180,6 +186,14 @@ rc=$?
 if [ -n "${{asked:-}}" ] && [ $rc -ne 0 ]; then exit 75; fi
 exit $rc
 """
+    return _script(directives, step, node, run_dir, name, options)
+
+
+def _script(
+    directives: list[str], step: list[str], node: str, run_dir: Path, name: str,
+    options: JobOptions,
+) -> str:  # fmt: skip
+    q = shlex.quote
     port = options.port or "$((20000 + SLURM_JOB_ID % 20000))"
     lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives)]
     lines += f"""
@@ -219,18 +233,79 @@ exit $rc
     return "\n".join(lines) + "\n"
 
 
+def command_script(options: JobOptions, logs: Path, job_name: str, command: list[str]) -> str:
+    """A one-node, one-task job that runs ``command`` once (the study's evaluations): logs
+    ``<logs>/<job_name>-%j.out`` and ``.err``, the allocation's partition, time, CPUs, at most
+    one GPU and extra sbatch options; not requeued (a rerun of the study resubmits it)."""
+    directives = [
+        f"--job-name={job_name}",
+        "--nodes=1",
+        "--ntasks=1",
+        f"--output={logs}/{job_name}-%j.out",
+        f"--error={logs}/{job_name}-%j.err",
+        "--open-mode=append",
+        "--no-requeue",
+    ]
+    if options.cpus_per_task:
+        directives.append(f"--cpus-per-task={options.cpus_per_task}")
+    if options.gpus_per_node:
+        directives.append("--gpus-per-node=1")
+    if options.partition:
+        directives.append(f"--partition={options.partition}")
+    if options.time:
+        directives.append(f"--time={options.time}")
+    directives += options.sbatch_args
+    lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives)]
+    lines += [
+        "# Written by `wmtp study --executor slurm` (docs/SCALING.md §8).",
+        "set -u",
+        "export PYTHONUNBUFFERED=1",
+        'echo "wmtp: job $SLURM_JOB_ID on $(hostname), $(date -Is)"',
+        "exec " + " ".join(shlex.quote(a) for a in command),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def write_and_submit(job: TrainJob) -> str:
     """Write the script into the run folder and ``sbatch`` it; the job id."""
+    return submit(job.script_path, job.script)
+
+
+def submit(script_path: Path, script: str, after: list[str] | None = None) -> str:
+    """Write ``script`` to ``script_path`` and ``sbatch`` it, to start once every job of
+    ``after`` has ended well (a failed one cancels it: ``--kill-on-invalid-dep``); the job id."""
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise SlurmError("sbatch not found on PATH (not a SLURM login node?); --dry-run prints "
                          "the script")  # fmt: skip
-    job.script_path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(job.script_path, job.script)
-    job.script_path.chmod(0o755)
-    result = subprocess.run([sbatch, "--parsable", str(job.script_path)],
-                            capture_output=True, text=True, check=False)  # fmt: skip
+    script_path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(script_path, script)
+    script_path.chmod(0o755)
+    command = [sbatch, "--parsable"]
+    if after:
+        command += [f"--dependency=afterok:{':'.join(after)}", "--kill-on-invalid-dep=yes"]
+    result = subprocess.run([*command, str(script_path)], capture_output=True, text=True,
+                            check=False)  # fmt: skip
     if result.returncode != 0:
         message = " ".join((result.stderr or result.stdout).split()) or f"exit {result.returncode}"
         raise SlurmError(f"sbatch failed: {message}")
     return result.stdout.strip().split(";")[0]
+
+
+def queued() -> dict[str, str]:
+    """The state (``PENDING``, ``RUNNING``, ...) of every job of this user that SLURM still
+    holds in its queue, by job id; a job that has ended is not there."""
+    squeue = shutil.which("squeue")
+    if squeue is None:
+        raise SlurmError("squeue not found on PATH (not a SLURM login node?)")
+    result = subprocess.run([squeue, "-h", "--me", "-o", "%i|%T"], capture_output=True,
+                            text=True, check=False, timeout=120)  # fmt: skip
+    if result.returncode != 0:
+        message = " ".join((result.stderr or result.stdout).split()) or f"exit {result.returncode}"
+        raise SlurmError(f"squeue failed: {message}")
+    out = {}
+    for line in result.stdout.splitlines():
+        job, _, state = line.strip().partition("|")
+        if job:
+            out[job] = state
+    return out

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from rich.table import Table
 
 from weighted_mtp import registry
 from weighted_mtp.base.errors import UserError
-from weighted_mtp.base.io import write_json_atomic, write_text_atomic
+from weighted_mtp.base.io import read_json_or_none, write_json_atomic, write_text_atomic
 from weighted_mtp.base.layout import EVAL_DATASETS, StorageLayout
 from weighted_mtp.config import (
     Config,
@@ -43,6 +44,7 @@ from weighted_mtp.config import (
     load_config,
     load_validated,
 )
+from weighted_mtp.slurm import JobOptions
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 STUDY_EXPERIMENT = "study"
@@ -170,6 +172,8 @@ class PlannedRun:
     evaluate: bool
     """Arms are evaluated; helpers are not."""
     eval_dir: Path | None = None
+    needs: Path | None = None
+    """The run folder of the frozen helper this run reads, if any."""
 
     @property
     def label(self) -> str:
@@ -208,8 +212,11 @@ class Study:
         console: Console | None = None,
         tracking: bool = True,
         unsafe: bool = False,
+        spec_overrides: list[str] | None = None,
     ):
         self.spec = spec
+        self.spec_overrides = list(spec_overrides or [])
+        """The ``key=value`` overrides the spec was loaded with (a SLURM job reloads it so)."""
         self.spec_path = Path(spec_path)
         self.layout = layout
         self.configs = configs if configs is not None else self.spec_path.parent / spec.configs
@@ -282,10 +289,14 @@ class Study:
                                            helper_seeds[0]]  # fmt: skip
                     relative = upstream.final.relative_to(self.layout.root)
                     overrides.append(f"{key}={relative.as_posix()}")
+                    needs = upstream.run_dir
+                else:
+                    needs = None
                 config = self._load(path, overrides, f"arms.{arm}")
                 run_dir = self.layout.checkpoint(config.experiment) / name
                 eval_dir = run_dir / "final" / "eval" / spec.evaluation.dataset
-                run = PlannedRun(arm, seed, path, tuple(overrides), run_dir, True, eval_dir)
+                run = PlannedRun(arm, seed, path, tuple(overrides), run_dir, True, eval_dir,
+                                 needs)  # fmt: skip
                 self._configs[run] = config
                 runs.append(run)
         self._check_same_budget([r for r in runs if r.evaluate])
@@ -344,7 +355,18 @@ class Study:
 
     # ---- running ----
 
-    def run(self, only: str | None = None, dry_run: bool = False) -> StudyResult:
+    def run(
+        self,
+        only: str | None = None,
+        dry_run: bool = False,
+        executor: Literal["local", "slurm"] = "local",
+        jobs: JobOptions | None = None,
+        wait: bool = False,
+        poll_s: float = 30.0,
+    ) -> StudyResult:
+        """Train and evaluate what is not finished, here one run after another (``local``),
+        or as SLURM jobs with dependencies (``slurm``: ``run_slurm``); the report once every
+        run is finished."""
         spec = self.spec
         if only is not None and only not in spec.arms:
             raise UserError(f"--only {only!r}: not an arm of {self.spec_path} "
@@ -363,6 +385,8 @@ class Study:
                 self.console.print(f"  [{number}/{len(statuses)}] {s.run.label}: {s.state} "
                                    f"-> {s.run.run_dir}", markup=False)  # fmt: skip
             return StudyResult({}, None)
+        if executor == "slurm":
+            return self.run_slurm(plan, selected, jobs or JobOptions(), wait, poll_s)
         if any(s.run.evaluate for s in todo):
             self._require_sandbox()
         ran, skipped = [], []
@@ -386,11 +410,164 @@ class Study:
             spent.append(time.perf_counter() - t0)
             self.console.print(f"  [green]done[/green] in {spent[-1]:.1f} s")
             ran.append(s.run.label)
+        return self.finish(plan, started, ran, skipped)
+
+    def finish(
+        self, plan: list[PlannedRun], started: float, ran: list[str], skipped: list[str]
+    ) -> StudyResult:
+        """Pool what is finished, write the report, print the summary."""
         summary = self.summarize(plan)
         summary["seconds_this_invocation"] = round(time.perf_counter() - started, 1)
         page = self.write(summary, log=bool(ran))
         self.print_summary(summary, page)
         return StudyResult(summary, page, ran, skipped)
+
+    # ---- the SLURM executor (docs/SCALING.md §9) ----
+
+    @property
+    def jobs_file(self) -> Path:
+        """The study's SLURM jobs by run folder name: ``{"train": id, "evaluate": id}``."""
+        return self.report_dir / "slurm" / "jobs.json"
+
+    def run_slurm(
+        self,
+        plan: list[PlannedRun],
+        selected: list[PlannedRun],
+        options: JobOptions,
+        wait: bool,
+        poll_s: float,
+    ) -> StudyResult:
+        """One pass over the runs: submit what has no job yet, resubmit what failed (naming
+        its log), show the rest; with ``wait``, then poll until every run is finished (a
+        failure ends the wait). The report is written once every run is finished."""
+        options.check()
+        started = time.perf_counter()
+        # The sandbox is checked by each evaluation job on its node, not on this login node.
+        counts = self._slurm_pass(selected, options, resubmit=True, verbose=True)
+        while wait and counts["done"] < len(selected):
+            time.sleep(poll_s)
+            latest = self._slurm_pass(selected, options, resubmit=False, verbose=False)
+            if latest != counts:
+                self.console.print(f"  {time.strftime('%H:%M:%S')} {_progress(latest)}")
+            counts = latest
+        if counts["done"] < len(selected):
+            self.console.print(
+                f"{_progress(counts)}. The study's state is on disk ({self.jobs_file}): run "
+                "the same command again to see progress and resubmit failures; the report is "
+                "written when every run is finished."
+            )
+            return StudyResult({}, None)
+        return self.finish(plan, started, [], [r.label for r in selected])
+
+    def _slurm_pass(
+        self, runs: list[PlannedRun], options: JobOptions, resubmit: bool, verbose: bool
+    ) -> dict[str, int]:
+        """Compare each run's outputs and its recorded jobs with SLURM's queue; submit and
+        resubmit what needs it (the queue is read before the outputs, so a job that ends in
+        between is seen finished, not failed)."""
+        from weighted_mtp import slurm
+
+        queue = slurm.queued()
+        jobs = read_json_or_none(self.jobs_file) or {}
+        counts = {"done": 0, "running": 0, "queued": 0, "submitted": 0}
+        live: dict[Path, str] = {}
+        """Helper run folder -> its training job still in the queue (a dependency)."""
+        for number, run in enumerate(runs, start=1):
+            state = self.status(run).state
+            record = jobs.setdefault(run.run_dir.name, {})
+            head = f"[{number}/{len(runs)}] {run.label}"
+            stage = "train" if state in ("train", "resume") else "evaluate"
+            job = record.get(stage)
+            if state == "done":
+                counts["done"] += 1
+                if verbose:
+                    self.console.print(f"{head}: done", markup=False)
+                continue
+            if job in queue:
+                what = queue[job].lower()
+                counts["running" if what in ("running", "completing") else "queued"] += 1
+                if stage == "train":
+                    live[run.run_dir] = job
+                    if run.evaluate and record.get("evaluate") not in queue:
+                        record["evaluate"] = self._submit_evaluation(run, options, [job])
+                if verbose:
+                    self.console.print(f"{head}: {stage} {what} (job {job})", markup=False)
+                continue
+            note = ""
+            if job is not None:
+                log = self._job_log(run, stage, job)
+                if not resubmit:
+                    self._save_jobs(jobs)
+                    raise UserError(
+                        f"study run {run.label}: {stage} job {job} ended without its outputs; "
+                        f"log {log}; run the command again to resubmit"
+                    )
+                note = f" (job {job} failed, log {log})"
+            if stage == "train":
+                after = [live[run.needs]] if run.needs in live else []
+                record["train"] = job = self._submit_training(run, options, after)
+                live[run.run_dir] = job
+                if run.evaluate:
+                    record["evaluate"] = self._submit_evaluation(run, options, [job])
+            else:
+                record["evaluate"] = job = self._submit_evaluation(run, options, [])
+            self._save_jobs(jobs)
+            counts["submitted"] += 1
+            verb = "resubmitted" if note else "submitted"
+            self.console.print(f"{head}: {stage} {verb} as job {job}{note}", markup=False)
+        self._save_jobs(jobs)
+        if verbose:
+            self.console.print(_progress(counts))
+        return counts
+
+    def _save_jobs(self, jobs: dict[str, Any]) -> None:
+        write_json_atomic(self.jobs_file, jobs)
+
+    def _job_log(self, run: PlannedRun, stage: str, job: str) -> Path:
+        logs = run.run_dir / "slurm"
+        return logs / (f"{job}.err" if stage == "train" else f"{stage}-{job}.err")
+
+    def _submit_training(self, run: PlannedRun, options: JobOptions, after: list[str]) -> str:
+        from weighted_mtp import slurm
+
+        config = self._configs[run]
+        root = self.layout.root.resolve()
+        script = slurm.render(
+            options, run.run_dir.resolve(), run.config_file.resolve(), root,
+            [*run.overrides, "checkpoint.resume=auto"], config.experiment, run.run_dir.name,
+        )  # fmt: skip
+        return slurm.submit(run.run_dir / "slurm" / slurm.SCRIPT_NAME, script, after)
+
+    def _submit_evaluation(self, run: PlannedRun, options: JobOptions, after: list[str]) -> str:
+        from weighted_mtp import slurm
+
+        command = [sys.executable, "-m", "weighted_mtp", "study", str(self.spec_path.resolve()),
+                   *self.spec_overrides, "--configs", str(self.configs.resolve()),
+                   "--storage", str(self.layout.root.resolve()),
+                   "--execute", f"evaluate:{run.run_dir.name}"]  # fmt: skip
+        if self.mlflow_uri is None:
+            command.append("--no-mlflow")
+        if self.unsafe:
+            command.append("--unsafe")
+        logs = run.run_dir.resolve() / "slurm"
+        script = slurm.command_script(options, logs, "evaluate", command)
+        return slurm.submit(logs / "evaluate.sbatch", script, after)
+
+    def execute(self, step: str) -> None:
+        """One step of one run, as a SLURM job runs it: ``evaluate:<run folder name>``."""
+        stage, _, name = step.partition(":")
+        runs = {r.run_dir.name: r for r in self.plan()}
+        if stage != "evaluate" or name not in runs or not runs[name].evaluate:
+            raise UserError(f"--execute {step!r}: give evaluate:<run> for an arm's run of "
+                            f"{self.spec_path}")  # fmt: skip
+        run = runs[name]
+        if self.status(run).state != "evaluate":
+            raise UserError(f"--execute {step!r}: the run is {self.status(run).state}, "
+                            "not waiting for its evaluation")  # fmt: skip
+        self._require_sandbox()
+        self._evaluate(run)
+        if self.status(run).state != "done":
+            raise UserError(f"study run {run.label} was evaluated but its outputs are missing")
 
     def _selected(self, plan: list[PlannedRun], only: str | None) -> list[PlannedRun]:
         if only is None:
@@ -540,6 +717,12 @@ class Study:
         self.console.print(f"Report: {page}", markup=False)
 
 
+def _progress(counts: dict[str, int]) -> str:
+    total = counts["done"] + counts["running"] + counts["queued"] + counts["submitted"]
+    return (f"{counts['done']} of {total} runs finished, {counts['running']} running, "
+            f"{counts['queued'] + counts['submitted']} queued")  # fmt: skip
+
+
 def _digest(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
@@ -677,11 +860,23 @@ def study(
     dry_run: bool = False,
     tracking: bool = True,
     unsafe: bool = False,
+    executor: Literal["local", "slurm"] = "local",
+    jobs: JobOptions | None = None,
+    wait: bool = False,
+    poll_s: float = 30.0,
+    execute: str | None = None,
 ) -> StudyResult:
-    """Run (or resume) the study of spec file ``spec`` under ``storage``."""
+    """Run (or resume) the study of spec file ``spec`` under ``storage``: here
+    (``executor="local"``) or as SLURM jobs (``"slurm"``); ``execute`` runs one step of one run
+    as its SLURM job does."""
     layout = StorageLayout.from_arg(storage)
     loaded = load_spec(spec, overrides)
-    return Study(
+    runner = Study(
         loaded, Path(spec), layout, Path(configs) if configs else None, tracking=tracking,
-        unsafe=unsafe,
-    ).run(only=only, dry_run=dry_run)  # fmt: skip
+        unsafe=unsafe, spec_overrides=overrides,
+    )  # fmt: skip
+    if execute is not None:
+        runner.execute(execute)
+        return StudyResult({}, None)
+    return runner.run(only=only, dry_run=dry_run, executor=executor, jobs=jobs, wait=wait,
+                      poll_s=poll_s)  # fmt: skip

@@ -288,3 +288,87 @@ def test_errors_are_one_line(tmp_path):
         result = wmtp(*base, *extra, env=env)
         assert result.returncode == 1 and message in result.stderr, (extra, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def _study_storage(tmp_path_factory, tokenizer) -> Path:
+    from weighted_mtp.base.layout import StorageLayout
+    from weighted_mtp.storage import datasets
+
+    root = make_tiny_storage(tmp_path_factory.mktemp("study_storage"), tokenizer)
+    datasets.run(StorageLayout(root), names=["codecontests"], steps=["eval", "tests"],
+                 source=None, include_python2=False, skip_bad_records=False, max_length=2048,
+                 force=False)  # fmt: skip
+    return root
+
+
+def _study_spec(path: Path) -> Path:
+    import yaml
+
+    spec = {
+        "name": "sl",
+        "configs": str(REPO / "configs/local"),
+        "seeds": [0],
+        "budget": {"steps": 3},
+        "evaluation": {"dataset": "codecontests", "max_tasks": 3, "max_new_tokens": 8},
+        "arms": {"baseline": {"recipe": "baseline"}, "rho1": {"recipe": "rho1"},
+                 "rho1_shuffled": {"recipe": "rho1", "control": "shuffled"}},
+        "overrides": ["data.max_length=1024", "log.val_every=100", "train.device=cpu",
+                      "data.sampling.val_n_samples=0", "train.max_steps=3"],
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_study_through_slurm_reports_what_the_local_executor_reports(
+    slurm_env, tmp_path_factory, small_tokenizer
+):
+    """Helpers, arms and evaluations as jobs with dependencies; the report equals the one the
+    same spec gives run here, and a second invocation only reads the finished state."""
+    local_root = _study_storage(tmp_path_factory, small_tokenizer)
+    slurm_root = tmp_path_factory.mktemp("study_slurm") / "storage"
+    shutil.copytree(local_root, slurm_root)
+    spec = _study_spec(tmp_path_factory.mktemp("spec") / "sl.yaml")
+    started = time.perf_counter()
+    local = subprocess.run([sys.executable, "-m", "weighted_mtp", "study", str(spec), "--storage",
+                            str(local_root), "--no-mlflow"], env=slurm_env, cwd=REPO,
+                           capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert local.returncode == 0, (local.stdout + local.stderr)[-3000:]
+    local_s = time.perf_counter() - started
+    command = [sys.executable, "-m", "weighted_mtp", "study", str(spec), "--storage",
+               str(slurm_root), "--no-mlflow", "--executor", "slurm", "--gpus-per-node", "0",
+               "--cpus-per-task", "1"]  # fmt: skip
+    started = time.perf_counter()
+    first = subprocess.run([*command, "--wait", "--poll-s", "1"], env=slurm_env, cwd=REPO,
+                           capture_output=True, text=True, timeout=900)  # fmt: skip
+    out = first.stdout + first.stderr
+    logs = "".join(p.read_text()[-1500:] for p in slurm_root.rglob("slurm/*.err"))
+    assert first.returncode == 0, (out + logs)[-4000:]
+    slurm_s = time.perf_counter() - started
+    # One training job per helper and arm, one evaluation job per arm; the arms wait for the
+    # tuned reference's job, each evaluation for its arm's training.
+    assert out.count("train submitted as job") == 4, out
+    jobs = json_file(slurm_root / "reports/study/sl/slurm/jobs.json")
+    assert set(jobs) == {"study-sl-ref_tuning-seed0", "study-sl-baseline-seed0",
+                         "study-sl-rho1-seed0", "study-sl-rho1_shuffled-seed0"}  # fmt: skip
+    assert all(set(j) == {"train", "evaluate"} for n, j in jobs.items() if "ref_tuning" not in n)
+    a = json_file(local_root / "reports/study/sl/study.json")
+    b = json_file(slurm_root / "reports/study/sl/study.json")
+    assert a["arms"] == b["arms"] and a["problems"] == b["problems"] == 3
+    assert a["comparisons"] == b["comparisons"] and len(a["comparisons"]) == 3
+    for name in ("baseline/study-sl-baseline-seed0", "rho1/study-sl-rho1_shuffled-seed0"):
+        x = checkpoint.load_tensors(local_root / "checkpoints" / name / "final")
+        y = checkpoint.load_tensors(slurm_root / "checkpoints" / name / "final")
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    again = subprocess.run(command, env=slurm_env, cwd=REPO, capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count(": done") == 4 and "submitted" not in again.stdout
+    print(f"study of 4 runs + 3 evaluations: local {local_s:.0f} s, slurm {slurm_s:.0f} s")
+
+
+def json_file(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
