@@ -22,7 +22,7 @@ bwrap:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null); \
 	  else echo "bubblewrap (bwrap) is missing: install the package 'bubblewrap' to evaluate generated code"; fi; }
 
-# The main job, offline on CPU: the seed's micro models and four datasets, the known-answer
+# The main job, offline on CPU: the micro models and four datasets, the known-answer
 # CodeContests source, the pretrained micro base, critic -> verifiable, baseline, ref_tuning ->
 # rho1, held-out evaluation with self-speculative decoding, plain vs speculative, the report.
 quickstart: setup

@@ -1,4 +1,4 @@
-"""Data processing at scale (the README's performance table, "data processing").
+"""Data processing at scale (docs/FIGURES.md §4, "data processing").
 
 Builds a synthetic CodeContests-schema source (parquet shards in the Hub layout) of two
 sizes, runs the ``process`` and ``metadata`` steps on each in a fresh subprocess with 1 and

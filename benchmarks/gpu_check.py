@@ -7,7 +7,7 @@
 Every weight is drawn at random on the device (nothing is downloaded or read from storage).
 Each part below is measured on its own; one that fails is reported under ``errors`` and the
 others still run. A readable table comes first; the last line printed is one JSON object
-(its keys are listed in the README, "Figures").
+(its keys are listed in docs/FIGURES.md §6).
 
 1. ``lora_step``: one training step of the policy (MTP, 4 heads, vocab 32000, bf16 weights,
    LoRA on wq/wk/wv/wo, bf16 autocast on CUDA) through the project's own code: ``apply_lora``

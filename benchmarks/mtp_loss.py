@@ -1,4 +1,4 @@
-"""MTP loss memory and time (the README's performance table): heads + norm + unembedding + CE, forward and backward.
+"""MTP loss memory and time (docs/FIGURES.md §4): heads + norm + unembedding + CE, forward and backward.
 
 Variants (peak memory of each measured in a fresh subprocess, so one's allocations cannot hide
 another's peak):

@@ -815,7 +815,9 @@ def build_parser() -> argparse.ArgumentParser:
     storage_cmds = storage.add_subparsers(dest="storage_command", required=True)
     add_model_args(storage_cmds.add_parser("models", help="download/convert/config/verify models"))
     add_dataset_args(
-        storage_cmds.add_parser("datasets", help="process datasets into the seed's schema")
+        storage_cmds.add_parser(
+            "datasets", help="process datasets into the storage schema (docs/STORAGE.md)"
+        )
     )
     add_verify_args(storage_cmds.add_parser("verify", help="check integrity and schemas"))
     add_synthetic_args(

@@ -1,6 +1,6 @@
-"""The seed's dataset commands, run as a user would, offline on the bundled sources.
+"""The dataset commands, run as a user would, offline on the bundled sources.
 
-``setup_datasets.py --datasets all --steps all`` builds the seed's tree; every output is read
+``setup_datasets.py --datasets all --steps all`` builds the storage tree; every output is read
 back field by field; ``verify_storage.py`` passes, and fails once the metadata is corrupted.
 """
 

@@ -1,4 +1,4 @@
-"""The seed's setup_models.py commands, offline, against raw folders written by the tests."""
+"""The model storage commands, offline, against raw folders written by the tests."""
 
 from __future__ import annotations
 
@@ -368,7 +368,7 @@ def test_download_uses_the_hub_client(tmp_path, monkeypatch, small_tokenizer):
 
 
 def test_hf_weights_in_meta_layout_convert_to_the_same_logits(tmp_path, small_tokenizer):
-    """transformers' logits == ours from a Meta raw folder converted by the seed command."""
+    """transformers' logits == ours from a Meta raw folder converted by the storage command."""
     from tests.unit.test_checkpoints import TOKENS as HF_TOKENS
     from tests.unit.test_checkpoints import hf_state_in_meta_names, tiny_hf
 

@@ -1,6 +1,6 @@
 """Every path of the storage tree, in one place.
 
-The tree is the one described by the user's storage README (the seed): ``models/``,
+The tree is the storage contract of docs/STORAGE.md §1: ``models/``,
 ``datasets/``, ``datasets_local_small/``, ``checkpoints/`` and ``reports/`` under one root.
 The root is ``--storage``, else ``$WMTP_STORAGE``, else ``./storage``.
 """
@@ -19,7 +19,7 @@ EVAL_FILES = {"humaneval": "test", "mbpp": "test", "gsm8k": "test", "codecontest
 # small split holds training-style solution records, not the evaluation file, so it is not one).
 EVAL_DATASETS = (*EVAL_FILES, "humaneval_small", "mbpp_small", "gsm8k_small")
 
-# Split names per dataset, as the seed lists them.
+# Split names per dataset (docs/STORAGE.md §3).
 DATASET_SPLITS: dict[str, tuple[str, ...]] = {
     "codecontests": ("train", "valid", "test"),
     "mbpp": ("train", "validation", "test"),
@@ -27,7 +27,7 @@ DATASET_SPLITS: dict[str, tuple[str, ...]] = {
     "gsm8k": ("train", "test"),
 }
 
-# Lines per split of the small datasets (seed table).
+# Lines per split of the small datasets (docs/STORAGE.md §3).
 SMALL_SIZES: dict[str, dict[str, int]] = {
     "codecontests": {"train": 100, "valid": 32, "test": 32},
     "mbpp": {"train": 100, "validation": 32, "test": 32},
@@ -210,5 +210,5 @@ def training_tokenizer_path(layout: StorageLayout) -> Path | None:
 MODEL_ALIASES = {
     "meta-llama-mtp": "meta-llama-mtp",
     "ref-sheared-llama-2.7b": "ref-sheared-llama-2.7b",
-    "ref-sheared-llama": "ref-sheared-llama-2.7b",  # the name the seed's upstream CLI used
+    "ref-sheared-llama": "ref-sheared-llama-2.7b",  # the name an earlier public CLI used
 }

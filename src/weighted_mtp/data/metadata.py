@@ -1,6 +1,6 @@
 """Reading the ``<split>_metadata.json`` of a processed split (docs/METHOD.md §7, "Metadata").
 
-``<split>_metadata.json`` is the seed's file: the per-line ``metadata`` list, then
+``<split>_metadata.json`` is the storage contract's file (docs/STORAGE.md §3): the per-line ``metadata`` list, then
 ``problem_index_map`` and ``stats``. The per-line list makes it large (one entry per
 solution), so the storage step also writes ``<split>_problems.json``, the same file without
 that list; :func:`load_problem_index` reads it when present.

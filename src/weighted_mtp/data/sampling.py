@@ -6,7 +6,7 @@ comes from a local ``random.Random(seed)``, never the global RNG, so the result 
 on the inputs, not on the global RNG's history or the number of processes. Problems are visited in the map's insertion order, which
 is the order of the metadata JSON written by the storage step (the order of the lines in
 ``<split>.jsonl``), hence deterministic; it is kept rather than sorted so that the draw
-follows the seed's file order.
+follows the file order.
 
 Modes (``SamplingConfig.mode``):
 

@@ -18,7 +18,7 @@ EXTRA_SPLITS = {"mbpp": ("prompt",)}
 
 
 def dataset_splits(name: str) -> tuple[str, ...]:
-    """The processed splits of a dataset: the seed's, plus MBPP's ``prompt``."""
+    """The processed splits of a dataset: the storage contract's, plus MBPP's ``prompt``."""
     return DATASET_SPLITS[name] + EXTRA_SPLITS.get(name, ())
 
 

@@ -185,7 +185,7 @@ class MetadataWriter:
 def build_metadata(
     jsonl: Path, metadata_out: Path, problems_out: Path, header: dict[str, Any]
 ) -> dict[str, Any]:
-    """Write the seed's metadata file and the sidecar for ``jsonl``; return the stats.
+    """Write the metadata file (docs/STORAGE.md §3) and the sidecar for ``jsonl``; return the stats.
 
     ``header`` (source file, sha256, token-length provenance, ...) goes into both files.
     """

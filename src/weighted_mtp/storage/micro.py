@@ -3,7 +3,7 @@
 Both are 512 wide, FFN 1365, vocabulary 32000. ``micro-reference`` is a plain 4-layer LLaMA
 stored with Hugging Face names (like the real Sheared-LLaMA reference, so the HF key map is
 exercised). ``micro-mtp`` has a real shared trunk: 3 trunk blocks plus 4 head blocks, so
-``layers`` holds 4 blocks (3 trunk + head 1, the seed's "4 layers") and head 1's path is as
+``layers`` holds 4 blocks (3 trunk + head 1: the micro model's "4 layers") and head 1's path is as
 deep as the reference. With Meta's own convention (``n_layers = 4``, 4 heads) the trunk
 would be empty and the heads would all read the raw embeddings.
 
