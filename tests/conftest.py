@@ -56,10 +56,12 @@ def make_tiny_storage(
     tokenizer: Path,
     datasets: tuple[str, ...] = ("codecontests",),
     source: Path | None = None,
+    evaluation: bool = False,
 ) -> Path:
     """A storage tree whose ``micro-mtp``/``micro-reference`` are tiny (64 wide, vocab 1000),
     with the bundled offline datasets (or those of ``source``) processed by the real dataset
-    steps."""
+    steps; with ``evaluation``, also their evaluation problems and tests (what ``wmtp
+    evaluate`` and ``wmtp study`` read)."""
     from weighted_mtp.base.layout import StorageLayout
     from weighted_mtp.models import ModelArgs, Transformer, save_model
     from weighted_mtp.models.transformer import init_weights
@@ -84,7 +86,7 @@ def make_tiny_storage(
     dataset_storage.run(
         layout,
         names=list(datasets),
-        steps=["process", "metadata", "small"],
+        steps=["process", "metadata", "small", *(["eval", "tests"] if evaluation else [])],
         source=source,
         include_python2=False,
         skip_bad_records=False,

@@ -16,19 +16,13 @@ import yaml
 
 from tests.conftest import REPO, make_tiny_storage
 from tests.integration.test_training import _plugin_package
-from weighted_mtp.base.layout import StorageLayout
 
 
 @pytest.mark.slow
 def test_a_plugin_weighting_is_a_study_arm_with_its_control_and_in_the_report(
     tmp_path, small_tokenizer
 ):
-    from weighted_mtp.storage import datasets
-
-    storage = make_tiny_storage(tmp_path / "storage", small_tokenizer)
-    datasets.run(StorageLayout(storage), names=["codecontests"], steps=["eval", "tests"],
-                 source=None, include_python2=False, skip_bad_records=False, max_length=2048,
-                 force=False)  # fmt: skip
+    storage = make_tiny_storage(tmp_path / "storage", small_tokenizer, evaluation=True)
     site = tmp_path / "site"
     _plugin_package(site)
     configs = tmp_path / "configs"

@@ -290,17 +290,6 @@ def test_errors_are_one_line(tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-def _study_storage(tmp_path_factory, tokenizer) -> Path:
-    from weighted_mtp.base.layout import StorageLayout
-    from weighted_mtp.storage import datasets
-
-    root = make_tiny_storage(tmp_path_factory.mktemp("study_storage"), tokenizer)
-    datasets.run(StorageLayout(root), names=["codecontests"], steps=["eval", "tests"],
-                 source=None, include_python2=False, skip_bad_records=False, max_length=2048,
-                 force=False)  # fmt: skip
-    return root
-
-
 def _study_spec(path: Path) -> Path:
     import yaml
 
@@ -326,7 +315,9 @@ def test_a_study_through_slurm_reports_what_the_local_executor_reports(
 ):
     """Helpers, arms and evaluations as jobs with dependencies; the report equals the one the
     same spec gives run here, and a second invocation only reads the finished state."""
-    local_root = _study_storage(tmp_path_factory, small_tokenizer)
+    local_root = make_tiny_storage(
+        tmp_path_factory.mktemp("study"), small_tokenizer, evaluation=True
+    )
     slurm_root = tmp_path_factory.mktemp("study_slurm") / "storage"
     shutil.copytree(local_root, slurm_root)
     spec = _study_spec(tmp_path_factory.mktemp("spec") / "sl.yaml")
