@@ -346,7 +346,6 @@ class Quickstart:
         outputs, each with its target and whether it is met; a missing output leaves its entry
         out. Written to ``reports/quickstart/results.json`` by ``run``."""
         from weighted_mtp.evaluation.metrics import normal_interval
-        from weighted_mtp.report.runs import read_series
 
         out: dict[str, Any] = {}
         summary = read_json_or_none(self.eval_dir("baseline") / "summary.json")
@@ -365,17 +364,24 @@ class Quickstart:
                 "pairs": diagnostics["pairs"], "target": ">= 10 points above length-only",
                 "met": acc - length >= 0.10,
             }  # fmt: skip
-        # The last validation's placement metrics, as the report's "Where the weight goes" reads them.
-        _, val = read_series(self.run_dir("verifiable") / "metrics.jsonl")
-        last = {k: series[-1][1] for k, series in val.items() if k.startswith("placement/")}
-        if f"{TD_RANKING}hit" in last:
-            hit = [last[f"{TD_RANKING}hit{s}"] for s in ("", "_lo", "_hi")]
-            shuffled = [last[f"{TD_RANKING}hit_shuffled{s}"] for s in ("", "_lo", "_hi")]
+        # The last validation's placement metrics, as the report's "Where the weight goes"
+        # reads them; the reference is the position-only predictor (docs/METHOD.md §6).
+        td = _last_placement(self.run_dir("verifiable"), TD_RANKING)
+        if td is not None:
             out["td_decisive_token_hit"] = {
                 "ranking": "largest |whitened advantage| (the TD weight furthest from 1)",
-                "hit": hit, "shuffled": shuffled, "solutions": last.get("placement/n"),
-                "target": "95% interval above the shuffled control's", "met": hit[1] > shuffled[2],
+                **td,
+                "target": "paired 95% interval of hit - position-only hit above 0 "
+                          "(adv_abs/gain_length_lo > 0)",
+                "met": td["minus_position_only"][1] > 0,
             }  # fmt: skip
+            rho1 = _last_placement(self.run_dir("rho1"), RHO1_RANKING)
+            if rho1 is not None:
+                out["td_decisive_token_hit"]["rho1"] = {
+                    "ranking": "largest excess loss (the score Rho-1 selects by)",
+                    **rho1,
+                    "versus_position_only": versus(rho1["minus_position_only"]),
+                }
         decoding = read_json_or_none(self.decoding_file)
         if decoding:
             out["speculative_decoding"] = {
@@ -388,7 +394,7 @@ class Quickstart:
         return out
 
     def print_results(self, results: dict[str, Any]) -> None:
-        lines: list[tuple[str, bool]] = []
+        lines: list[tuple[str, bool | None]] = []
         if r := results.get("baseline_pass_at_1"):
             lines.append((f"baseline pass@1 {r['mean']:.3f} (95% interval {r['ci95'][0]:.3f}.."
                           f"{r['ci95'][1]:.3f}) on {r['problems']} held-out problems", r["met"]))  # fmt: skip
@@ -397,10 +403,13 @@ class Quickstart:
                           f"{r['length_only']:.3f} for length alone ({r['points_above']:+.1f} "
                           f"points, {r['pairs']} validation pairs)", r["met"]))  # fmt: skip
         if r := results.get("td_decisive_token_hit"):
-            h, c = r["hit"], r["shuffled"]
-            lines.append((f"TD weights' decisive-token hit rate {h[0]:.3f} ({h[1]:.3f}.."
-                          f"{h[2]:.3f}) against {c[0]:.3f} ({c[1]:.3f}..{c[2]:.3f}) shuffled, "
-                          f"{r['solutions']:.0f} incorrect solutions", r["met"]))  # fmt: skip
+            lines.append((f"TD weights' decisive-token hit rate {_triple(r['hit'])} against the "
+                          f"position-only predictor's {_triple(r['position_only'])} and "
+                          f"{_triple(r['shuffled'])} shuffled, {r['solutions']:.0f} incorrect "
+                          f"solutions; {_verdict(r['minus_position_only'])}", r["met"]))  # fmt: skip
+            if rho := r.get("rho1"):
+                lines.append((f"Rho-1's largest excess loss hits {_triple(rho['hit'])}; "
+                              f"{_verdict(rho['minus_position_only'])}", None))  # fmt: skip
         if r := results.get("speculative_decoding"):
             accept = " / ".join(f"{a:.2f}" for a in r["acceptance"])
             lines.append((f"self-speculative greedy {r['speculative_tokens_per_s']:.0f} tokens/s "
@@ -412,8 +421,9 @@ class Quickstart:
             return
         self.console.print("\n[bold]Known-answer results[/bold] (held-out problems; each with its "
                            "target):")  # fmt: skip
-        for line, ok in lines:
-            mark = "[green]met[/green]" if ok else "[yellow]not met[/yellow]"
+        for line, ok in lines:  # None: a reference beside a result, no target of its own
+            mark = {True: "[green]met[/green]    ", False: "[yellow]not met[/yellow]",
+                    None: "       "}[ok]  # fmt: skip
             self.console.print(f"  {mark}  {line}", highlight=False)
 
     # ---- running ----
@@ -477,6 +487,55 @@ class Quickstart:
 
 TD_RANKING = "placement/adv_abs/"
 """The ranking whose hit rate is the TD result: the token whose weight departs most from 1."""
+RHO1_RANKING = "placement/excess/"
+"""Rho-1's ranking, set beside the TD result: the token with the largest excess loss."""
+
+
+def _last_placement(run_dir: Path, ranking: str) -> dict[str, Any] | None:
+    """One ranking's decisive-token hit rate at the run's last validation, beside the
+    position-only predictor and the shuffled control, each ``[value, low, high]`` (95%
+    bootstrap), with the paired differences; None when the run logged no such metrics."""
+    from weighted_mtp.report.runs import read_series
+
+    _, val = read_series(run_dir / "metrics.jsonl")
+    last = {k: series[-1][1] for k, series in val.items() if k.startswith("placement/")}
+    if f"{ranking}hit" not in last:
+        return None
+
+    def triple(key: str) -> list[float]:
+        return [last[f"{ranking}{key}{s}"] for s in ("", "_lo", "_hi")]
+
+    return {
+        "hit": triple("hit"), "position_only": triple("hit_length"),
+        "shuffled": triple("hit_shuffled"), "minus_position_only": triple("gain_length"),
+        "minus_shuffled": triple("gain_shuffled"), "solutions": last.get("placement/n"),
+    }  # fmt: skip
+
+
+def versus(difference: list[float]) -> str:
+    """``above``, ``below`` or ``not distinguishable from``: where a paired difference's 95%
+    interval ``[value, low, high]`` lies with respect to 0."""
+    if difference[1] > 0:
+        return "above"
+    if difference[2] < 0:
+        return "below"
+    return "not distinguishable from"
+
+
+def _verdict(difference: list[float]) -> str:
+    """The paired difference from the position-only predictor and where its interval lies."""
+    verdict = versus(difference)
+    if verdict == "not distinguishable from":
+        side = "below" if difference[0] < 0 else "above" if difference[0] > 0 else "at"
+        verdict = f"{side} the position-only predictor by the point estimate, not distinguishable"
+    else:
+        verdict += " the position-only predictor"
+    return f"minus position-only {_triple(difference, signed=True)}: {verdict}"
+
+
+def _triple(values: list[float], signed: bool = False) -> str:
+    form = "+.3f" if signed else ".3f"
+    return f"{values[0]:{form}} ({values[1]:{form}}..{values[2]:{form}})"
 
 
 NEXT_STEPS = """

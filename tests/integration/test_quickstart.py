@@ -75,8 +75,22 @@ def test_quickstart_builds_everything_then_skips_everything(tmp_path):
     assert decoding["same_tokens"] == decoding["prompts"] == 40
     assert decoding["speculative_tokens_per_s"] > decoding["plain_tokens_per_s"]
     assert len(decoding["acceptance"]) == 3 and decoding["met"]
+    # The TD hit rate against the position-only predictor: its fields and a verdict that
+    # follows the paired interval, whichever way it falls (README, "Quickstart").
     hit = results["td_decisive_token_hit"]
-    assert hit["solutions"] >= 100 and hit["hit"][1] > hit["shuffled"][2] and hit["met"]
+    assert hit["solutions"] >= 100 and "position-only" in hit["target"]
+    for key in ("hit", "position_only", "shuffled", "minus_position_only", "minus_shuffled"):
+        value, low, high = hit[key]
+        assert low <= value <= high, key
+    assert hit["hit"][1] > hit["shuffled"][2]  # the critic's weights are not placed at random
+    assert hit["met"] == (hit["minus_position_only"][1] > 0)
+    assert hit["minus_position_only"][0] == pytest.approx(hit["hit"][0] - hit["position_only"][0])
+    rho1 = hit["rho1"]
+    assert rho1["solutions"] == hit["solutions"] and rho1["position_only"] == hit["position_only"]
+    assert rho1["minus_position_only"][0] == pytest.approx(
+        rho1["hit"][0] - rho1["position_only"][0]
+    )
+    assert "TD weights' decisive-token hit rate" in first and "Rho-1's largest excess" in first
 
     second, seconds = _quickstart(storage)
     assert second.count("(done already, skipped)") == 14 and "done in" not in second

@@ -97,6 +97,29 @@ def test_length_only_baseline_finds_the_usual_place_leave_one_out():
                                          / GRID)  # fmt: skip
 
 
+def test_gain_length_is_the_paired_difference_from_the_position_only_predictor():
+    """The quickstart's TD target reads ``gain_length_lo`` (docs/METHOD.md §6): per solution,
+    hit minus position-only hit, with its own bootstrap interval."""
+    # Spans at the end of every response: the position-only predictor always finds them.
+    spans = [(8, 10), (16, 20), (12, 15), (24, 30)]
+    lengths = [10, 20, 15, 30]
+    early = [torch.arange(n, 0, -1).float() for n in lengths]  # peaks at the first token
+    late = [torch.arange(n).float() for n in lengths]  # peaks at the last token
+    sols = [Solution({"early": e, "late": t}, None, inside(n, *span))
+            for e, t, n, span in zip(early, late, lengths, spans, strict=True)]  # fmt: skip
+    m = placement_metrics(sols, resamples=200)
+    assert m["early/hit_length"] == m["late/hit_length"] == 1.0
+    assert m["early/gain_length"] == m["early/gain_length_hi"] == -1.0  # below: interval < 0
+    assert m["late/gain_length"] == m["late/gain_length_lo"] == m["late/gain_length_hi"] == 0.0
+    # One solution whose span the others do not predict: the difference is paired per solution.
+    odd = [*sols, Solution({"early": torch.arange(10, 0, -1).float(),
+                            "late": torch.arange(10).float()}, None, inside(10, 0, 2))]  # fmt: skip
+    m = placement_metrics(odd, resamples=200)
+    assert m["early/gain_length"] == pytest.approx(m["early/hit"] - m["early/hit_length"])
+    assert m["early/hit"] == pytest.approx(1 / 5) and m["early/hit_length"] == pytest.approx(4 / 5)
+    assert m["early/gain_length_lo"] <= m["early/gain_length"] <= m["early/gain_length_hi"] < 0.5
+
+
 def test_length_only_weights_are_the_other_solutions_positional_profile():
     # Weight 3 on the first half, 1 on the second, in every solution.
     weights = [torch.cat([torch.full((n // 2,), 3.0), torch.ones(n // 2)]) for n in (10, 20, 40)]

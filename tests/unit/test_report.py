@@ -313,6 +313,62 @@ def test_placement_table_shows_rates_controls_and_intervals(tmp_path: Path) -> N
     assert "0.100 <span class='se'>[0.100, 0.100]</span>" in section  # the shuffled control
     assert "weight mass inside" in section and "mean weight in / out" in section
     assert f"{metrics['weight/ratio']:.3f}" == "3.000" and "3.000" in section
+    assert "<th>position-only</th>" in section and "<th>real − position-only</th>" in section
+    # Every span at its own place: the position-only predictor never hits, adv_abs beats it.
+    assert metrics["adv_abs/hit_length"] == 0.0 and metrics["adv_abs/gain_length_lo"] == 1.0
+    assert "No ranking below the position-only predictor; above it: <code>adv_abs</code>." in (
+        section
+    )
     assert section.count("<h3>") == 1  # the baseline run has no placement metrics
     alone = build_report([other], tmp_path / "out2").read_text(encoding="utf-8")
     assert "Where the weight goes" not in alone
+
+
+def placement_rows(page: str) -> dict[str, list[str]]:
+    """The "Where the weight goes" table: ranking -> its cells, brackets dropped."""
+    section = page[page.index("Where the weight goes") : page.index('id="evaluation"')]
+    rows = re.findall(r"<tr><td class='key'>(\w+) hit rate</td>(.*?)</tr>", section)
+    return {r: re.findall(r"<td class='num'>([-–0-9.]+)", cells) for r, cells in rows}
+
+
+def test_placement_says_which_rankings_fall_below_the_position_only_predictor(
+    tmp_path: Path,
+) -> None:
+    """Every span at the same place: the position-only predictor always hits it, a ranking that
+    never does is below it, one that always does ties it (docs/METHOD.md §6)."""
+    import torch
+
+    from weighted_mtp.train.placement import Solution, placement_metrics
+
+    flags = [torch.arange(10) == 5 for _ in range(3)]
+    solutions = [Solution({"early": (f.float() - 1).abs() * torch.arange(f.numel()).flip(0),
+                           "exact": f.float(), "late": torch.arange(f.numel()).float()}, None, f)
+                 for f in flags]  # fmt: skip
+    metrics = placement_metrics(solutions, resamples=100)
+    assert metrics["exact/hit_length"] == 1.0 and metrics["early/hit"] == 0.0
+    run = write_run(tmp_path, "verifiable", steps=4, evals=False, weights=False)
+    with open(run / "metrics.jsonl", "a") as handle:
+        placed = {f"val/placement/{k}": v for k, v in metrics.items()}
+        handle.write(json.dumps({"step": 4, "time": 1e9, **placed}) + "\n")
+    page = build_report([run], tmp_path / "out").read_text(encoding="utf-8")
+    rows = placement_rows(page)
+    # real, position-only, shuffled, real - position-only, real - shuffled
+    assert rows["exact"][:4] == ["1.000", "1.000", f"{metrics['exact/hit_shuffled']:.3f}", "0.000"]
+    assert rows["early"][3] == "-1.000" and rows["late"][3] == "-1.000"
+    assert ("Below the position-only predictor: <code>early</code>, <code>late</code>.</p>"
+            in page)  # fmt: skip
+
+    # Without logged paired differences: computed from the hit rates, the verdict by its sign.
+    metrics = {k: v for k, v in metrics.items() if "/gain_" not in k and not k.startswith("late")}
+    metrics["early/hit"] = 0.9
+    run = write_run(tmp_path / "older", "verifiable", steps=4, evals=False, weights=False)
+    with open(run / "metrics.jsonl", "a") as handle:
+        placed = {f"val/placement/{k}": v for k, v in metrics.items()}
+        handle.write(json.dumps({"step": 4, "time": 1e9, **placed}) + "\n")
+    page = build_report([run], tmp_path / "out2").read_text(encoding="utf-8")
+    rows = placement_rows(page)
+    assert rows["early"][3:] == ["-0.100", f"{0.9 - metrics['early/hit_shuffled']:.3f}"]
+    assert rows["exact"][3] == "0.000"
+    assert ("Below the position-only predictor by the point estimate (no paired interval "
+            "logged): <code>early</code>.</p>"
+            in page)  # fmt: skip

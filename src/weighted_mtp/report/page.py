@@ -160,7 +160,8 @@ PLACEMENT = "placement/"
 def _placement(runs: list[Run]) -> str:
     """Per run, the last validation's placement metrics (``val/placement/*``): hit rates per
     ranking and weight mass inside the mutation span, beside the shuffled control and the
-    length-only baseline, with 95% bootstrap intervals."""
+    position-only predictor (the reference a ranking must beat, docs/METHOD.md §6), with 95%
+    bootstrap intervals, and a line saying which rankings fall below that predictor."""
     blocks = []
     for run in runs:
         last = {
@@ -173,34 +174,86 @@ def _placement(runs: list[Run]) -> str:
         rows = "".join(
             f"<tr><td class='key'>{_esc(r)} hit rate</td>"
             + "".join(f"<td class='num'>{_interval(last, f'{r}/{c}')}</td>"
-                      for c in ("hit", "hit_shuffled", "hit_length", "gain_shuffled"))
+                      for c in ("hit", "hit_length", "hit_shuffled"))
+            + "".join(f"<td class='num'>{_difference(last, r, ref)}</td>"
+                      for ref in ("length", "shuffled"))
             + "</tr>"
             for r in rankings
         )  # fmt: skip
         for name, label in (("mass_in", "weight mass inside"), ("ratio", "mean weight in / out")):
             if f"weight/{name}" in last:
                 cells = "".join(f"<td class='num'>{_interval(last, f'weight/{name}{c}')}</td>"
-                                for c in ("", "_shuffled", "_length"))  # fmt: skip
-                rows += f"<tr><td class='key'>{label}</td>{cells}<td class='num'>–</td></tr>"
+                                for c in ("", "_length", "_shuffled"))  # fmt: skip
+                rows += (f"<tr><td class='key'>{label}</td>{cells}<td class='num'>–</td>"
+                         "<td class='num'>–</td></tr>")  # fmt: skip
         blocks.append(
             f"<h3>{_esc(run.label)}</h3><p class='meta'>step {step}: {int(last['n'])} incorrect "
             f"solutions, {_pct(last.get('token_frac_in'))} of their response tokens in the span"
-            "</p><table><thead><tr><th></th><th>real</th><th>shuffled control</th>"
-            "<th>length-only</th><th>real − shuffled</th></tr></thead>"
-            f"<tbody>{rows}</tbody></table>"
+            "</p><table><thead><tr><th></th><th>real</th><th>position-only</th>"
+            "<th>shuffled control</th><th>real − position-only</th><th>real − shuffled</th></tr>"
+            f"</thead><tbody>{rows}</tbody></table>{_below_position_only(last, rankings)}"
         )
     if not blocks:
         return ""
     note = (
         "<p class='meta'>On incorrect validation solutions of a source with mutation spans: "
         "how often each ranking's top token lies in the span, and how much of the weight sits "
-        "there, beside the exact shuffled control and a position-only baseline fitted "
-        "leave-one-out (95% percentile bootstrap intervals over solutions in brackets; "
+        "there, beside the exact shuffled control and the position-only predictor, which sees "
+        "only positions and lengths and is fitted leave-one-out on the other solutions. The "
+        "position-only predictor is the reference: a ranking finds the decisive token only "
+        "where its hit rate is above it (real − position-only, a paired difference, with its "
+        "95% interval above 0). 95% percentile bootstrap intervals over solutions in brackets; "
         "<code>adv_abs</code> ranks by |Â|, <code>adv_min</code> by the smallest TD weight, "
         "<code>delta_min</code> by the largest fall of the critic's value, <code>excess</code> "
-        "by Rho-1's excess loss).</p>"
+        "by Rho-1's excess loss.</p>"
     )
     return _section("Where the weight goes", note + "".join(blocks))
+
+
+def _difference(values: dict[str, float], ranking: str, reference: str) -> str:
+    """``<ranking>/gain_<reference>`` (the paired difference hit − reference hit) with its
+    interval; computed from the two hit rates, without an interval, where it was not logged."""
+    key = f"{ranking}/gain_{reference}"
+    if key in values:
+        return _interval(values, key)
+    hit, ref = values.get(f"{ranking}/hit"), values.get(f"{ranking}/hit_{reference}")
+    return "–" if hit is None or ref is None else f"{hit - ref:.3f}"
+
+
+def _below_position_only(values: dict[str, float], rankings: list[str]) -> str:
+    """One line: the rankings below the position-only predictor (paired interval below 0),
+    those below it by the point estimate only, and those above it (interval above 0)."""
+    groups: dict[str, list[str]] = {"below": [], "lower": [], "untested": [], "above": []}
+    for ranking in rankings:
+        key = f"{ranking}/gain_length"
+        value, low, high = values.get(key), values.get(f"{key}_lo"), values.get(f"{key}_hi")
+        if value is None or low is None or high is None:  # no paired interval logged
+            hit, ref = values.get(f"{ranking}/hit"), values.get(f"{ranking}/hit_length")
+            if hit is not None and ref is not None and hit < ref:
+                groups["untested"].append(ranking)
+        elif high < 0:
+            groups["below"].append(ranking)
+        elif low > 0:
+            groups["above"].append(ranking)
+        elif value < 0:
+            groups["lower"].append(ranking)
+    labels = {
+        "below": "below the position-only predictor",
+        "lower": "below it by the point estimate only (paired interval includes 0)",
+        "untested": "below it by the point estimate (no paired interval logged)",
+        "above": "above it",
+    }
+    parts = [f"{labels[g]}: {_names(names)}" for g, names in groups.items() if names]
+    if not any(groups[g] for g in ("below", "lower", "untested")):
+        parts.insert(0, "no ranking below the position-only predictor")
+    if parts[0].startswith("below it"):  # "it" needs its antecedent
+        parts[0] = parts[0].replace("it", "the position-only predictor", 1)
+    text = "; ".join(parts)
+    return f"<p class='meta placement-verdict'>{text[0].upper()}{text[1:]}.</p>"
+
+
+def _names(rankings: list[str]) -> str:
+    return ", ".join(f"<code>{_esc(r)}</code>" for r in rankings)
 
 
 def _interval(values: dict[str, float], key: str) -> str:
