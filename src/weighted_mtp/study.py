@@ -1,19 +1,22 @@
 """``wmtp study``: a controlled comparison of recipes and their control arms (docs/EVALUATION.md §6).
 
 A study spec (``configs/study/*.yaml``) names arms (a recipe of the configs folder plus a
-weighting control), seeds, one compute budget and one evaluation. The study plans every
-(arm, seed) run, and the frozen helpers the arms need (the critic of ``verifiable``, the tuned
-reference of ``rho1``), trains and evaluates what is not finished, then pools the seeds per
-problem and compares every arm with the baseline arm on the same problems
-(``evaluation/compare.py``). It writes ``study.json`` and one HTML page under
+weighting control), seeds, one compute budget and the evaluation: one or more datasets, each
+with its samples per problem and sampling settings. The study plans every (arm, seed) run, and
+the frozen helpers the arms need (the critic of ``verifiable``, the tuned reference of
+``rho1``), trains and evaluates what is not finished, then, per dataset, pools the seeds per
+problem and compares the arms on the same problems (``evaluation/compare.py``), Holm-adjusted
+over every contrast of every dataset. It writes ``study.json`` and one HTML page under
 ``<storage>/reports/study/<name>/`` and, with tracking on, logs a summary to MLflow.
 
 The recipes' config files are taken unchanged; the study only adds overrides: the run name
 (``study-<name>-<arm>-seed<seed>``, so runs never collide with the quickstart's), the seed
 (``train.seed``), the budget (``train.max_steps`` and, when the spec sets them, the batch size
 and gradient accumulation), the control, the helper's checkpoint, and ``checkpoint.resume``.
-A run is finished when its ``final`` checkpoint and its evaluation exist and were made with the
-planned settings; those are skipped, a half-trained run resumes from its last step checkpoint.
+A run is finished when its ``final`` checkpoint exists and every dataset's evaluation
+(``final/eval/<dataset>/``) was made with the planned settings; those are skipped, a trained
+run is evaluated on the datasets it lacks, a half-trained run resumes from its last step
+checkpoint.
 """
 
 from __future__ import annotations
@@ -50,9 +53,17 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 STUDY_EXPERIMENT = "study"
 """The MLflow experiment of the study summaries."""
 POOLING_RULE = (
-    "per problem, the mean over seeds of the greedy sample's pass/fail; an arm's pass@1 is "
-    "the mean of those over the problems every run was scored on"
+    "per dataset and problem, the estimated pass rate (the fraction of the problem's samples "
+    "that passed) averaged over seeds; an arm's pass@1 is the mean of those over the problems "
+    "every run was scored on, its pass@k the unbiased estimator averaged the same way"
 )
+EVAL_SEED = 0
+"""The sampling seed given to every evaluation: the same for every arm and seed, so each
+run's samples can be drawn again."""
+Counts = tuple[int, int]
+"""(n samples, c passed) of one problem in one run."""
+LEGACY_MAX_NEW_TOKENS = 192
+"""``max_new_tokens`` of the one-dataset shape when it gave none (its default then)."""
 FAMILY_ID = re.compile(r"^synthetic_[A-Za-z]+_\d+_(?P<family>\w+)$")
 """A known-answer problem's name: ``synthetic_<split>_<index>_<family>`` (docs/DATA.md §1)."""
 
@@ -77,25 +88,86 @@ class ArmSpec(Section):
     """More ``key=value`` overrides of this arm's runs."""
 
 
-class EvaluationSpec(Section):
-    """Greedy pass@1 (one sample per problem, temperature 0) on one evaluation dataset."""
+class DatasetEvaluation(Section):
+    """How one dataset is evaluated: ``samples`` completions per problem, greedy (temperature
+    0, one sample) or sampled (docs/EVALUATION.md §6)."""
 
-    dataset: str = "codecontests"
-    max_tasks: int | None = Field(default=None, ge=1)
-    """The first N problems of the dataset; None: all."""
-    max_new_tokens: int = Field(default=192, ge=1)
+    samples: int = Field(default=1, ge=1)
+    """Completions per problem: a problem's estimated pass rate is the fraction that pass;
+    pass@k is reported for every k of 1, 5, 10, 20 up to ``samples``."""
+    temperature: float = Field(default=0.0, ge=0)
+    """0: greedy decoding, which gives one completion, so ``samples`` must be 1."""
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    """Nucleus sampling; unused when greedy."""
+    max_new_tokens: int = Field(default=512, ge=1)
     speculative: bool = False
-    """Self-speculative greedy decoding (same tokens as plain greedy, faster with 4 heads)."""
+    """Self-speculative decoding (greedy: the same tokens as plain greedy; sampled: the same
+    distribution), one prompt at a time."""
+
+    @model_validator(mode="after")
+    def _greedy_is_one_sample(self) -> DatasetEvaluation:
+        if self.temperature == 0 and self.samples != 1:
+            raise ValueError(
+                f"temperature 0 (greedy) gives one completion, so samples must be 1, got "
+                f"{self.samples}; set a temperature above 0 to sample"
+            )
+        return self
+
+
+class EvaluationSpec(Section):
+    """The datasets every arm run is evaluated on, each with its own settings, and what they
+    share. The older one-dataset shape (``dataset``, ``max_new_tokens``, ``speculative``) is
+    read as that dataset, greedy, one sample per problem."""
+
+    datasets: dict[str, DatasetEvaluation] = Field(
+        default_factory=lambda: {"codecontests": DatasetEvaluation()}, min_length=1
+    )
+    max_tasks: int | None = Field(default=None, ge=1)
+    """The first N problems of each dataset; None: all."""
     workers: int = Field(default=2, ge=1)
     """Sandbox processes at once."""
     device: str = "auto"
 
-    @field_validator("dataset")
+    @model_validator(mode="before")
     @classmethod
-    def _known(cls, value: str) -> str:
-        if value not in EVAL_DATASETS:
-            raise ValueError(f"unknown dataset {value!r}; choose from {', '.join(EVAL_DATASETS)}")
+    def _one_dataset_shape(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if "dataset" not in data:
+            for key in ("max_new_tokens", "speculative"):
+                if key in data:
+                    raise ValueError(f"{key} is set per dataset: evaluation.datasets.<name>.{key}")
+            return data
+        if "datasets" in data:
+            raise ValueError("give datasets (per dataset settings) or dataset, not both")
+        data = dict(data)
+        entry = {"samples": 1, "temperature": 0.0,
+                 "max_new_tokens": data.pop("max_new_tokens", LEGACY_MAX_NEW_TOKENS)}  # fmt: skip
+        if "speculative" in data:
+            entry["speculative"] = data.pop("speculative")
+        data["datasets"] = {data.pop("dataset"): entry}
+        return data
+
+    @field_validator("datasets")
+    @classmethod
+    def _known(cls, value: dict[str, DatasetEvaluation]) -> dict[str, DatasetEvaluation]:
+        for name in value:
+            if name not in EVAL_DATASETS:
+                raise ValueError(
+                    f"unknown dataset {name!r}; choose from {', '.join(EVAL_DATASETS)}"
+                )
         return value
+
+    def expected(self, dataset: str) -> dict[str, Any]:
+        """The settings ``summary.json`` of ``dataset``'s evaluation must record to count as
+        this evaluation (sampling settings only when sampled)."""
+        d = self.datasets[dataset]
+        out: dict[str, Any] = {"num_samples": d.samples, "temperature": d.temperature,
+                               "max_tasks": self.max_tasks, "max_new_tokens": d.max_new_tokens,
+                               "speculative": d.speculative}  # fmt: skip
+        if d.temperature > 0:
+            out.update(top_p=d.top_p, seed=EVAL_SEED)
+        return out
 
 
 class StudySpec(Section):
@@ -171,7 +243,8 @@ class PlannedRun:
     run_dir: Path
     evaluate: bool
     """Arms are evaluated; helpers are not."""
-    eval_dir: Path | None = None
+    datasets: tuple[str, ...] = ()
+    """The datasets an arm's run is evaluated on (none for a helper)."""
     needs: Path | None = None
     """The run folder of the frozen helper this run reads, if any."""
 
@@ -183,13 +256,17 @@ class PlannedRun:
     def final(self) -> Path:
         return self.run_dir / "final"
 
+    def eval_dir(self, dataset: str) -> Path:
+        """``final/eval/<dataset>``: where the evaluation on ``dataset`` is written."""
+        return self.final / "eval" / dataset
+
 
 @dataclass
 class RunStatus:
     run: PlannedRun
     state: Literal["done", "evaluate", "resume", "train"]
-    """done: nothing to do; evaluate: trained, not (or not as planned) evaluated; resume:
-    step checkpoints of an unfinished training; train: nothing yet."""
+    """done: nothing to do; evaluate: trained, some dataset not (or not as planned) evaluated;
+    resume: step checkpoints of an unfinished training; train: nothing yet."""
 
 
 @dataclass
@@ -294,9 +371,8 @@ class Study:
                     needs = None
                 config = self._load(path, overrides, f"arms.{arm}")
                 run_dir = self.layout.checkpoint(config.experiment) / name
-                eval_dir = run_dir / "final" / "eval" / spec.evaluation.dataset
-                run = PlannedRun(arm, seed, path, tuple(overrides), run_dir, True, eval_dir,
-                                 needs)  # fmt: skip
+                run = PlannedRun(arm, seed, path, tuple(overrides), run_dir, True,
+                                 tuple(spec.evaluation.datasets), needs)  # fmt: skip
                 self._configs[run] = config
                 runs.append(run)
         self._check_same_budget([r for r in runs if r.evaluate])
@@ -325,15 +401,16 @@ class Study:
                     "budget.grad_accum"
                 )
 
-    def _expected_eval(self) -> dict[str, Any]:
+    def pending_datasets(self, run: PlannedRun) -> list[str]:
+        """The datasets of ``run`` not (or not as planned) evaluated yet."""
+        from weighted_mtp.evaluation.harness import evaluated
+
         e = self.spec.evaluation
-        return {"num_samples": 1, "temperature": 0.0, "max_tasks": e.max_tasks,
-                "max_new_tokens": e.max_new_tokens, "speculative": e.speculative}  # fmt: skip
+        return [d for d in run.datasets if not evaluated(run.eval_dir(d), e.expected(d))]
 
     def status(self, run: PlannedRun) -> RunStatus:
         """Where a planned run stands; a run folder trained with other settings is an error
         (never overwritten)."""
-        from weighted_mtp.evaluation.harness import evaluated
         from weighted_mtp.train.checkpoint import finished, latest
 
         written = run.run_dir / "config.yaml"
@@ -346,9 +423,7 @@ class Study:
                     f"({differ[0]} differs); remove the folder or rename the study"
                 )
         if finished(run.run_dir):
-            if not run.evaluate or (
-                run.eval_dir is not None and evaluated(run.eval_dir, self._expected_eval())
-            ):
+            if not run.evaluate or not self.pending_datasets(run):
                 return RunStatus(run, "done")
             return RunStatus(run, "evaluate")
         return RunStatus(run, "resume" if latest(run.run_dir) is not None else "train")
@@ -377,7 +452,8 @@ class Study:
         todo = [s for s in statuses if s.state != "done"]
         self.console.print(
             f"[bold]wmtp study {spec.name}[/bold]: {len(spec.arms)} arms x {len(spec.seeds)} "
-            f"seeds, {spec.budget.steps} steps each, recipes from {self.configs}; "
+            f"seeds, {spec.budget.steps} steps each, recipes from {self.configs}, evaluated on "
+            f"{', '.join(spec.evaluation.datasets)}; "
             f"{len(statuses) - len(todo)} of {len(statuses)} runs finished"
         )
         if dry_run:
@@ -593,26 +669,33 @@ class Study:
         train(self._configs[run], self.layout)
 
     def _evaluate(self, run: PlannedRun) -> None:
+        """Evaluate ``run`` on every dataset it lacks (or has with other settings)."""
         from weighted_mtp.evaluation.harness import evaluate
 
         e = self.spec.evaluation
-        assert run.eval_dir is not None
-        summary = evaluate(
-            self.layout, str(run.final), e.dataset, run.eval_dir, num_samples=1, temperature=0.0,
-            max_tasks=e.max_tasks, max_new_tokens=e.max_new_tokens, speculative=e.speculative,
-            workers=e.workers, device=e.device, mlflow_uri=self.mlflow_uri,
-        )  # fmt: skip
-        if summary is not None:
-            p1 = summary["pass_at_k"]["pass@1"]
-            self.console.print(f"  pass@1 {p1['mean']:.3f} on {summary['problems']} problems")
+        for dataset in self.pending_datasets(run):
+            d = e.datasets[dataset]
+            summary = evaluate(
+                self.layout, str(run.final), dataset, run.eval_dir(dataset),
+                num_samples=d.samples, temperature=d.temperature, top_p=d.top_p, seed=EVAL_SEED,
+                max_tasks=e.max_tasks, max_new_tokens=d.max_new_tokens,
+                speculative=d.speculative, workers=e.workers, device=e.device,
+                mlflow_uri=self.mlflow_uri,
+            )  # fmt: skip
+            if summary is not None and "pass_at_k" in summary:
+                scores = ", ".join(f"{k} {v['mean']:.3f}" for k, v in summary["pass_at_k"].items())
+                self.console.print(f"  {dataset}: {scores} on {summary['problems']} problems")
 
     # ---- pooling ----
 
     def summarize(self, plan: list[PlannedRun]) -> dict[str, Any]:
-        """Read every finished arm run's per-problem results and pool them (``pool``)."""
+        """Read every finished arm run's per-problem results and pool them per dataset
+        (``pool``); Holm's adjustment runs over the contrasts of every dataset together."""
+        from weighted_mtp.evaluation.compare import Comparison, holm_adjust
         from weighted_mtp.train.checkpoint import read_info
 
-        results: dict[str, dict[int, dict[str, bool]]] = {}
+        datasets = self.spec.evaluation.datasets
+        results: dict[str, dict[str, dict[int, dict[str, Counts]]]] = {d: {} for d in datasets}
         runs, missing = [], []
         for run in plan:
             if not run.evaluate:
@@ -621,21 +704,38 @@ class Study:
             row = {"arm": run.arm, "seed": run.seed, "run_dir": str(run.run_dir),
                    "state": state}  # fmt: skip
             if state == "done":
-                assert run.eval_dir is not None
-                results.setdefault(run.arm, {})[run.seed] = read_results(run.eval_dir)
+                for dataset in run.datasets:
+                    per_arm = results[dataset].setdefault(run.arm, {})
+                    per_arm[run.seed] = read_results(run.eval_dir(dataset))
                 row["steps"] = read_info(run.final).get("step")
                 row["train_manifest_sha256"] = _digest(run.run_dir / "manifest_train.json")
             else:
                 missing.append(run.label)
             runs.append(row)
-        complete = {a: r for a, r in results.items() if len(r) == len(self.spec.seeds)}
+        arms = {a: s.model_dump() for a, s in self.spec.arms.items()}
+        blocks: dict[str, dict[str, Any]] = {}
+        for dataset, settings in datasets.items():
+            complete = {a: r for a, r in results[dataset].items()
+                        if len(r) == len(self.spec.seeds)}  # fmt: skip
+            baseline = self.spec.baseline if self.spec.baseline in complete else None
+            block = pool(complete, baseline, arms, self.spec.contrast_pairs(), self.spec.cluster)
+            blocks[dataset] = {
+                "settings": settings.model_dump(),
+                "data_manifest_sha256": self._manifest_digest(dataset),
+                **block,
+            }
+        # One family for Holm: every contrast of every dataset (docs/EVALUATION.md §5).
+        raw = [(d, Comparison(**c)) for d, b in blocks.items() for c in b["comparisons"]]
+        adjusted = holm_adjust([c for _, c in raw])
+        comparisons = [{"dataset": d, **asdict(c)}
+                       for (d, _), c in zip(raw, adjusted, strict=True)]  # fmt: skip
+        for dataset, block in blocks.items():
+            block["comparisons"] = [c for c in comparisons if c["dataset"] == dataset]
         summary: dict[str, Any] = {
             "name": self.spec.name,
             "spec": self.spec.model_dump(mode="json"),
             "spec_file": str(self.spec_path),
             "configs": str(self.configs),
-            "dataset": self.spec.evaluation.dataset,
-            "data_manifest_sha256": self._manifest_digest(),
             "pooling": POOLING_RULE,
             "runs": runs,
             "missing": missing,
@@ -646,17 +746,34 @@ class Study:
                 {r.get("train_manifest_sha256") for r in runs if "steps" in r}
             )
             <= 1,
+            "baseline": self.spec.baseline,
+            "cluster": self.spec.cluster,
+            "problems": sum(b["problems"] for b in blocks.values()),
+            # Per arm: its recipe and control and its pass@1 on each dataset it finished.
+            "arms": {
+                arm: {
+                    **arms[arm],
+                    "pass_at_1": {
+                        d: b["arms"][arm]["pass_at_1"]
+                        for d, b in blocks.items()
+                        if arm in b["arms"]
+                    },
+                }
+                for arm in arms
+                if any(arm in b["arms"] for b in blocks.values())
+            },
+            "datasets": blocks,
+            "comparisons": comparisons,
+            "holm_family": len(comparisons),
+            # the same on every dataset: a run is done once all its datasets are evaluated
+            "contrasts_pending": list(
+                dict.fromkeys(p for b in blocks.values() for p in b.get("contrasts_pending", []))
+            ),
         }
-        baseline = self.spec.baseline if self.spec.baseline in complete else None
-        arms = {a: s.model_dump() for a, s in self.spec.arms.items()}
-        summary.update(
-            pool(complete, baseline, arms, self.spec.contrast_pairs(), self.spec.cluster)
-        )
         return summary
 
-    def _manifest_digest(self) -> str | None:
-        dataset = self.spec.evaluation.dataset.removesuffix("_small")
-        return _digest(self.layout.dataset(dataset).manifest)
+    def _manifest_digest(self, dataset: str) -> str | None:
+        return _digest(self.layout.dataset(dataset.removesuffix("_small")).manifest)
 
     # ---- outputs ----
 
@@ -677,28 +794,41 @@ class Study:
         return page
 
     def print_summary(self, summary: dict[str, Any], page: Path) -> None:
-        table = Table(title=f"study {summary['name']}: greedy pass@1 on {summary['dataset']}")
-        for column in ("arm", "pass@1 [95% Wilson]", "per seed"):
-            table.add_column(column)
-        for arm, row in summary.get("arms", {}).items():
-            per_seed = ", ".join(f"{s}: {v:.3f}" for s, v in row["per_seed"].items())
-            table.add_row(arm, f"{row['pass_at_1']:.3f} [{row['low']:.3f}, {row['high']:.3f}]",
-                          per_seed)  # fmt: skip
-        self.console.print(table)
+        from weighted_mtp.report.study_page import INTERVAL_RULE, settings_text
+
+        for dataset, block in summary.get("datasets", {}).items():
+            if not block.get("arms"):
+                continue
+            ks = [k for k in next(iter(block["arms"].values()))["pass_at_k"] if k != "pass@1"]
+            self.console.print(
+                f"[bold]study {summary['name']} on {dataset}[/bold]: "
+                f"{settings_text(block['settings'])}, {block['problems']} problems"
+            )
+            table = Table()
+            for column in ("arm", "pass@1 [95%]", *ks, "per seed"):
+                table.add_column(column)
+            for arm, row in block["arms"].items():
+                per_seed = ", ".join(f"{s}: {v:.3f}" for s, v in row["per_seed"].items())
+                table.add_row(
+                    arm, f"{row['pass_at_1']:.3f} [{row['low']:.3f}, {row['high']:.3f}]",
+                    *(f"{row['pass_at_k'][k]:.3f}" for k in ks), per_seed,
+                )  # fmt: skip
+            self.console.print(table)
+            self.console.print(f"  {INTERVAL_RULE}", markup=False)
         comparisons = summary.get("comparisons", [])
         if comparisons:
             unit = "family" if summary.get("cluster") == "family" else "problem"
             contrasts = Table(
-                title=f"contrasts: paired per {unit} ({summary.get('clusters')} clusters), "
-                f"Holm-adjusted over {len(comparisons)}"
+                title=f"contrasts: paired per {unit}, Holm-adjusted over all {len(comparisons)} "
+                "(contrasts x datasets)"
             )
             units = "families" if unit == "family" else "problems"
-            for column in ("arm - reference", "difference [95%]", f"{units} +/-", "p",
-                           "Holm p", "test", "verdict"):  # fmt: skip
+            for column in ("dataset", "arm - reference", "difference [95%]", f"{units} +/-",
+                           "p", "Holm p", "test", "verdict"):  # fmt: skip
                 contrasts.add_column(column)
             for c in comparisons:
                 contrasts.add_row(
-                    f"{c['arm']} - {c['baseline']}",
+                    c["dataset"], f"{c['arm']} - {c['baseline']}",
                     f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]",
                     f"{c['arm_better']}/{c['baseline_better']}", f"{c['p_value']:.3g}",
                     f"{c['p_adjusted']:.3g}", c["test"], c["statement"],
@@ -727,14 +857,14 @@ def _digest(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
-def read_results(eval_dir: Path) -> dict[str, bool]:
-    """Per problem, whether its first (greedy) sample passed, from ``results.jsonl``."""
+def read_results(eval_dir: Path) -> dict[str, Counts]:
+    """Per problem, ``(n, c)``: its samples and how many passed, from ``results.jsonl``."""
     from weighted_mtp.data.jsonl import iter_jsonl
 
-    out: dict[str, bool] = {}
+    out: dict[str, Counts] = {}
     for row in iter_jsonl(eval_dir / "results.jsonl"):
-        if row.get("sample", 0) == 0:
-            out[row["task_id"]] = bool(row["passed"])
+        n, c = out.get(row["task_id"], (0, 0))
+        out[row["task_id"]] = (n + 1, c + bool(row["passed"]))
     return out
 
 
@@ -755,57 +885,99 @@ def clusters_of(tasks: list[str], rule: str) -> dict[str, str] | None:
     return out
 
 
+def _counts(value: bool | Counts) -> Counts:
+    """A run's result for one problem as ``(n, c)``; a bool is one sample's pass/fail."""
+    if isinstance(value, bool):
+        return 1, int(value)
+    n, c = value
+    if n < 1 or not 0 <= c <= n:
+        raise ValueError(f"a problem's result needs n >= 1 and 0 <= c <= n, got {value}")
+    return int(n), int(c)
+
+
+def rate_interval(values: list[float]) -> tuple[float, float, str]:
+    """(low, high, method): the 95% interval of the mean of per-problem values in [0, 1]:
+    Wilson's score interval when every value is 0 or 1 (a binomial count), else the
+    percentile bootstrap over problems (docs/EVALUATION.md §5)."""
+    from weighted_mtp.evaluation.compare import bootstrap_interval, wilson_interval
+
+    if all(v in (0.0, 1.0) for v in values):
+        low, high = wilson_interval(sum(values), len(values))
+        return low, high, "wilson"
+    _, low, high = bootstrap_interval(values)
+    return low, high, "bootstrap"
+
+
 def pool(
-    results: dict[str, dict[int, dict[str, bool]]],
+    results: dict[str, dict[int, dict[str, bool | Counts]]],
     baseline: str | None,
     arms: dict[str, Any] | None = None,
     contrasts: list[tuple[str, str]] | None = None,
     cluster: str = "problem",
 ) -> dict[str, Any]:
-    """Pool ``results[arm][seed][task_id]`` (pass/fail of the greedy sample) over seeds and
-    run the contrasts (docs/EVALUATION.md §5 and §6).
+    """Pool one dataset's ``results[arm][seed][task_id]`` (``(n, c)``: samples and passes; a
+    bool for one greedy sample) over seeds and run the contrasts (docs/EVALUATION.md §5-§6).
 
-    Only the problems scored in every run count. Per arm and problem the outcomes of the seeds
-    form the problem's list of samples, so a problem's score is the mean over seeds; the arm's
-    pass@1 is the mean of those scores with the Wilson interval over problems. ``contrasts``
-    (default: every arm against ``baseline``) whose two arms both finished are compared with
-    ``compare_arms`` on the same lists, per ``cluster`` ("problem" or "family"), Holm-adjusted
-    over the contrasts compared."""
-    from weighted_mtp.evaluation.compare import compare_arms, wilson_interval
+    Only the problems scored in every run count. A problem's value in a run is its estimated
+    pass rate c / n; in an arm, the mean of those over seeds. The arm's pass@1 is the mean of
+    the problems' values with its 95% interval over problems (``rate_interval``), its pass@k
+    the unbiased estimator of each run and problem averaged the same way, for the k of
+    ``default_ks`` of the fewest samples. ``contrasts`` (default: every arm against
+    ``baseline``) whose two arms both finished are compared with ``compare_arms`` on the
+    per-seed pass rates, per ``cluster`` ("problem" or "family"), Holm-adjusted over the
+    contrasts compared (a study adjusts again over every dataset's)."""
+    from weighted_mtp.evaluation.compare import compare_arms
+    from weighted_mtp.evaluation.metrics import default_ks, pass_at_k
 
-    empty: dict[str, Any] = {"problems": 0, "arms": {}, "comparisons": []}
+    empty: dict[str, Any] = {"problems": 0, "arms": {}, "comparisons": [],
+                             "contrasts_pending": []}  # fmt: skip
     if not results:
         return empty
     shared = set.intersection(*(set(r) for seeds in results.values() for r in seeds.values()))
     tasks = sorted(shared)
     if not tasks:
         return empty
+    counts = {arm: {s: {t: _counts(seeds[s][t]) for t in tasks} for s in sorted(seeds)}
+              for arm, seeds in results.items()}  # fmt: skip
+    fewest = min(n for seeds in counts.values() for by in seeds.values() for n, _ in by.values())
+    ks = default_ks(fewest)
+    # Per arm and problem, one value per seed: the pass rate (a bool for one sample, so that
+    # compare_arms can name McNemar's test where it applies).
     pooled = {
-        arm: {t: [seeds[s][t] for s in sorted(seeds)] for t in tasks}
-        for arm, seeds in results.items()
-    }
+        arm: {t: [bool(c) if n == 1 else c / n for n, c in (seeds[s][t] for s in seeds)]
+              for t in tasks}
+        for arm, seeds in counts.items()
+    }  # fmt: skip
     groups = clusters_of(tasks, cluster)
     out: dict[str, Any] = {
         "problems": len(tasks),
+        "samples": fewest,
         "cluster": cluster,
         "clusters": len(set(groups.values())) if groups else len(tasks),
         "arms": {},
         "comparisons": [],
     }
-    n = len(tasks)
     for arm, per_task in pooled.items():
-        total = sum(sum(v) / len(v) for v in per_task.values())
-        low, high = wilson_interval(total, n)
-        seeds = results[arm]
-        per_seed = {s: sum(seeds[s][t] for t in tasks) for s in sorted(seeds)}
+        values = [sum(map(float, v)) / len(v) for v in per_task.values()]
+        low, high, method = rate_interval(values)
+        seeds = counts[arm]
+        per_seed = {s: [c / n for n, c in by.values()] for s, by in seeds.items()}
+        seed_intervals = {s: rate_interval(v) for s, v in per_seed.items()}
+        at_k = {
+            f"pass@{k}": sum(pass_at_k(n, c, k) for by in seeds.values() for n, c in by.values())
+            / (len(seeds) * len(tasks))
+            for k in ks
+        }
         out["arms"][arm] = {
             **((arms or {}).get(arm) or {}),
             "seeds": sorted(seeds),
-            "pass_at_1": total / n, "low": low, "high": high,
-            "per_seed": {str(s): k / n for s, k in per_seed.items()},
-            "per_seed_interval": {str(s): list(wilson_interval(k, n))
-                                  for s, k in per_seed.items()},
-            "passed_any_seed": sum(any(v) for v in per_task.values()),
+            "pass_at_1": sum(values) / len(values), "low": low, "high": high,
+            "interval": method,
+            "pass_at_k": at_k,
+            "per_seed": {str(s): sum(v) / len(v) for s, v in per_seed.items()},
+            "per_seed_interval": {str(s): [lo, hi] for s, (lo, hi, _) in seed_intervals.items()},
+            "passed_any_seed": sum(any(c for _, c in (by[t] for by in seeds.values()))
+                                   for t in tasks),
         }  # fmt: skip
     if baseline is not None:
         out["baseline"] = baseline
@@ -825,26 +997,33 @@ def contrast_key(comparison: dict[str, Any]) -> str:
 
 
 def log_study(summary: dict[str, Any], mlflow_uri: str, out: Path, page: Path) -> str | None:
-    """One MLflow run in the ``study`` experiment: the spec as params, per arm pass@1 and its
-    interval, per contrast the difference, raw and Holm-adjusted p-values, detectable
-    difference and verdict (as a tag)."""
+    """One MLflow run in the ``study`` experiment: the spec as params; per dataset and arm
+    pass@1 with its interval and pass@k (``pass_at_<k>/<dataset>/<arm>``); per dataset and
+    contrast the difference, raw and Holm-adjusted p-values, detectable difference
+    (``difference/<dataset>/<contrast>``, ...) and the verdict as the tag
+    ``wmtp.verdict.<dataset>.<contrast>``."""
     from weighted_mtp.train.tracking import TAG_KIND, TAG_REPORT, log_summary_run, source_tags
 
     metrics: dict[str, float] = {}
-    for arm, row in summary["arms"].items():
-        metrics[f"pass_at_1/{arm}"] = row["pass_at_1"]
-        metrics[f"pass_at_1_low/{arm}"] = row["low"]
-        metrics[f"pass_at_1_high/{arm}"] = row["high"]
+    for dataset, block in summary.get("datasets", {}).items():
+        for arm, row in block["arms"].items():
+            metrics[f"pass_at_1/{dataset}/{arm}"] = row["pass_at_1"]
+            metrics[f"pass_at_1_low/{dataset}/{arm}"] = row["low"]
+            metrics[f"pass_at_1_high/{dataset}/{arm}"] = row["high"]
+            for name, value in row["pass_at_k"].items():
+                if name != "pass@1":
+                    metrics[f"{name.replace('@', '_at_')}/{dataset}/{arm}"] = value
     tags = {TAG_KIND: "study", TAG_REPORT: str(page.resolve()), **source_tags()}
     for c in summary.get("comparisons", []):
         # against the baseline: keyed by the arm; other contrasts: "<arm>-vs-<reference>"
         key = c["arm"] if c["baseline"] == summary.get("baseline") else contrast_key(c)
+        key = f"{c['dataset']}/{key}"
         metrics[f"difference/{key}"] = c["difference"]
         metrics[f"p_value/{key}"] = c["p_value"]
         metrics[f"p_adjusted/{key}"] = c["p_adjusted"]
         if c.get("detectable") is not None:
             metrics[f"detectable/{key}"] = c["detectable"]
-        tags[f"wmtp.verdict.{key}"] = c["verdict"]
+        tags[f"wmtp.verdict.{key.replace('/', '.')}"] = c["verdict"]
     params = {**summary["spec"], "problems": summary["problems"]}
     return log_summary_run(
         mlflow_uri, STUDY_EXPERIMENT, f"study-{summary['name']}", params, tags, metrics, out

@@ -16,6 +16,7 @@ from weighted_mtp.evaluation.compare import (
     default_contrasts,
     detectable_difference,
     holm,
+    holm_adjust,
     mcnemar,
     paired_bootstrap,
     sign_flip_interval,
@@ -166,8 +167,22 @@ def test_sign_flip_test_samples_patterns_past_twenty_clusters() -> None:
     assert p >= 1 / (SIGN_FLIP_DRAWS + 1)
     reference = _scipy_sign_flip(stats, values, n_resamples=200_000, random_state=9)
     assert p == pytest.approx(reference, abs=0.006)  # two Monte Carlo estimates, s.e. ~0.002
-    strong = [0.3] * 25
-    assert sign_flip_test(strong)[0] == pytest.approx(1 / (SIGN_FLIP_DRAWS + 1))
+    strong = [0.3, 0.1] * 13  # 26 clusters, every one gained: the draws' floor
+    assert sign_flip_test(strong) == (pytest.approx(1 / (SIGN_FLIP_DRAWS + 1)), False)
+
+
+@pytest.mark.parametrize(("positive", "m"), [(25, 25), (18, 30), (15, 30), (3, 41), (260, 500)])
+def test_differences_of_one_size_are_the_exact_binomial_tail_at_any_count(
+    positive: int, m: int
+) -> None:
+    """m differences of one size (+-0.25: a gain or loss of 5 of 20 samples), ``positive`` of
+    them above 0, plus zeros: the sign-flip null of their sum is Binomial(m, 1/2), so the
+    p-value is exact past ``EXACT_LIMIT`` too (SciPy's binomtest)."""
+    stats = pytest.importorskip("scipy.stats")
+    values = [0.25] * positive + [-0.25] * (m - positive) + [0.0] * 7
+    p, exact = sign_flip_test(values)
+    assert exact
+    assert p == pytest.approx(stats.binomtest(positive, m, 0.5).pvalue, rel=1e-9)
 
 
 def _brute_p(values: list[float], delta: float) -> float:
@@ -302,3 +317,59 @@ def test_one_sample_per_problem_the_sign_flip_test_is_mcnemars() -> None:
     assert sign_flip_test([x - y for x, y in zip(arm, base, strict=True)])[0] == pytest.approx(
         mcnemar(arm, base)[2], rel=1e-12
     )
+
+
+# ---- estimated pass rates (n samples per problem) ----
+
+
+def test_compare_arms_takes_per_seed_pass_rates_and_matches_scipy() -> None:
+    """Each problem's values are per-seed pass rates (passes of 20 samples / 20): the p-value
+    is SciPy's exact paired permutation test on the per-problem means over seeds."""
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(21)
+    tasks = [f"t{i}" for i in range(12)]
+    base = {t: [float(x) / 20 for x in rng.binomial(20, 0.4, 2)] for t in tasks}
+    arm = {t: [float(x) / 20 for x in rng.binomial(20, 0.55, 2)] for t in tasks}
+    (row,) = compare_arms({"b": base, "a": arm}, "b")
+    per_problem = [np.mean(arm[t]) - np.mean(base[t]) for t in tasks]
+    ref = stats.permutation_test(
+        (np.asarray(per_problem), np.zeros(12)), lambda x, y, axis: np.mean(x - y, axis=axis),
+        vectorized=True, permutation_type="samples", alternative="two-sided", n_resamples=np.inf,
+    ).pvalue  # fmt: skip
+    assert row.test == "sign-flip (exact)" and row.p_value == pytest.approx(ref, rel=1e-9)
+    assert row.difference == pytest.approx(np.mean(per_problem), abs=1e-12)
+    assert row.cluster_difference == pytest.approx(row.difference, abs=1e-12)
+    expected = detectable_difference(per_problem)
+    assert expected is not None and row.detectable == pytest.approx(expected)
+    assert row.low <= row.difference <= row.high
+
+
+def test_mcnemar_needs_pass_fail_and_rates_stay_in_the_unit_interval() -> None:
+    tasks = [f"t{i}" for i in range(30)]
+    flags = {"b": {t: [False] for t in tasks}, "a": {t: [i < 25] for i, t in enumerate(tasks)}}
+    (mc,) = compare_arms(flags, "b")
+    assert mc.test == "McNemar (exact)"
+    # the same numbers as rates of several samples: no 2 x 2 table, the same exact p-value
+    rates = {arm: {t: [float(v[0])] for t, v in by.items()} for arm, by in flags.items()}
+    (sf,) = compare_arms(rates, "b")
+    assert sf.test == "sign-flip (exact)" and sf.p_value == pytest.approx(mc.p_value, rel=1e-12)
+    with pytest.raises(ValueError, match="pass rate outside"):
+        compare_arms({"b": {"t": [0.5]}, "a": {"t": [1.5]}}, "b")
+
+
+def test_holm_adjust_over_comparisons_made_apart_equals_one_call() -> None:
+    """Two datasets compared in two calls, then adjusted together, give what one call over all
+    contrasts gives: Holm over the union (the study's family is contrasts x datasets)."""
+    rng = np.random.default_rng(5)
+    tasks = [f"t{i}" for i in range(16)]
+    data = {arm: {t: [bool(x) for x in rng.random(2) < p] for t in tasks}
+            for arm, p in (("b", 0.3), ("a", 0.7), ("c", 0.35))}  # fmt: skip
+    first = compare_arms(data, "b", [("a", "b")])
+    second = compare_arms(data, "b", [("c", "b"), ("a", "c")])
+    together = holm_adjust([*first, *second])
+    once = compare_arms(data, "b", [("a", "b"), ("c", "b"), ("a", "c")])
+    assert together == once
+    assert [r.p_adjusted for r in together] == pytest.approx(
+        holm([r.p_value for r in [*first, *second]])
+    )
+    assert first[0].p_adjusted == first[0].p_value <= together[0].p_adjusted

@@ -3,31 +3,38 @@
 Every arm of a study is scored on the same problems, so arms are compared *paired*. The unit
 of the test is a *cluster*: by default one problem, or a group of problems that are not
 independent of one another (problems of one task family). Runs (seeds) are a second level
-inside it: a cluster's difference is the mean over its problems, and over each problem's
-samples (one per seed), of arm - reference.
+inside it: a problem's value in an arm is its *estimated pass rate*, the fraction of its
+samples that passed, averaged over the seeds (with one greedy sample per run: the mean over
+seeds of pass/fail), and a cluster's difference is the mean over its problems of arm -
+reference.
 
 * ``sign_flip_test``: under "no difference" each cluster's difference is as likely to have
   either sign, so the p-value is the share of the 2^n sign patterns whose mean difference is
   at least as far from zero as the observed one (two-sided). Exact (every pattern) with at most
   ``EXACT_LIMIT`` non-zero clusters, else ``SIGN_FLIP_DRAWS`` random patterns with a fixed seed
   and the +1 correction ((1 + hits) / (1 + draws)), never below what the draws can support.
-  With one sample per problem and one problem per cluster it *is* McNemar's exact test, which
-  ``compare_arms`` then uses (the binomial tail: exact past ``EXACT_LIMIT`` too).
+  When every non-zero difference has the same size the sum only counts signs, so the null is
+  Binomial(m, 1/2) and the p-value is its exact two-sided tail at any m. With one sample per
+  problem and one problem per cluster the differences are +-1 and the test *is* McNemar's
+  exact test, which ``compare_arms`` then names so.
 * ``sign_flip_interval``: the shifts delta of the difference that the same test does not reject
   on the differences minus delta (the test inverted), so it excludes 0 when the test does.
 * ``holm``: Holm's step-down adjustment over all contrasts of a study; verdicts use it.
+  ``holm_adjust`` applies it to comparisons made apart (a study's datasets).
 * ``detectable_difference``: the smallest difference the study could see at 80% power.
 * ``wilson_interval``: the Wilson score interval of a pass rate, always inside [0, 1].
 
 ``compare_arms`` runs the declared contrasts and returns one ``Comparison`` each.
-``paired_bootstrap``, ``bootstrap_interval`` and ``mcnemar`` remain as plain tools.
+``bootstrap_interval`` gives an arm's pass@1 interval when its per-problem values are pass
+rates rather than pass/fail (docs/EVALUATION.md §5); ``paired_bootstrap`` and ``mcnemar``
+remain as plain tools.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import NormalDist
 
 import numpy as np
@@ -55,6 +62,7 @@ class Comparison:
     mean_arm: float
     mean_baseline: float
     difference: float  # arm - baseline, the mean over problems
+    cluster_difference: float  # the mean over clusters of their mean differences (the test's)
     low: float  # the 95% interval of the difference (the sign-flip test inverted)
     high: float
     arm_better: int  # clusters whose mean difference is > 0
@@ -124,8 +132,20 @@ def sign_flip_test(
     values = values[values != 0]
     if values.size == 0:
         return 1.0, True
+    size = np.abs(values)
+    if float(size.max() - size.min()) <= 1e-12 * float(size.max()):
+        return _binomial_two_sided(int(np.count_nonzero(values > 0)), values.size), True
     a, b, exact = _null(values, draws, seed)
     return min(1.0, _p_shifted(values, a, b, exact, 0.0)), exact
+
+
+def _binomial_two_sided(k: int, m: int) -> float:
+    """P(|2X - m| >= |2k - m|) for X ~ Binomial(m, 1/2): the sign-flip p-value of m differences
+    of one size, k of them positive (McNemar's exact test on k and m - k)."""
+    low = min(k, m - k)
+    if 2 * low == m:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(m, i) for i in range(low + 1)) / 2**m)
 
 
 def sign_flip_interval(
@@ -282,20 +302,38 @@ def default_contrasts(arms: Mapping[str, tuple[str, str]], baseline: str) -> lis
     return out
 
 
+Rates = Sequence[bool] | Sequence[float]
+"""One problem's values in one arm, one per seed: a pass rate in [0, 1] (a bool: the pass/fail
+of a single sample)."""
+
+
+def _is_pass_fail(values: Rates) -> bool:
+    return all(isinstance(v, bool | np.bool_) for v in values)
+
+
+def _rate(name: str, task: str, values: Rates) -> float:
+    if len(values) == 0:
+        raise ValueError(f"arm {name!r}, problem {task!r}: no values")
+    mean = sum(float(v) for v in values) / len(values)
+    if not all(0.0 <= float(v) <= 1.0 for v in values):
+        raise ValueError(f"arm {name!r}, problem {task!r}: a pass rate outside [0, 1]")
+    return mean
+
+
 def _contrast(
     name: str,
     reference: str,
-    arm: Mapping[str, Sequence[bool]],
-    base: Mapping[str, Sequence[bool]],
+    arm: Mapping[str, Rates],
+    base: Mapping[str, Rates],
     clusters: Mapping[str, str] | None,
     draws: int,
     seed: int,
-) -> tuple[Comparison, float]:
+) -> Comparison:
     shared = sorted(set(arm) & set(base))
     if not shared:
         raise ValueError(f"arm {name!r} shares no problem with {reference!r}")
-    a = {t: sum(arm[t]) / len(arm[t]) for t in shared}
-    b = {t: sum(base[t]) / len(base[t]) for t in shared}
+    a = {t: _rate(name, t, arm[t]) for t in shared}
+    b = {t: _rate(reference, t, base[t]) for t in shared}
     groups: dict[str, list[float]] = {}
     for t in shared:
         key = clusters.get(t, t) if clusters is not None else t
@@ -304,7 +342,8 @@ def _contrast(
     p, exact = sign_flip_test(diffs, draws, seed)
     low, high = sign_flip_interval(diffs, draws, seed)
     one_each = all(len(arm[t]) == 1 and len(base[t]) == 1 for t in shared)
-    if one_each and len(groups) == len(shared):
+    pass_fail = all(_is_pass_fail(arm[t]) and _is_pass_fail(base[t]) for t in shared)
+    if one_each and pass_fail and len(groups) == len(shared):
         # +-1 per discordant problem: the sign-flip null is Binomial(n, 1/2), exact at any n
         p = mcnemar([arm[t][0] for t in shared], [base[t][0] for t in shared])[2]
         test = "McNemar (exact)"
@@ -312,31 +351,44 @@ def _contrast(
         test = "sign-flip (exact)" if exact else f"sign-flip ({draws:,} random patterns)"
     mean_a = sum(a.values()) / len(shared)
     mean_b = sum(b.values()) / len(shared)
-    row = Comparison(
+    return Comparison(
         arm=name, baseline=reference, problems=len(shared), clusters=len(groups),
-        mean_arm=mean_a, mean_baseline=mean_b, difference=mean_a - mean_b, low=low, high=high,
+        mean_arm=mean_a, mean_baseline=mean_b, difference=mean_a - mean_b,
+        cluster_difference=float(np.mean(diffs)), low=low, high=high,
         arm_better=sum(d > 0 for d in diffs), baseline_better=sum(d < 0 for d in diffs),
         problems_arm_better=sum(a[t] > b[t] for t in shared),
         problems_baseline_better=sum(a[t] < b[t] for t in shared),
         p_value=p, p_adjusted=p, detectable=detectable_difference(diffs), test=test,
         verdict="", statement="",
     )  # fmt: skip
-    return row, float(np.mean(diffs))
+
+
+def holm_adjust(rows: Sequence[Comparison]) -> list[Comparison]:
+    """``rows`` with Holm's adjustment over all of them (from their raw ``p_value``) and the
+    verdicts and statements that follow: the family is every row given, so comparisons made
+    apart (one call per dataset) are adjusted together (docs/EVALUATION.md §5)."""
+    adjusted = holm([row.p_value for row in rows])
+    out = []
+    for row, p_adj in zip(rows, adjusted, strict=True):
+        word = verdict(row.cluster_difference, p_adj)
+        text = describe(word, p_adj, row.detectable, row.clusters)
+        out.append(replace(row, p_adjusted=p_adj, verdict=word, statement=text))
+    return out
 
 
 def compare_arms(
-    results: Mapping[str, Mapping[str, Sequence[bool]]],
+    results: Mapping[str, Mapping[str, Rates]],
     baseline: str,
     contrasts: Sequence[tuple[str, str]] | None = None,
     clusters: Mapping[str, str] | None = None,
     draws: int = SIGN_FLIP_DRAWS,
     seed: int = 0,
 ) -> list[Comparison]:
-    """Every contrast (arm, reference): ``results[arm][task_id]`` holds the pass/fail of each
-    sample (one per seed). ``contrasts`` defaults to every arm against ``baseline``;
-    ``clusters[task_id]`` names a problem's cluster (default: the problem itself). Only
-    problems scored in both arms count. The verdicts use Holm's adjustment over all the
-    contrasts returned."""
+    """Every contrast (arm, reference): ``results[arm][task_id]`` holds one value per seed, the
+    problem's estimated pass rate in that run (a bool: one sample's pass/fail). ``contrasts``
+    defaults to every arm against ``baseline``; ``clusters[task_id]`` names a problem's cluster
+    (default: the problem itself). Only problems scored in both arms count. The verdicts use
+    Holm's adjustment over all the contrasts returned."""
     if contrasts is None:
         contrasts = [(name, baseline) for name in results if name != baseline]
     rows = []
@@ -346,12 +398,4 @@ def compare_arms(
                 raise ValueError(f"contrast {name} - {reference}: no results of arm {key!r}")
         rows.append(_contrast(name, reference, results[name], results[reference], clusters,
                               draws, seed))  # fmt: skip
-    adjusted = holm([row.p_value for row, _ in rows])
-    out = []
-    for (row, cluster_mean), p_adj in zip(rows, adjusted, strict=True):
-        word = verdict(cluster_mean, p_adj)
-        text = describe(word, p_adj, row.detectable, row.clusters)
-        out.append(
-            Comparison(**{**row.__dict__, "p_adjusted": p_adj, "verdict": word, "statement": text})
-        )
-    return out
+    return holm_adjust(rows)
