@@ -39,7 +39,7 @@ ui: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -n 2 -q
+	$(BIN)/python -m pytest -n 2 -q --durations=25
 
 # The fast tier: everything but the tests marked slow or distributed (about 1.5 minutes on 2 cores).
 test-fast: setup

@@ -185,12 +185,28 @@ class StudySpec(Section):
     arms: dict[str, ArmSpec] = Field(min_length=2)
     overrides: list[str] = Field(default_factory=list)
     """``key=value`` overrides of every run, helpers included (``train.device=cuda``)."""
+    run_name: str = "study-{study}-{arm}-seed{seed}"
+    """Each run's folder name under ``checkpoints/<experiment>/``: ``{study}`` the spec's name,
+    ``{arm}`` the arm (a helper's: its recipe), ``{seed}`` the seed. Two runs of a plan may not
+    share a folder (the quickstart's spec uses ``quickstart``: one seed, one arm per
+    experiment)."""
     contrasts: list[tuple[str, str]] | None = None
     """The comparisons, each ``[arm, reference]``; None: every arm against the baseline and
     every arm without a control against its ``shuffled`` control (docs/EVALUATION.md §5)."""
     cluster: Literal["problem", "family"] = "problem"
     """The unit of the paired test: each problem, or each task family of the known-answer
     problems (``synthetic_<split>_<index>_<family>``; held-out problems share one wording)."""
+
+    @field_validator("run_name")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        try:
+            example = value.format(study="s", arm="a", seed=0)
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"{value!r}: only {{study}}, {{arm}} and {{seed}} ({err})") from None
+        if not re.match(NAME_PATTERN, example):
+            raise ValueError(f"{value!r}: letters, digits, '_', '.' or '-' only")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> StudySpec:
@@ -304,8 +320,8 @@ class Study:
 
     # ---- where things go ----
 
-    def run_name(self, arm: str, seed: int | None) -> str:
-        return f"study-{self.spec.name}-{arm}" + (f"-seed{seed}" if seed is not None else "")
+    def run_name(self, arm: str, seed: int) -> str:
+        return self.spec.run_name.format(study=self.spec.name, arm=arm, seed=seed)
 
     @property
     def report_dir(self) -> Path:
@@ -375,6 +391,14 @@ class Study:
                                  tuple(spec.evaluation.datasets), needs)  # fmt: skip
                 self._configs[run] = config
                 runs.append(run)
+        folders: dict[Path, PlannedRun] = {}
+        for run in runs:
+            if run.run_dir in folders:
+                raise ConfigError(
+                    f"{self.spec_path}: run_name {spec.run_name!r} gives "
+                    f"{folders[run.run_dir].label} and {run.label} one folder {run.run_dir}"
+                )
+            folders[run.run_dir] = run
         self._check_same_budget([r for r in runs if r.evaluate])
         return runs
 
@@ -478,9 +502,9 @@ class Study:
             self.console.print(f"{head}: {s.state}{eta}")
             t0 = time.perf_counter()
             if s.state in ("train", "resume"):
-                self._train(s.run)
+                self.train_run(s.run)
             if s.run.evaluate:
-                self._evaluate(s.run)
+                self.evaluate_run(s.run)
             if self.status(s.run).state != "done":
                 raise UserError(f"study run {s.run.label} ran but its outputs are missing")
             spent.append(time.perf_counter() - t0)
@@ -641,7 +665,7 @@ class Study:
             raise UserError(f"--execute {step!r}: the run is {self.status(run).state}, "
                             "not waiting for its evaluation")  # fmt: skip
         self._require_sandbox()
-        self._evaluate(run)
+        self.evaluate_run(run)
         if self.status(run).state != "done":
             raise UserError(f"study run {run.label} was evaluated but its outputs are missing")
 
@@ -663,12 +687,16 @@ class Study:
             raise UserError(str(err)) from None
         self.console.print(report["summary"], markup=False)
 
-    def _train(self, run: PlannedRun) -> None:
+    def config_of(self, run: PlannedRun) -> Config:
+        """The config ``run`` trains with (after ``plan()``)."""
+        return self._configs[run]
+
+    def train_run(self, run: PlannedRun) -> None:
         from weighted_mtp.train.loop import train
 
         train(self._configs[run], self.layout)
 
-    def _evaluate(self, run: PlannedRun) -> None:
+    def evaluate_run(self, run: PlannedRun) -> None:
         """Evaluate ``run`` on every dataset it lacks (or has with other settings)."""
         from weighted_mtp.evaluation.harness import evaluate
 
@@ -684,7 +712,14 @@ class Study:
             )  # fmt: skip
             if summary is not None and "pass_at_k" in summary:
                 scores = ", ".join(f"{k} {v['mean']:.3f}" for k, v in summary["pass_at_k"].items())
-                self.console.print(f"  {dataset}: {scores} on {summary['problems']} problems")
+                decoding = summary.get("decoding") or {}
+                speed = (f"; {decoding['tokens_per_step']:.2f} tokens/step, "
+                         f"{decoding['tokens_per_s']:.0f} tokens/s"
+                         if "tokens_per_step" in decoding and "tokens_per_s" in decoding
+                         else "")  # fmt: skip
+                self.console.print(
+                    f"  {dataset}: {scores} on {summary['problems']} problems{speed}"
+                )
 
     # ---- pooling ----
 

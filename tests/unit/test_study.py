@@ -169,12 +169,25 @@ def test_plan_names_runs_and_adds_only_the_study_overrides(tmp_path):
         ({"contrasts": [["verifiable", "baseline"], ["baseline", "verifiable"]]},
          "contrasts: 'baseline' and 'verifiable' compared twice"),
         ({"cluster": "seed"}, r"spec.yaml:\d+: config key 'cluster'"),
+        ({"run_name": "{study}-{run}"}, r"spec.yaml:\d+: config key 'run_name': .*only \{study\}"),
+        ({"run_name": "a/{arm}"}, r"config key 'run_name': .*'a/\{arm\}': letters, digits"),
     ],
 )  # fmt: skip
 def test_bad_specs_fail_in_one_line_with_the_file_and_key(tmp_path, change, message):
     with pytest.raises(UserError, match=message) as err:
         _study(tmp_path, **change)
     assert "\n" not in str(err.value)
+
+
+def test_the_run_name_template_names_folders_and_two_runs_may_not_share_one(tmp_path):
+    plan = _study(tmp_path, run_name="x-{arm}-{seed}-{study}").plan()
+    assert sorted(r.run_dir.name for r in plan) == sorted(
+        ["x-critic-0-t"] + [f"x-{a}-{s}-t" for a in ("baseline", "verifiable",
+                                                     "verifiable_shuffled") for s in (0, 1)]
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"run_name '\{arm\}' gives baseline seed 0 and "
+                       r"baseline seed 1 one folder .*checkpoints/baseline/baseline"):  # fmt: skip
+        _study(tmp_path, run_name="{arm}").plan()
 
 
 def test_missing_recipes_and_bad_arm_overrides_name_the_key(tmp_path):
@@ -271,10 +284,10 @@ def test_a_run_is_done_when_every_dataset_is_evaluated_as_planned(tmp_path, monk
         _fake_evaluation(run, three if dataset == "humaneval" else {"a": True}, dataset)
 
     monkeypatch.setattr("weighted_mtp.evaluation.harness.evaluate", evaluate)
-    study._evaluate(run)
+    study.evaluate_run(run)
     assert calls == []
     (run.eval_dir("humaneval") / "summary.json").unlink()
-    study._evaluate(run)
+    study.evaluate_run(run)
     ((dataset, out, kwargs),) = calls
     assert dataset == "humaneval" and out == run.eval_dir("humaneval")
     assert {k: kwargs[k] for k in ("num_samples", "temperature", "top_p", "seed",
@@ -347,8 +360,8 @@ def test_run_trains_and_evaluates_only_what_is_missing_then_skips_everything(tmp
         }
         _fake_evaluation(run, sampled, "humaneval")
 
-    monkeypatch.setattr(study, "_train", train)
-    monkeypatch.setattr(study, "_evaluate", evaluate)
+    monkeypatch.setattr(study, "train_run", train)
+    monkeypatch.setattr(study, "evaluate_run", evaluate)
     monkeypatch.setattr(study, "_require_sandbox", lambda: None)
     done_before = plan[1]  # baseline seed 0 finished earlier
     _fake_training(study, done_before)
@@ -413,9 +426,9 @@ def test_run_trains_and_evaluates_only_what_is_missing_then_skips_everything(tmp
 def test_only_runs_one_arm_and_its_helper(tmp_path, monkeypatch):
     study = _study(tmp_path)
     ran = []
-    monkeypatch.setattr(study, "_train", lambda run: (ran.append(run.label),
+    monkeypatch.setattr(study, "train_run", lambda run: (ran.append(run.label),
                                                       _fake_training(study, run)))  # fmt: skip
-    monkeypatch.setattr(study, "_evaluate", lambda run: _fake_evaluation(run, {"a": True}))
+    monkeypatch.setattr(study, "evaluate_run", lambda run: _fake_evaluation(run, {"a": True}))
     monkeypatch.setattr(study, "_require_sandbox", lambda: None)
     result = study.run(only="verifiable_shuffled")
     assert ran == ["critic seed 0", "verifiable_shuffled seed 0", "verifiable_shuffled seed 1"]
@@ -645,10 +658,10 @@ def test_the_summary_goes_to_mlflow_once_with_verdicts(tmp_path, monkeypatch):
     layout = StorageLayout(tmp_path / "storage")
     study = Study(load_spec(path), path, layout, tracking=True)
     outcome = {"baseline": {"a": False, "b": False, "c": True, "d": False}}
-    monkeypatch.setattr(study, "_train", lambda run: _fake_training(study, run))
+    monkeypatch.setattr(study, "train_run", lambda run: _fake_training(study, run))
     monkeypatch.setattr(
         study,
-        "_evaluate",
+        "evaluate_run",
         lambda run: _fake_evaluation(run, outcome.get(run.arm, {t: True for t in "abcd"})),
     )
     monkeypatch.setattr(study, "_require_sandbox", lambda: None)
