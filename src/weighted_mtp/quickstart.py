@@ -1,14 +1,15 @@
 """``wmtp quickstart``: the whole pipeline on micro models, offline, on the CPU, in minutes.
 
-Stages, in dependency order: the seed's micro tokenizer and models; the known-answer
+Stages, in dependency order: the micro tokenizer and models; the known-answer
 CodeContests source (``wmtp storage synthetic``, under ``datasets/codecontests/raw``); the four
 datasets (CodeContests from that source, MBPP, HumanEval and GSM8K from the bundled sources);
 the micro base pretrained on the known-answer training split (``wmtp storage micro-base``,
-replacing the random micro models); the critic, then Verifiable Critic WMTP; the baseline;
-reference tuning, then Rho-1 (``configs/quickstart``); evaluation of the three policies on the
-held-out known-answer test problems with self-speculative decoding; plain against
-self-speculative greedy decoding of the baseline; the report; and the four known-answer results
-(README, "Quickstart").
+replacing the random micro models); then the runs of ``configs/study/quickstart.yaml``,
+planned, trained and evaluated by the study's planner (docs/EVALUATION.md §6): the critic and
+the tuned reference, the baseline, Verifiable Critic and Rho-1 (``configs/quickstart``), and the
+evaluation of the three policies on the held-out known-answer test problems with
+self-speculative decoding; plain against self-speculative greedy decoding of the baseline; the
+report; and the four known-answer results (README, "Quickstart").
 
 Every stage first checks its outputs (the storage checks for models and datasets, the
 ``final`` checkpoint of a run, an evaluation summary, a report newer than its inputs) and is
@@ -31,22 +32,23 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from weighted_mtp.base.errors import UserError
 from weighted_mtp.base.io import StorageError, read_json_or_none, write_json_atomic
 from weighted_mtp.base.layout import DATASET_NAMES, StorageLayout
 
 if TYPE_CHECKING:
-    from weighted_mtp.config import Config
+    from weighted_mtp.study import PlannedRun, Study
 
 RUN_NAME = "quickstart"
 MICRO_MODELS = ("micro-mtp", "micro-reference")
 POLICIES = ("baseline", "verifiable", "rho1")
-"""The MTP policies evaluated and compared (critic and ref_tuning are their helpers)."""
-TRAINED = ("critic", "verifiable", "baseline", "ref_tuning", "rho1")
+"""The MTP policies evaluated and compared (critic and ref_tuning are their helpers): the arms
+of ``configs/study/quickstart.yaml``, whose planner trains and evaluates them."""
 EVAL_DATASET = "codecontests"
 """The held-out known-answer test problems (100: unseen wording, unseen tests)."""
 # The longest known-answer solution is under 200 tokens of the micro base's tokenizer.
 MAX_NEW_TOKENS = 256
+SPEC = "quickstart.yaml"
+"""The quickstart's study spec, in ``configs/study/`` beside the recipes' folder."""
 DECODING_PROMPTS = 40
 """Prompts of the plain-vs-speculative comparison (one at a time, alternating)."""
 KNOWN_ANSWER_SEED = 0
@@ -67,6 +69,17 @@ class StageResult:
     name: str
     skipped: bool
     seconds: float
+
+
+def default_spec(configs: Path) -> Path:
+    """``configs/study/quickstart.yaml`` beside the recipes' folder, else of this checkout."""
+    for candidate in (
+        configs.parent / "study" / SPEC,
+        Path(__file__).resolve().parents[2] / "configs" / "study" / SPEC,
+    ):
+        if candidate.is_file():
+            return candidate
+    raise StorageError(f"configs/study/{SPEC} not found: run from the repository root")
 
 
 def default_configs() -> Path:
@@ -92,7 +105,6 @@ class Quickstart:
         configs: Path | None = None,
         console: Console | None = None,
         max_new_tokens: int = MAX_NEW_TOKENS,
-        workers: int = 2,
         unsafe: bool = False,
         tracking: bool = True,
     ):
@@ -100,11 +112,39 @@ class Quickstart:
         self.configs = configs or default_configs()
         self.console = console or Console(highlight=False, soft_wrap=True)
         self.max_new_tokens = max_new_tokens
-        self.workers = workers
         self.unsafe = unsafe
         # Like any run: the storage's MLflow store (docs/ARCHITECTURE.md, "Experiment tracking").
         self.mlflow_uri = layout.mlflow_uri() if tracking else None
+        self.tracking = tracking
         self._sandbox_ok: bool | None = None
+        self._study: Study | None = None
+        self._plan: list[PlannedRun] | None = None
+
+    @property
+    def study(self) -> Study:
+        """The study of ``configs/study/quickstart.yaml`` over this storage and recipes: the
+        planner of the training and evaluation stages (docs/EVALUATION.md §6)."""
+        if self._study is None:
+            from weighted_mtp.study import Study, load_spec
+
+            path = default_spec(self.configs)
+            self._study = Study(load_spec(path), path, self.layout, self.configs,
+                                console=self.console, tracking=self.tracking,
+                                unsafe=self.unsafe)  # fmt: skip
+        return self._study
+
+    def planned(self) -> list[PlannedRun]:
+        """The study's runs: the helpers (critic, tuned reference), then the policies."""
+        if self._plan is None:
+            self._plan = self.study.plan()
+            folders = {r.run_dir for r in self._plan}
+            expected = {self.run_dir(e) for e in ("critic", "ref_tuning", *POLICIES)}
+            if folders != expected:
+                raise StorageError(
+                    f"{default_spec(self.configs)}: plans {sorted(map(str, folders))}, the "
+                    f"quickstart reads {sorted(map(str, expected))}"
+                )
+        return self._plan
 
     # ---- where each stage's outputs live ----
 
@@ -134,7 +174,7 @@ class Quickstart:
 
     def stages(self) -> list[Stage]:
         stages = [
-            Stage("models", "the seed's micro tokenizer, micro MTP model and micro reference model",
+            Stage("models", "the micro tokenizer, micro MTP model and micro reference model",
                   self._models_ok, self._build_models),
             Stage("known-answer", "the known-answer CodeContests source (10 task families, "
                   "mutation spans)", self._source_ok, self._build_source),
@@ -144,16 +184,18 @@ class Quickstart:
             Stage("micro-base", "pretrain micro-mtp on the known-answer training split; "
                   "micro-reference is its head-1 path", self._base_ok, self._build_base),
         ]  # fmt: skip
-        for experiment in TRAINED:
+        plan = self.planned()
+        for run in plan:
             stages.append(
-                Stage(experiment, f"train configs/{self.configs.name}/{experiment}.yaml",
-                      self._trained(experiment), self._trainer(experiment))
+                Stage(run.arm, f"train configs/{self.configs.name}/{run.config_file.name}",
+                      self._trained(run), lambda run=run: self.study.train_run(run))
             )  # fmt: skip
-        for policy in POLICIES:
+        for run in (r for r in plan if r.evaluate):
             stages.append(
-                Stage(f"eval-{policy}", f"held-out known-answer problems, self-speculative "
-                      f"decoding of {policy}, scored in the sandbox",
-                      self._evaluated(policy), self._evaluator(policy), runs_generated_code=True)
+                Stage(f"eval-{run.arm}", f"held-out known-answer problems, self-speculative "
+                      f"decoding of {run.arm}, scored in the sandbox",
+                      self._evaluated(run), lambda run=run: self.study.evaluate_run(run),
+                      runs_generated_code=True)
             )  # fmt: skip
         stages += [
             Stage("decoding", f"plain vs self-speculative greedy decoding of the baseline, "
@@ -236,74 +278,13 @@ class Quickstart:
 
         pretrain_micro_base(self.layout)
 
-    def _planned(self, experiment: str) -> Config:
-        """The config the stage trains with: the recipe's file and the quickstart's overrides."""
-        from weighted_mtp import registry
-        from weighted_mtp.config import load_config
+    def _trained(self, run: PlannedRun) -> Callable[[], bool]:
+        """Finished, and with the planned settings (the study's check): a run folder left by
+        another version of the quickstart stops it with one line, never resumed."""
+        return lambda: self.study.status(run).state not in ("train", "resume")
 
-        overrides = [f"run_name={RUN_NAME}", f"log.mlflow={self.mlflow_uri is not None}"]
-        # A stage that consumes another's checkpoint points at it by run name, not "newest".
-        helper = registry.helper_for(experiment)  # the configs are named after their recipes
-        if helper is not None:
-            key, upstream = helper
-            overrides.append(f"{key}={self.final(upstream)}")
-        return load_config(self.configs / f"{experiment}.yaml", overrides)
-
-    def _trained(self, experiment: str) -> Callable[[], bool]:
-        def done() -> bool:
-            """Finished, and with the planned settings: a run folder left by another version of
-            the quickstart (other recipes, other base) stops it with one line, never resumed."""
-            import yaml
-
-            from weighted_mtp.config import config_differences, config_to_dict
-            from weighted_mtp.train.checkpoint import finished
-
-            run_dir = self.run_dir(experiment)
-            written = run_dir / "config.yaml"
-            if written.is_file():
-                found = yaml.safe_load(written.read_text(encoding="utf-8")) or {}
-                differ = config_differences(config_to_dict(self._planned(experiment)), found)
-                if differ:
-                    raise UserError(
-                        f"{run_dir}: trained with other settings than the quickstart's "
-                        f"({differ[0]} differs); remove the folder or use another --storage"
-                    )
-            return finished(run_dir)
-
-        return done
-
-    def _trainer(self, experiment: str) -> Callable[[], None]:
-        def run() -> None:
-            from weighted_mtp.train.loop import train
-
-            train(self._planned(experiment), self.layout)
-
-        return run
-
-    def _evaluated(self, policy: str) -> Callable[[], bool]:
-        from weighted_mtp.evaluation.harness import evaluated
-
-        return lambda: evaluated(self.eval_dir(policy))
-
-    def _evaluator(self, policy: str) -> Callable[[], None]:
-        def run() -> None:
-            from weighted_mtp.evaluation.harness import evaluate
-
-            summary = evaluate(
-                self.layout, str(self.final(policy)), EVAL_DATASET, self.eval_dir(policy),
-                speculative=True, max_new_tokens=self.max_new_tokens, workers=self.workers,
-                mlflow_uri=self.mlflow_uri,
-            )  # fmt: skip
-            if summary is not None:
-                pass_at_1 = summary["pass_at_k"]["pass@1"]
-                decoding = summary["decoding"]
-                self.console.print(
-                    f"  pass@1 {pass_at_1['mean']:.3f} ± {pass_at_1['stderr']:.3f} on "
-                    f"{summary['problems']} problems; {decoding['tokens_per_step']:.2f} "
-                    f"tokens/step, {decoding['tokens_per_s']:.0f} tokens/s"
-                )
-
-        return run
+    def _evaluated(self, run: PlannedRun) -> Callable[[], bool]:
+        return lambda: self.study.status(run).state == "done"
 
     def _compare_decoding(self) -> None:
         from weighted_mtp.evaluation.harness import decoding_comparison

@@ -13,8 +13,11 @@ import pytest
 
 from tests.conftest import REPO
 from weighted_mtp.base.layout import DATASET_NAMES, StorageLayout
-from weighted_mtp.quickstart import POLICIES, RUN_NAME, TRAINED
+from weighted_mtp.quickstart import POLICIES, RUN_NAME
 from weighted_mtp.storage.models import verify_models
+
+TRAINED = ("critic", "ref_tuning", *POLICIES)
+"""The runs of configs/study/quickstart.yaml: the helpers, then the policies."""
 
 
 def _quickstart(storage) -> tuple[str, float]:

@@ -59,7 +59,8 @@ def test_a_stage_that_leaves_no_outputs_fails_loudly(tmp_path, monkeypatch):
 
 
 def test_a_run_trained_with_other_settings_stops_the_quickstart(tmp_path):
-    """A run folder left by another version of the quickstart is never resumed or reused."""
+    """A run folder left by another version of the quickstart is never resumed or reused; the
+    check is the study planner's (configs/study/quickstart.yaml)."""
     import yaml
 
     from tests.conftest import REPO
@@ -67,15 +68,31 @@ def test_a_run_trained_with_other_settings_stops_the_quickstart(tmp_path):
     from weighted_mtp.config import config_to_dict
 
     quick = Quickstart(StorageLayout(tmp_path), configs=REPO / "configs/quickstart")
-    run_dir = quick.run_dir("baseline")
-    run_dir.mkdir(parents=True)
-    planned = config_to_dict(quick._planned("baseline"))
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(planned))
-    assert quick._trained("baseline")() is False  # same settings, not finished: train (resume)
+    names = [s.name for s in quick.stages()]
+    assert names[4:] == [
+        "critic",
+        "ref_tuning",
+        "baseline",
+        "verifiable",
+        "rho1",
+        "eval-baseline",
+        "eval-verifiable",
+        "eval-rho1",
+        "decoding",
+        "report",
+    ]
+    (run,) = [r for r in quick.planned() if r.arm == "baseline"]
+    assert run.run_dir == quick.run_dir("baseline")
+    trained = next(s for s in quick.stages() if s.name == "baseline").done
+    run.run_dir.mkdir(parents=True)
+    planned = config_to_dict(quick.study.config_of(run))
+    assert planned["train"]["seed"] == 42 and planned["train"]["max_steps"] == 16
+    (run.run_dir / "config.yaml").write_text(yaml.safe_dump(planned))
+    assert trained() is False  # same settings, not finished: train (resume)
     planned["data"]["small"] = not planned["data"]["small"]
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(planned))
+    (run.run_dir / "config.yaml").write_text(yaml.safe_dump(planned))
     with pytest.raises(UserError, match=r"quickstart: trained with other settings .*data\.small"):
-        quick._trained("baseline")()
+        trained()
 
 
 def _placement_record(step: int, ranking: str, **triples: tuple[float, float, float]) -> str:
