@@ -94,6 +94,21 @@ def test_batched_ragged_equals_row_by_row(random_model):
     assert all(len(r) == 25 for r in batched)
 
 
+def test_fp32_batched_greedy_equals_row_by_row_and_full_forward():
+    """fp32 with a larger vocabulary: batched greedy steps go through the bf16 screen (on a
+    CPU with bf16 hardware), single rows through the logits; both give the full forward's
+    argmaxes."""
+    args = ModelArgs(dim=64, n_layers=3, n_heads=4, vocab_size=3000, ffn_hidden_dim=96,
+                     n_future_tokens=2, max_seq_len=64)  # fmt: skip
+    model = Transformer(args)
+    init_weights(model, 5)
+    model.eval()
+    prompts = random_prompts(6, vocab=3000, seed=4)
+    batched = generate(model, prompts, 12, eos_id=NO_EOS)
+    assert batched == [generate(model, [p], 12, eos_id=NO_EOS)[0] for p in prompts]
+    assert batched[:2] == [reference_greedy(model, p, 12) for p in prompts[:2]]
+
+
 def test_speculative_greedy_equals_plain_random_model(random_model):
     prompts = random_prompts(20)
     plain = generate(random_model, prompts, 40, eos_id=NO_EOS)

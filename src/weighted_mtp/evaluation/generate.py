@@ -126,7 +126,7 @@ def _check(prompts: list[list[int]], model: Transformer) -> None:
         raise ValueError("prompt longer than the model's RoPE table")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(
     model: Transformer,
     prompts: list[list[int]],
@@ -142,7 +142,10 @@ def generate(
 
     Greedy when ``temperature <= 0``, else tempered nucleus sampling from a ``torch.Generator``
     seeded with ``seed``. A row ends at EOS (excluded), after ``max_new_tokens`` tokens, or
-    when ``stop(continuation)`` is true; the loop ends when every row has ended.
+    when ``stop(continuation)`` is true; the loop ends when every row has ended. Greedy takes
+    head 1's argmax from ``Transformer.greedy_cached`` (the argmax of ``sample_probs``'
+    one-hot, without the logits' softmax or one-hot), and each step is one model call plus
+    one list of the new ids (docs/EVALUATION.md §1, "Decoding").
     """
     if not prompts or max_new_tokens <= 0:
         return [[] for _ in prompts]
@@ -151,7 +154,8 @@ def generate(
     generator = torch.Generator(device=device).manual_seed(seed)
     greedy = temperature <= 0
     batch, lengths = len(prompts), [len(p) for p in prompts]
-    min_len, total = min(lengths), max(lengths) + max_new_tokens
+    min_len, lengths_max = min(lengths), max(lengths)
+    total = lengths_max + max_new_tokens
     tokens = torch.zeros(batch, total, dtype=torch.long, device=device)
     in_prompt = torch.zeros(batch, total, dtype=torch.bool, device=device)
     for row, prompt in enumerate(prompts):
@@ -160,18 +164,27 @@ def generate(
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * batch
     model.setup_caches(batch, total, n_heads=1)
+
+    def next_tokens(feed: Tensor, start: int) -> Tensor:
+        if greedy:
+            return model.greedy_cached(feed, start)
+        logits = model.forward_cached(feed, start, n_heads=1, last_only=True)[:, -1, 0]
+        return draw(sample_probs(logits, temperature, top_p), generator, greedy)
+
     try:
-        logits = model.forward_cached(tokens[:, :min_len], 0, n_heads=1, last_only=True)[:, -1, 0]
+        sampled = next_tokens(tokens[:, :min_len], 0)
         for pos in range(min_len, total):
-            sampled = draw(sample_probs(logits, temperature, top_p), generator, greedy)
-            tokens[:, pos] = torch.where(in_prompt[:, pos], tokens[:, pos], sampled)
+            if pos < lengths_max:
+                tokens[:, pos] = torch.where(in_prompt[:, pos], tokens[:, pos], sampled)
+            else:
+                tokens[:, pos] = sampled
             for row, token in enumerate(sampled.tolist()):
-                if not done[row] and not in_prompt[row, pos]:
+                if not done[row] and pos >= lengths[row]:
                     done[row] = _emit(outputs[row], [token], max_new_tokens, eos_id, stop)
             if all(done):
                 break
             # Finished rows keep being fed their last token: harmless, their output is frozen.
-            logits = model.forward_cached(tokens[:, pos : pos + 1], pos, n_heads=1)[:, -1, 0]
+            sampled = next_tokens(tokens[:, pos : pos + 1], pos)
     finally:
         model.clear_caches()
     return outputs
@@ -203,7 +216,7 @@ def _verify(
     return [*new, bonus], n - 1
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def speculative_generate(
     model: Transformer,
     prompt: list[int],

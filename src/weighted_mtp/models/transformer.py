@@ -16,6 +16,7 @@ checkpoints are converted to it with the q/k row permutation in ``checkpoints.py
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -145,14 +146,133 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     return torch.view_as_real(pairs * turn).flatten(-2).type_as(x)
 
 
+DECODE_GEMM_MAX_ROWS = 256
+"""Most rows for which ``decode_linear`` computes the transposed product on a CPU."""
+
+
+def decode_linear(x: Tensor, weight: Tensor, pad_one_row: bool = False) -> Tensor:
+    """``F.linear(x, weight)`` (no bias) for the KV-cache path: the same sums, ordered for
+    speed on a CPU; the result may be a transposed (non-contiguous) view.
+
+    For a few rows (a decoding step: one per sequence) MKL's fp32 GEMM is faster computing
+    ``weight @ x.T`` than ``x @ weight.T``, 15-30% at 16-64 rows on the micro shapes; with
+    ``pad_one_row`` (the output projection, [V, dim] too large for the caches) a single row is
+    fed twice, since MKL's matrix-vector kernel reads the matrix at a third of the speed its
+    two-column GEMM does (docs/EVALUATION.md §1, "Decoding"). Elsewhere, and for more rows
+    (a prefill), plain ``F.linear``.
+    """
+    rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or rows > DECODE_GEMM_MAX_ROWS or (rows == 1 and not pad_one_row):
+        return F.linear(x, weight)
+    flat = x.reshape(rows, x.shape[-1])
+    if rows == 1:
+        flat = flat.expand(2, -1).contiguous()
+    out = (weight @ flat.t())[:, :rows].t()
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@functools.cache
+def bf16_matmul_is_native() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX, via oneDNN);
+    elsewhere bf16 products are emulated and slower than fp32."""
+    try:
+        return bool(
+            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
+    except (AttributeError, RuntimeError):
+        return False
+
+
+SCREEN_MAX_CANDIDATES = 64
+"""Candidates per row (on average) above which ``ArgmaxScreen`` computes every logit."""
+SCREEN_BLOCK = 128
+"""Tokens per block whose maximum ``ArgmaxScreen`` compares before looking inside."""
+
+
+def _mkldnn_pack(weight: Tensor, rows: int) -> Tensor | None:
+    """``weight`` reordered by oneDNN for products with ``rows`` rows (the layout its
+    ``_linear_pointwise`` reads fastest), or None where this build has no such ops."""
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        probe = torch.zeros(rows, weight.shape[1], dtype=weight.dtype)
+        torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return None
+    return packed
+
+
+class ArgmaxScreen:
+    """The argmax of ``z @ weight.T`` (fp32 logits) from a bf16 product and a few fp32 dots.
+
+    The bf16 product (inputs rounded to 8 significant bits, products summed in fp32, the
+    result rounded to bf16) is within ``coeff * ||z||`` of every fp32 logit: relative errors
+    of 2^-8 on each input and on the output and ``dim`` * 2^-24 for the fp32 sum bound
+    ``|score - logit| <= (3 * 2^-8 + dim * 2^-24) * sum |z_i w_i|``, and
+    ``sum |z_i w_i| <= ||z|| * max_v ||w_v||`` (Cauchy-Schwarz); ``coeff`` takes a quarter
+    more. So a token whose score is more than twice that below the top score has a logit
+    below the top-scoring token's, and the argmax is among the tokens within that margin; their
+    logits are computed in fp32 and the largest wins (the first on a tie, as ``argmax``).
+    The same token as the full fp32 product's argmax, up to how that product itself rounds,
+    for a third to a quarter of its cost on a CPU with bf16 hardware (docs/EVALUATION.md §1).
+    The bf16 matrix is packed by oneDNN for ``rows`` rows where this build allows.
+    """
+
+    def __init__(self, weight: Tensor, rows: int):
+        self.weight, self.rows = weight, rows
+        self.weight_bf16 = weight.to(torch.bfloat16)
+        self.packed = _mkldnn_pack(self.weight_bf16, rows) if weight.device.type == "cpu" else None
+        unit = 2.0**-8
+        per_norm = 3 * unit + 4 * unit * unit + weight.shape[1] * 2.0**-24
+        self.coeff = 1.25 * per_norm * float(weight.float().norm(dim=-1).max())
+
+    def scores(self, z: Tensor) -> Tensor:
+        """The bf16 product ``[B, V]``."""
+        zb = z.to(torch.bfloat16)
+        if self.packed is not None and z.shape[0] == self.rows:
+            return torch.ops.mkldnn._linear_pointwise(zb, self.packed, None, "none", [], "")
+        return F.linear(zb, self.weight_bf16)
+
+    def argmax(self, z: Tensor) -> Tensor:
+        """``[B, dim]`` fp32 -> ``[B]``: the index of each row's largest logit."""
+        scores = self.scores(z)
+        batch, vocab = scores.shape
+        # Block maxima first: one pass over the scores finds the top score and the few
+        # blocks that can hold a candidate; only those are searched.
+        n_blocks = -(-vocab // SCREEN_BLOCK)
+        if vocab % SCREEN_BLOCK:
+            scores = F.pad(scores, (0, n_blocks * SCREEN_BLOCK - vocab), value=-math.inf)
+        blocks = scores.view(batch, n_blocks, SCREEN_BLOCK)
+        block_max = blocks.amax(-1)
+        threshold = block_max.amax(-1).float() - 2 * self.coeff * z.norm(dim=-1)
+        hit_rows, hit_blocks = (block_max >= threshold[:, None]).nonzero(as_tuple=True)
+        inside, offset = (blocks[hit_rows, hit_blocks] >= threshold[hit_rows, None]).nonzero(
+            as_tuple=True
+        )
+        rows, cols = hit_rows[inside], hit_blocks[inside] * SCREEN_BLOCK + offset
+        if cols.numel() > SCREEN_MAX_CANDIDATES * batch:
+            return decode_linear(z, self.weight, pad_one_row=True).max(-1).indices
+        exact = (self.weight[cols] * z[rows]).sum(-1)
+        best = torch.full((batch,), -math.inf, device=z.device, dtype=exact.dtype)
+        best = best.scatter_reduce(0, rows, exact, "amax")
+        won = exact == best[rows]
+        out = torch.full((batch,), vocab, device=z.device, dtype=torch.long)
+        out = out.scatter_reduce(0, rows[won], cols[won], "amin")
+        unscreened = out == vocab  # a row without candidates (NaN): its plain argmax
+        if bool(unscreened.any()):
+            out[unscreened] = F.linear(z[unscreened], self.weight).argmax(-1)
+        return out
+
+
 class KVCache(nn.Module):
-    """Keys and values of one attention layer for ``max_batch`` rows and ``max_len`` positions."""
+    """Keys and values of one attention layer for ``max_batch`` rows and ``max_len`` positions.
+
+    Left uninitialised: ``update`` returns the written prefix only, so nothing else is read."""
 
     def __init__(self, max_batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
         super().__init__()
         shape = (max_batch, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.empty(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write ``k, v`` ``[B, Hkv, T, D]`` at ``start`` and return everything up to the end."""
@@ -174,28 +294,57 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x: Tensor, rope: Tensor, start_pos: int | None = None) -> Tensor:
-        """Causal self-attention; with ``start_pos`` it reads and extends the KV cache."""
+    def forward(
+        self, x: Tensor, rope: Tensor, start_pos: int | None = None, last_only: bool = False
+    ) -> Tensor:
+        """Causal self-attention; with ``start_pos`` it reads and extends the KV cache (and with
+        ``last_only`` returns the last position's output only, ``[B, 1, dim]``)."""
+        if start_pos is not None:
+            return self._forward_cached(x, rope, start_pos, last_only)
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if start_pos is None:
-            mask, causal = None, True
-        else:
-            if self.cache is None:
-                raise RuntimeError("start_pos given but no KV cache: call setup_caches() first")
-            k, v = self.cache.update(start_pos, k, v)
-            # Query i sits at absolute position start_pos + i and sees keys 0..start_pos + i.
-            key_pos = torch.arange(k.shape[2], device=x.device)
-            query_pos = torch.arange(seqlen, device=x.device) + start_pos
-            mask, causal = key_pos[None, :] <= query_pos[:, None], False
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads
+            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
         )
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+    def _forward_cached(self, x: Tensor, rope: Tensor, start_pos: int, last_only: bool) -> Tensor:
+        """The KV-cache path (inference only): the same attention as ``forward``, over the
+        filled prefix of the cache, with ``decode_linear`` projections. With ``last_only``
+        keys and values are still computed (and cached) for every position, queries only for
+        the last."""
+        if self.cache is None:
+            raise RuntimeError("start_pos given but no KV cache: call setup_caches() first")
+        bsz, seqlen, _ = x.shape
+        k = decode_linear(x, self.wk.weight).reshape(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = decode_linear(x, self.wv.weight).reshape(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        k = apply_rope(k.contiguous(), rope)
+        k, v = self.cache.update(start_pos, k.transpose(1, 2), v.transpose(1, 2))
+        if last_only:
+            x, rope = x[:, -1:], rope[-1:]
+        n_q = x.shape[1]
+        q = decode_linear(x, self.wq.weight).reshape(bsz, n_q, self.n_heads, self.head_dim)
+        q = apply_rope(q.contiguous(), rope)
+        # Query i sits at absolute position start_pos + seqlen - n_q + i and sees the keys up to
+        # there: one query (a decoding step, or the last one) sees every key written so far, a
+        # prefill from 0 is plainly causal, and only a block of queries after a prefix
+        # (self-speculative steps) needs an explicit mask.
+        mask, causal = None, False
+        if n_q > 1 and start_pos == 0:
+            causal = True
+        elif n_q > 1:
+            key_pos = torch.arange(k.shape[2], device=x.device)
+            query_pos = torch.arange(n_q, device=x.device) + start_pos
+            mask = key_pos[None, :] <= query_pos[:, None]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k, v, attn_mask=mask, is_causal=causal,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # fmt: skip
+        return decode_linear(out.transpose(1, 2).reshape(bsz, n_q, -1), self.wo.weight)
 
 
 class FeedForward(nn.Module):
@@ -208,6 +357,11 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
+    def forward_decode(self, x: Tensor) -> Tensor:
+        """``forward`` with ``decode_linear`` projections (the KV-cache path)."""
+        gate = F.silu(decode_linear(x, self.w1.weight)) * decode_linear(x, self.w3.weight)
+        return decode_linear(gate, self.w2.weight)
+
 
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -217,8 +371,16 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: Tensor, rope: Tensor, start_pos: int | None = None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, start_pos)
+    def forward(
+        self, x: Tensor, rope: Tensor, start_pos: int | None = None, last_only: bool = False
+    ) -> Tensor:
+        """The block; with ``start_pos`` on the KV cache, and with ``last_only`` the last
+        position's output only (the earlier positions still fill the cache)."""
+        if start_pos is not None:
+            attended = self.attention(self.attention_norm(x), rope, start_pos, last_only)
+            h = (x[:, -1:] if last_only else x) + attended
+            return h + self.feed_forward.forward_decode(self.ffn_norm(h))
+        h = x + self.attention(self.attention_norm(x), rope)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -238,6 +400,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("rope", self._rope_table(), persistent=False)
         self.activation_checkpointing = False
+        self._screen: ArgmaxScreen | None = None  # built by greedy_cached, dropped with the caches
 
     def _block(
         self, block: TransformerBlock, h: Tensor, rope: Tensor, start_pos: int | None
@@ -285,9 +448,14 @@ class Transformer(nn.Module):
             h = self._block(layer, h, rope, start_pos)
         return h
 
-    def head_hidden(self, h_trunk: Tensor, head: int, start_pos: int | None = None) -> Tensor:
-        """Output of head block ``head`` (0-based; 0 is next-token) before the final norm."""
+    def head_hidden(
+        self, h_trunk: Tensor, head: int, start_pos: int | None = None, last_only: bool = False
+    ) -> Tensor:
+        """Output of head block ``head`` (0-based; 0 is next-token) before the final norm; on
+        the KV cache (``start_pos``) with ``last_only``, of the last position only."""
         rope = self._positions(start_pos or 0, h_trunk.shape[1])
+        if start_pos is not None and last_only:
+            return self.head_blocks[head](h_trunk, rope, start_pos, last_only=True)
         return self._block(self.head_blocks[head], h_trunk, rope, start_pos)
 
     def unembed(self, z: Tensor) -> Tensor:
@@ -329,6 +497,7 @@ class Transformer(nn.Module):
     def clear_caches(self) -> None:
         for block in [*self.layers, *self.extra_heads]:
             block.attention.cache = None
+        self._screen = None
 
     @torch.no_grad()
     def forward_cached(
@@ -338,9 +507,32 @@ class Transformer(nn.Module):
         the caches. Earlier positions must already be in the caches of the heads used.
         ``last_only``: logits of the last position only (``T`` = 1), e.g. after a prompt."""
         h = self.trunk(tokens, start_pos)
-        hidden = torch.stack([self.head_hidden(h, k, start_pos) for k in range(n_heads)], dim=2)
-        # One call for every head: the output matrix is read once, not once per head.
-        return self.unembed(hidden[:, -1:] if last_only else hidden)
+        h_heads = [self.head_hidden(h, k, start_pos, last_only) for k in range(n_heads)]
+        hidden = torch.stack(h_heads, dim=2) if n_heads > 1 else h_heads[0][:, :, None]
+        # One call for every head: the output matrix is read once, not once per head. The
+        # logits may be a transposed view (``decode_linear``).
+        return decode_linear(self.norm(hidden), self.output.weight, pad_one_row=True)
+
+    @torch.no_grad()
+    def greedy_cached(self, tokens: Tensor, start_pos: int) -> Tensor:
+        """Head 1's greedy token after the last position of ``tokens`` ``[B]``: the argmax of
+        ``forward_cached(tokens, start_pos, last_only=True)``, extending the caches alike.
+
+        With fp32 weights and bf16 hardware on a CPU the argmax comes from ``ArgmaxScreen``
+        (the same token, a third to a quarter of the output projection's cost); otherwise
+        from the logits."""
+        h = self.trunk(tokens, start_pos)
+        z = self.norm(self.head_hidden(h, 0, start_pos, last_only=True))[:, -1]
+        weight = self.output.weight
+        if (
+            weight.dtype == torch.float32
+            and weight.device.type == "cpu"
+            and bf16_matmul_is_native()
+        ):
+            if self._screen is None:
+                self._screen = ArgmaxScreen(weight, z.shape[0])
+            return self._screen.argmax(z)
+        return decode_linear(z, weight, pad_one_row=True).max(-1).indices
 
 
 def init_weights(model: Transformer, seed: int = 42) -> None:
