@@ -1,5 +1,9 @@
 """Held-out pass@1 and decoding speed of the pretrained micro base (docs/DATA.md §7).
 
+With ``--pretrain`` it first runs ``wmtp storage micro-base --force`` in this process (the
+training loop's ``pretrain`` recipe, default recipe, ``--threads`` threads) and reports its wall
+time, its steps' median time and its losses under ``"pretrain"``.
+
 For the known-answer CodeContests ``valid`` and ``test`` problems (unseen instances, unseen
 wording) of a storage tree where ``wmtp storage micro-base`` has run: Alpaca prompts (the
 pretraining format), greedy decoding of ``micro-mtp`` three ways on the same prompts, one
@@ -13,7 +17,7 @@ Greedy speculative decoding must give the same tokens as plain greedy (checked).
 completions are scored in the sandbox, one run per test, as ``wmtp score`` scores CodeContests;
 pass@1 comes with its standard error over problems and the 95% interval mean +- 1.96 s.e.
 
-    .venv/bin/python benchmarks/micro_base.py --storage STORAGE [--max-tasks N]
+    .venv/bin/python benchmarks/micro_base.py --storage STORAGE [--max-tasks N] [--pretrain]
 
 The last line printed is one JSON object with the figures.
 """
@@ -21,7 +25,9 @@ The last line printed is one JSON object with the figures.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import statistics
 import time
 
 import torch
@@ -45,9 +51,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=192)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--pretrain", action="store_true", help="pretrain the micro base first")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     layout = StorageLayout.from_arg(args.storage)
+    pretraining = pretrain(layout) if args.pretrain else None
     paths = layout.model(args.model)
     model = load_pretrained(paths.root, dtype="float32")
     tok = Tokenizer(paths.tokenizer)
@@ -57,6 +65,8 @@ def main() -> None:
 
     figures: dict = {"model": args.model, "threads": args.threads,
                      "max_new_tokens": args.max_new_tokens, "splits": {}}  # fmt: skip
+    if pretraining is not None:
+        figures["pretrain"] = pretraining
     totals = {"plain": [0, 0.0], "speculative": [0, 0.0], "plain_batch8": [0, 0.0]}
     steps_tokens = [0.0, 0]  # (model calls, tokens) of the speculative decodes
     for split in args.splits.split(","):
@@ -102,6 +112,41 @@ def main() -> None:
     figures["speculative_vs_plain_batch8"] = round(rate["speculative"] / rate["plain_batch8"], 3)
     figures["tokens_per_step"] = round(steps_tokens[1] / max(steps_tokens[0], 1e-9), 3)
     print(json.dumps(figures))
+
+
+def pretrain(layout: StorageLayout) -> dict:
+    """``pretrain_micro_base(force=True)`` with the default recipe, timed: the whole call, and
+    each optimizer step through the training loop's ``on_step`` hook."""
+    import weighted_mtp.micro_base as micro_base
+
+    stamps: list[float] = []
+    run = micro_base.train
+
+    def timed_train(config, work, on_step=None):  # micro_base.train's signature
+        def stamp(step: int, metrics: dict) -> None:
+            stamps.append(time.perf_counter())
+            if on_step is not None:
+                on_step(step, metrics)
+
+        return run(config, work, on_step=stamp)
+
+    micro_base.train = timed_train
+    t0 = time.perf_counter()
+    try:
+        results = micro_base.pretrain_micro_base(layout, force=True)
+    finally:
+        micro_base.train = run
+    seconds = time.perf_counter() - t0
+    steps = [b - a for a, b in itertools.pairwise(stamps)]
+    mtp = results["mtp"]
+    figures = {
+        "seconds": round(seconds, 1), "mtp_seconds": round(mtp.seconds, 1),
+        "steps": mtp.steps, "step_median_ms": round(1000 * statistics.median(steps), 1),
+        "first_loss": round(mtp.first_loss, 4), "final_loss": round(mtp.final_loss, 4),
+        "reference_loss": round(results["reference"].final_loss, 4),
+    }  # fmt: skip
+    print(json.dumps({"pretrain": figures}), flush=True)
+    return figures
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ def add_micro_base_args(parser: argparse.ArgumentParser) -> None:
 def run_micro_base(args: argparse.Namespace) -> int:
     import torch
 
-    from weighted_mtp.storage.micro_base import MicroBaseConfig, pretrain_micro_base
+    from weighted_mtp.micro_base import MicroBaseConfig, pretrain_micro_base
 
     if args.threads is not None:
         if args.threads < 1:

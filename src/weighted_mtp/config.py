@@ -55,9 +55,9 @@ class LoraConfig(Section):
 class SamplingConfig(Section):
     """How training examples are drawn from ``<split>_metadata.json`` (docs/METHOD.md §7)."""
 
-    mode: Literal["correct_of_pairs", "correct", "pairwise", "length_balanced_pairs", "all"] = (
-        "correct_of_pairs"
-    )
+    mode: Literal[
+        "correct_of_pairs", "correct", "pairwise", "length_balanced_pairs", "all", "mixed"
+    ] = "correct_of_pairs"
     n_samples: int = Field(default=100_000, ge=1)
     val_n_samples: int = Field(default=500, ge=0)
     max_pairs_per_problem: int = Field(default=60, ge=1)
@@ -65,6 +65,17 @@ class SamplingConfig(Section):
     difficulty_weights: dict[str, float] = {"all": 1.0}
     length_bins: list[int] = [0, 100, 150, 200, 300, 500, 1000, 2000]
     seed: int = 42
+    incorrect_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
+    """``mixed`` only (and required there): the share of incorrect solutions among the drawn
+    rows (docs/METHOD.md §7); None for every other mode, which keeps their configs unchanged."""
+
+    @model_validator(mode="after")
+    def _fraction_only_when_mixed(self) -> SamplingConfig:
+        if self.mode == "mixed" and self.incorrect_fraction is None:
+            raise ValueError("mode 'mixed' needs incorrect_fraction (the share of incorrect rows)")
+        if self.mode != "mixed" and self.incorrect_fraction is not None:
+            raise ValueError(f"incorrect_fraction applies to mode 'mixed' only, not {self.mode!r}")
+        return self
 
 
 class DataConfig(Section):
@@ -74,6 +85,10 @@ class DataConfig(Section):
     small: bool = False
     """Read ``datasets_local_small/<name>_small`` instead of the full processed files."""
     max_length: int = Field(default=2048, ge=8)
+    train_prompt: bool = False
+    """Make the prompt's tokens targets too (every token but BOS), as a base model's pretraining
+    reads whole documents (the ``pretrain`` recipe, docs/DATA.md §7); False keeps fine-tuning's
+    targets: the response and EOS only. Pointwise sampling modes only."""
     sampling: SamplingConfig = SamplingConfig()
 
 
@@ -84,7 +99,13 @@ class OptimConfig(Section):
     max_grad_norm: float = Field(default=1.0, gt=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(default=0.03, ge=0, le=1)
+    warmup_steps: int | None = Field(default=None, ge=1)
+    """Warm-up length in optimizer steps; None: ``warmup_ratio`` of the run's steps."""
     min_lr_ratio: float = Field(default=0.005, ge=0, le=1)
+    weight_decay_on: Literal["all", "matrices"] = "all"
+    """Which trainable parameters ``weight_decay`` applies to: all of them, or only those with
+    two or more dimensions (no decay on norm gains and biases: the ``pretrain`` recipe,
+    docs/DATA.md §7)."""
 
 
 class TrainConfig(Section):

@@ -269,12 +269,12 @@ class Quickstart:
                 os.environ["HF_HUB_OFFLINE"] = previous
 
     def _base_ok(self) -> bool:
-        from weighted_mtp.storage.micro_base import pretrained
+        from weighted_mtp.micro_base import pretrained
 
         return pretrained(self.layout)
 
     def _build_base(self) -> None:
-        from weighted_mtp.storage.micro_base import pretrain_micro_base
+        from weighted_mtp.micro_base import pretrain_micro_base
 
         pretrain_micro_base(self.layout)
 

@@ -124,6 +124,15 @@ BUILTIN: dict[str, WeightingEntry] = {
         ),
         clip_keys=("clip_min", "clip_max"),
     ),
+    # The positive control's oracles (docs/METHOD.md §6): 0/1 weights from the recorded row
+    # labels and mutation spans, no settings, no helper.
+    "oracle_span": WeightingEntry(
+        "oracle_span", f"{_TRAIN}.oracle:OracleSpan", display="oracle (span)", selection=True,
+    ),
+    "oracle_drop": WeightingEntry(
+        "oracle_drop", f"{_TRAIN}.oracle:OracleDrop", display="oracle (drop incorrect)",
+        selection=True,
+    ),
 }  # fmt: skip
 """The weightings of this package, by dotted path (nothing is imported until used)."""
 
@@ -134,6 +143,7 @@ RECIPE_WEIGHTINGS: dict[str, str | None] = {
     "rho1": "rho1",
     "verifiable": "critic_td",
     "critic": None,
+    "pretrain": "uniform",
 }
 """Recipe -> the weighting it trains with unless ``weighting.name`` says otherwise; None: a
 value model, no token weighting (``train/recipes.py`` builds them)."""

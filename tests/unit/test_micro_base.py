@@ -1,4 +1,5 @@
-"""The micro-base pretraining step on a tiny config: layout, metadata, loss, loading, decoding."""
+"""The micro-base pretraining step on a tiny config: layout, metadata, loss, loading, decoding;
+the training loop's ``pretrain`` recipe it runs (docs/DATA.md §7)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,29 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from tests.conftest import REPO
 from weighted_mtp.base.errors import MissingInputError, UserError
 from weighted_mtp.base.layout import StorageLayout
 from weighted_mtp.cli import main
+from weighted_mtp.config import load_config
+from weighted_mtp.data.collate import IGNORE_INDEX
 from weighted_mtp.evaluation.generate import generate, speculative_generate
+from weighted_mtp.micro_base import (
+    MicroBaseConfig,
+    corpus_texts,
+    pretrain_config,
+    pretrain_micro_base,
+    training_records,
+    work_layout,
+    write_corpus,
+    write_random_model,
+)
 from weighted_mtp.models.checkpoints import load_pretrained
-from weighted_mtp.models.tokenizer import Tokenizer
-from weighted_mtp.storage.micro_base import MicroBaseConfig, mtp_losses, pretrain_micro_base
+from weighted_mtp.models.tokenizer import Tokenizer, train_local_tokenizer
 from weighted_mtp.storage.models import verify_model
+from weighted_mtp.train.loop import Trainer
 
 TINY = MicroBaseConfig(
     dim=32, trunk_layers=1, attention_heads=2, ffn_hidden_dim=64, vocab_size=320,
@@ -77,6 +92,15 @@ def test_pretrain_writes_loadable_models_that_learned(layout):
         # The derived reference is a copy: its wall time may round to 0.0 s.
         assert meta["wall_seconds"] >= (0 if micro_type == "reference" else 0.1)
         assert meta["seed"] == 0
+        # Trained by the training loop's pretrain recipe (the reference: derived, untrained).
+        run = meta["train_config"]
+        if micro_type == "mtp":
+            assert run["train"]["recipe"] == "pretrain" and run["lora"] == {"enabled": False}
+            assert run["data"]["train_prompt"] is True and run["train"]["max_steps"] == 40
+            assert len(meta["loss_every_10_steps"]) == 4 and meta["data"]["examples"] == 24
+        else:
+            assert run is None and meta["trained_by"] is None
+    assert not (layout.root / "cache").exists()  # the run's folder is removed (and cache/)
     mtp_result = results["mtp"]
     assert mtp_result.final_loss < 0.7 * mtp_result.first_loss, mtp_result
     # Both models read the same tokenizer.
@@ -134,30 +158,59 @@ def test_reference_from_scratch_and_derived_needs_mtp(layout):
         MicroBaseConfig(reference_from="other")
 
 
-def test_mtp_losses_target_k_ahead():
-    """Head k is scored on labels[t + 1 + k]: a model whose head k outputs a one-hot of that
-    token has zero loss on every head."""
-    config = MicroBaseConfig(dim=8, trunk_layers=1, attention_heads=2, ffn_hidden_dim=8,
-                             vocab_size=300)  # fmt: skip
-    tokens = torch.tensor([[5, 6, 7, 8, 9, 10]])
-    labels = torch.tensor([[-100, -100, 7, 8, 9, 10]])
+def test_pretrain_recipe_loss_is_the_mean_of_the_heads_mean_cross_entropies(layout, tmp_path):
+    """On a fixed batch the loop's loss (recipe pretrain, as micro-base configures it) equals
+    the mean over heads of each head's mean CE computed from the full logits, with the prompt's
+    tokens as targets; the optimizer decays matrices only, the warm-up is in steps."""
+    config = TINY
+    records = training_records(layout)
+    work = work_layout(layout)
+    tokenizer_model = tmp_path / "tok" / "tokenizer.model"
+    train_local_tokenizer(tokenizer_model, vocab_size=config.vocab_size,
+                          texts=corpus_texts(records))  # fmt: skip
+    write_corpus(work, records)
+    write_random_model(work, "mtp", config, tokenizer_model)
+    run_config = pretrain_config(config, "mtp", len(records))
+    trainer = Trainer(run_config, work)
+    batch = trainer.train_stream.collate([0, 1, 2, 3])
+    tokens, labels, mask = batch.tokens, batch.labels, batch.attention_mask
+    # data.train_prompt: every real token but BOS is a target, the prompt's too.
+    assert torch.equal(labels[:, 1:], tokens[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX))
+    assert (labels[:, 0] == IGNORE_INDEX).all()
 
-    class Fake(torch.nn.Module):
-        n_future_tokens = 2
+    with torch.no_grad():
+        logits = trainer.model(tokens).float()  # [B, L, heads, V]
+    length, heads = tokens.shape[1], logits.shape[2]
+    expected = [
+        F.cross_entropy(logits[:, : length - k, k - 1].flatten(0, 1), labels[:, k:].flatten(),
+                        ignore_index=IGNORE_INDEX)
+        for k in range(1, heads + 1)
+    ]  # fmt: skip
+    metrics = trainer.step([batch])
+    assert heads == 4
+    for k in range(heads):
+        assert metrics[f"ce/head{k + 1}"] == pytest.approx(float(expected[k]), rel=1e-5)
+    assert metrics["loss"] == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
 
-        def trunk(self, t):
-            return t
+    # AdamW: weight decay on the matrices only; linear warm-up over min(4, 40 // 10) steps.
+    groups = trainer.optimizer.param_groups
+    assert {g["weight_decay"] for g in groups} == {0.1, 0.0}
+    for group in groups:
+        assert all((p.ndim >= 2) == (group["weight_decay"] > 0) for p in group["params"])
+    assert sum(len(g["params"]) for g in groups) == len(list(trainer.model.parameters()))
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(config.lr * 2 / 4)
 
-        def head_hidden(self, h, k):
-            # position t "predicts" the input token at t + 1 + k (shifted, padded with 0)
-            return torch.cat([h[:, 1 + k :], torch.zeros_like(h[:, : 1 + k])], dim=1)
 
-        def unembed(self, z):
-            return torch.nn.functional.one_hot(z, config.vocab_size).float() * 1e4
-
-    model = Fake()
-    losses = mtp_losses(model, tokens, labels)  # type: ignore[arg-type]
-    assert losses.shape == (2,) and torch.all(losses < 1e-3)
+def test_shipped_quickstart_pretrain_config_is_the_micro_base_recipe():
+    """configs/quickstart/pretrain.yaml runs what ``wmtp storage micro-base`` runs (its model,
+    data set and length aside), so ``wmtp train`` reproduces the recipe."""
+    shipped = load_config(REPO / "configs/quickstart/pretrain.yaml")
+    ours = pretrain_config(MicroBaseConfig(), "mtp", 2300)
+    assert shipped.optim == ours.optim and shipped.lora == ours.lora
+    assert shipped.data.train_prompt and shipped.data.max_length == ours.data.max_length
+    for key in ("recipe", "batch_size", "grad_accum", "max_steps", "device"):
+        assert getattr(shipped.train, key) == getattr(ours.train, key), key
+    assert shipped.model.dtype == ours.model.dtype == "float32"
 
 
 def test_errors_are_one_line(tmp_path):

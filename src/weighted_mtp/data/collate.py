@@ -129,6 +129,49 @@ def encode_with_span(
     return example, [1 + i for i in span_tokens(starts, text_length, boundary, lo, hi)]
 
 
+def encode_with_mutation(
+    tokenizer: OffsetTokenizer,
+    instruction: str,
+    input_text: str,
+    output: str,
+    mutation: dict,
+    max_length: int,
+) -> tuple[EncodedExample, list[int]] | None:
+    """``encode_example`` of an incorrect record and the positions in ``input_ids`` of the
+    tokens its recorded mutation (docs/DATA.md §4: ``start``, ``end``, ``original``) wrote or
+    re-tokenised; ``None`` when the example does not fit.
+
+    The positions are those of ``encode_with_span`` (the tokens that overlap the span's
+    characters) together with the tokens where this row's tokenisation departs from the
+    correct solution's, ``output[:start] + original + output[end:]``, tokenised the same way:
+    from the first token that differs to the last before the two agree again (at least the
+    first differing token). A mutation also changes how the text around it is cut: ``" k !="``
+    gives ``" k", " ", "!", "="`` where the correct ``" k =="`` gives ``" k", " =="``, so the
+    lone ``" "`` is a target only the mistake teaches; a shortened site (``"i"`` for
+    ``"i + 1"``) keeps its first token and the wrong target is the one after it.
+    """
+    encoded = encode_with_span(
+        tokenizer, instruction, input_text, output, (mutation["start"], mutation["end"]),
+        max_length,
+    )  # fmt: skip
+    if encoded is None:
+        return None
+    example, overlap = encoded
+    restored = output[: mutation["start"]] + mutation["original"] + output[mutation["end"] :]
+    right = _encode(tokenizer, instruction, input_text, restored, max(max_length, 1 << 30))
+    wrong, correct = example.input_ids, right[0].input_ids if right else []
+    first = 0
+    while first < min(len(wrong), len(correct)) and wrong[first] == correct[first]:
+        first += 1
+    tail = 0
+    while (tail < min(len(wrong), len(correct)) - first
+           and wrong[-1 - tail] == correct[-1 - tail]):  # fmt: skip
+        tail += 1
+    differ = list(range(first, max(len(wrong) - tail, min(first + 1, len(wrong)))))
+    positions = {*overlap, *(p for p in differ if p >= example.prompt_length)}
+    return example, sorted(positions)
+
+
 @dataclass
 class Batch:
     """Right-padded tensors ``[B, L]``: ``tokens`` (int64), ``labels`` (``-100`` on prompt and

@@ -25,6 +25,7 @@ from weighted_mtp.data.collate import (
     collate,
     collate_pairs,
     encode_example,
+    encode_with_mutation,
     encode_with_span,
     length_grouped_batches,
 )
@@ -63,12 +64,31 @@ class ExampleSet:
     manifest: dict[str, Any] = field(default_factory=dict)
     problem_ids: list[str] = field(default_factory=list)
     difficulty: dict[str, int | None] = field(default_factory=dict)
+    correct: list[bool] = field(default_factory=list)
+    """Per example, whether its solution is correct: filled by the modes that mix correct and
+    incorrect rows (``LABELLED_MODES``) on a labelled split, else empty."""
+    spans: list[tuple[int, ...]] = field(default_factory=list)
+    """Per example (with ``correct``), the positions in ``input_ids`` of the tokens its recorded
+    mutation wrote or re-tokenised (docs/DATA.md §4, ``collate.encode_with_mutation``); empty
+    for a correct row and for an incorrect row whose record has no mutation."""
 
     def __len__(self) -> int:
         return len(self.examples)
 
 
 PAIRED_MODES = ("pairwise", "length_balanced_pairs")
+LABELLED_MODES = ("all", "mixed")
+"""Pointwise modes whose rows may be incorrect: their batches carry ``INCORRECT_EXTRA`` and
+``MUTATION_EXTRA`` (docs/METHOD.md §7, what the oracle weightings read)."""
+SPAN_EXTRA = "mutation_span"
+"""``batch.extras`` key of the placement set's span indicator: 1.0 on the tokens that overlap
+the mutation's characters (docs/METHOD.md §6)."""
+MUTATION_EXTRA = "mutation_tokens"
+"""``batch.extras`` key of a labelled batch's mutation indicator: 1.0 on the tokens an
+incorrect row's recorded mutation wrote or re-tokenised (``collate.encode_with_mutation``)."""
+INCORRECT_EXTRA = "incorrect"
+"""``batch.extras`` key of the row label: 1.0 on every position of an incorrect row's
+tokens, 0.0 on a correct row and on padding."""
 
 
 def build_examples(
@@ -95,20 +115,29 @@ def build_examples(
         records = dict(zip(lines, reader.read(lines), strict=True))
     finally:
         reader.close()
+    labelled = sampling.mode in LABELLED_MODES and any(i.is_correct is not None for i in mine)
     examples, kept, problem_ids, dropped = [], [], [], 0
+    correct, spans = [], []
     for item in mine:
         prompt = records[item.correct_idx]  # a pair shares the correct side's prompt
-        encoded = [
-            encode_example(tokenizer, prompt["instruction"], prompt.get("input", ""),
-                           records[i]["output"], max_length)
-            for i in _lines_of(item, paired)
-        ]  # fmt: skip
+        if labelled:
+            example, span = _encode_labelled(tokenizer, records[item.correct_idx], max_length)
+            encoded = [example]
+        else:
+            encoded = [
+                encode_example(tokenizer, prompt["instruction"], prompt.get("input", ""),
+                               records[i]["output"], max_length)
+                for i in _lines_of(item, paired)
+            ]  # fmt: skip
         if any(e is None for e in encoded):
             dropped += 1
             continue
         examples.append(tuple(encoded) if paired else encoded[0])
         kept.append(list(_lines_of(item, paired)) if paired else item.correct_idx)
         problem_ids.append(item.problem_id)
+        if labelled:
+            correct.append(bool(item.is_correct))
+            spans.append(span)
     manifest = {
         "file": str(files.jsonl),
         "mode": sampling.mode,
@@ -119,15 +148,31 @@ def build_examples(
         "dropped_too_long": dropped,
         "line_indices": kept,
     }
+    if sampling.mode == "mixed":
+        manifest["incorrect_fraction"] = sampling.incorrect_fraction
+        manifest["incorrect"] = correct.count(False)
+        manifest["incorrect_with_span"] = sum(
+            1 for c, s in zip(correct, spans, strict=True) if not c and s
+        )
     difficulty = {
         pid: problem_index["problem_index_map"].get(pid, {}).get("difficulty")
         for pid in set(problem_ids)
     }
-    return ExampleSet(examples, kept, manifest, problem_ids, difficulty)
+    return ExampleSet(examples, kept, manifest, problem_ids, difficulty, correct, spans)
 
 
-SPAN_EXTRA = "mutation_span"
-"""``batch.extras`` key of the span indicator: 1.0 on the tokens that overlap the mutation."""
+def _encode_labelled(
+    tokenizer: Tokenizer, record: dict[str, Any], max_length: int
+) -> tuple[EncodedExample | None, tuple[int, ...]]:
+    """One record of a labelled mode: its example (None when too long) and, for a record with
+    ``metadata.mutation`` (docs/DATA.md §4), the positions of the tokens its mutation wrote or
+    re-tokenised (``encode_with_mutation``)."""
+    fields = (record["instruction"], record.get("input", ""), record["output"])
+    mutation = (record.get("metadata") or {}).get("mutation")
+    if mutation is None:
+        return encode_example(tokenizer, *fields, max_length), ()
+    encoded = encode_with_mutation(tokenizer, *fields, mutation, max_length)
+    return (None, ()) if encoded is None else (encoded[0], tuple(encoded[1]))
 
 
 def build_span_examples(
@@ -208,6 +253,14 @@ class BatchStream:
             return collate_pairs([e[0] for e in examples], [e[1] for e in examples], self.pad_id)
         batch = collate(examples, self.pad_id)
         length = batch.tokens.shape[1]
+        if self.data.correct:  # a labelled mode: the row labels and spans (docs/METHOD.md §7)
+            incorrect, span = torch.zeros(len(chosen), length), torch.zeros(len(chosen), length)
+            for row, i in enumerate(chosen):
+                if not self.data.correct[i]:
+                    incorrect[row, : examples[row].length] = 1.0
+                    span[row, list(self.data.spans[i])] = 1.0
+            batch.extras[INCORRECT_EXTRA] = incorrect
+            batch.extras[MUTATION_EXTRA] = span
         for name, values in self.extras.items():
             padded = torch.zeros(len(chosen), length)
             for row, i in enumerate(chosen):

@@ -17,6 +17,8 @@ Modes (``SamplingConfig.mode``):
 * ``correct``: correct solutions drawn directly from ``correct_indices`` with a per-problem
   cap, so problems without incorrect solutions count too.
 * ``all``: every line (``indices`` for datasets without ``is_correct``: MBPP, GSM8K, ...).
+* ``mixed``: correct and incorrect solutions in a declared proportion (``incorrect_fraction``),
+  each row labelled; the positive control's data (docs/EVALUATION.md §9).
 
 Every mode raises ``NotEnoughSamples``, a user error (one line, with the number available), when fewer than
 ``n_samples`` samples can be drawn, unless ``allow_fewer=True`` (e.g. validation sets).
@@ -346,6 +348,49 @@ def all_lines(
     return _finish(chosen, n_samples, len(lines), "all", allow_fewer)
 
 
+def mixed_lines(
+    problem_index_map: ProblemMap,
+    n_samples: int,
+    incorrect_fraction: float,
+    max_per_problem: int,
+    seed: int,
+    allow_fewer: bool = False,
+) -> list[Sample]:
+    """Correct and incorrect solutions mixed in a declared proportion (docs/METHOD.md §7).
+
+    Per problem (map order) at most ``max_per_problem`` correct and at most ``max_per_problem``
+    incorrect solutions are drawn at random; each side's pool is shuffled, the first
+    ``round(n_samples * incorrect_fraction)`` incorrect and the first ``n_samples`` minus that
+    correct rows are kept, and the union is shuffled. Every row carries ``is_correct``. Short of
+    either side is an error unless ``allow_fewer`` (then each side gives what it has).
+    """
+    if not 0.0 <= incorrect_fraction <= 1.0:
+        raise UserError(f"incorrect_fraction must be in [0, 1], got {incorrect_fraction}")
+    rng = random.Random(seed)
+    pools: dict[bool, list[Row]] = {True: [], False: []}
+    for pid, entry in problem_index_map.items():
+        for key, label in (("correct_indices", True), ("incorrect_indices", False)):
+            lines = entry.get(key) or []
+            kept = rng.sample(lines, min(max_per_problem, len(lines)))
+            pools[label].extend((line, None, pid, None, label) for line in kept)
+    n_incorrect = round(n_samples * incorrect_fraction)
+    wanted = {False: n_incorrect, True: n_samples - n_incorrect}
+    chosen: list[Row] = []
+    for label in (True, False):
+        rng.shuffle(pools[label])
+        if len(pools[label]) < wanted[label] and not allow_fewer:
+            side = "correct" if label else "incorrect"
+            raise NotEnoughSamples(
+                f"mixed: {wanted[label]} {side} rows requested but only {len(pools[label])} "
+                f"available{_no_labels_hint(problem_index_map)}; lower n_samples or change "
+                "incorrect_fraction"
+            )
+        chosen.extend(pools[label][: wanted[label]])
+    rng.shuffle(chosen)
+    available = len(pools[True]) + len(pools[False])
+    return _finish(chosen, n_samples, available, "mixed", allow_fewer=True)
+
+
 # ---- entry point ----
 
 
@@ -380,6 +425,11 @@ def sample(
         return correct_solutions(pmap, n, bins, weights, cap, seed, allow_fewer)
     if mode == "all":
         return all_lines(pmap, n, seed, allow_fewer)
+    if mode == "mixed":
+        fraction = getattr(config, "incorrect_fraction", None)
+        if fraction is None:
+            raise UserError("sampling mode 'mixed' needs incorrect_fraction")
+        return mixed_lines(pmap, n, fraction, cap, seed, allow_fewer)
     raise ValueError(f"unknown sampling mode {mode!r}")
 
 

@@ -18,7 +18,7 @@ import resource
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from weighted_mtp.base.io import write_json_atomic, write_text_atomic
 from weighted_mtp.base.layout import StorageLayout
 from weighted_mtp.config import Config, OptimConfig, config_to_dict
-from weighted_mtp.data.collate import IGNORE_INDEX
+from weighted_mtp.data.collate import IGNORE_INDEX, EncodedExample
 from weighted_mtp.data.dataset import (
     SPAN_EXTRA,
     BatchStream,
@@ -51,14 +51,35 @@ from weighted_mtp.train.tracking import (
 
 
 def build_optimizer(params: list[dict], optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over ``params``' groups; with ``optim.weight_decay_on == "matrices"`` each group is
+    split so that only its parameters with two or more dimensions decay."""
+    if optim.weight_decay_on == "matrices":
+        params = decay_groups(params, optim.weight_decay)
     return torch.optim.AdamW(
         params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay
     )
 
 
+def decay_groups(groups: list[dict], weight_decay: float) -> list[dict]:
+    """Each group as its matrices (decayed as the group says, else by ``weight_decay``) and its
+    vectors and scalars (norm gains, biases: no decay); empty parts are left out."""
+    out = []
+    for group in groups:
+        params = list(group["params"])
+        matrices = [p for p in params if p.ndim >= 2]
+        vectors = [p for p in params if p.ndim < 2]
+        if matrices:
+            out.append({**group, "params": matrices,
+                        "weight_decay": group.get("weight_decay", weight_decay)})  # fmt: skip
+        if vectors:
+            out.append({**group, "params": vectors, "weight_decay": 0.0})
+    return out
+
+
 def lr_lambda(total_steps: int, optim: OptimConfig):
-    """Linear warmup from ~0 to 1, then cosine (or linear) decay to ``min_lr_ratio``."""
-    warmup = max(1, int(total_steps * optim.warmup_ratio))
+    """Linear warmup from ~0 to 1 over ``warmup_steps`` (else ``warmup_ratio`` of the run), then
+    cosine (or linear) decay to ``min_lr_ratio``."""
+    warmup = max(1, optim.warmup_steps or int(total_steps * optim.warmup_ratio))
 
     def factor(step: int) -> float:
         if optim.schedule == "constant":
@@ -142,9 +163,17 @@ class Preempted(Exception):
 class Trainer:
     """Holds what one run needs; ``fit()`` is the loop."""
 
-    def __init__(self, config: Config, layout: StorageLayout):
+    def __init__(
+        self,
+        config: Config,
+        layout: StorageLayout,
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+    ):
         self.config = config
         self.layout = layout
+        self.on_step = on_step
+        """Called on the main rank after every optimizer step with the step number and its
+        metrics (what an in-process caller records beyond ``log.every``)."""
         # The rank (and so this rank's CUDA device) is known before anything is loaded.
         self.info, self.device = distributed.setup(config.train.device, config.train.dist_timeout_s)
         torch.manual_seed(config.train.seed)  # identical LoRA init on every rank
@@ -188,6 +217,8 @@ class Trainer:
         rank, world, batch_size = self.info.rank, self.info.world, self.config.train.batch_size
         train = build_examples(split_files(self.layout, data, data.train_split), sampling, tok,
                                data.max_length, sampling.n_samples, rank, world)  # fmt: skip
+        if data.train_prompt:
+            train.examples = prompt_targets(train.examples)
         # Ranks may drop different numbers of too-long examples: every rank keeps as many as
         # the rank with the fewest, so all ranks run the same number of batches (and
         # collectives) in training and in validation (docs/SCALING.md §4).
@@ -197,6 +228,8 @@ class Trainer:
             val = build_examples(split_files(self.layout, data, data.val_split), sampling, tok,
                                  data.max_length, sampling.val_n_samples, rank, world,
                                  allow_fewer=True)  # fmt: skip
+            if data.train_prompt:
+                val.examples = prompt_targets(val.examples)
             kept = distributed.min_over_ranks(len(val), self.device)
             if kept < len(val) and self.info.enabled:
                 print(f"rank {rank}: validates {kept} of its {len(val)} examples (the fewest "
@@ -478,6 +511,8 @@ class Trainer:
                 )
                 if self.state.step % config.log.every == 0 or self.state.step == 1:
                     logger.log(metrics, self.state.step)
+                if self.on_step is not None and info.is_main:
+                    self.on_step(self.state.step, metrics)
                 if self.val_batches and self.state.step % config.log.val_every == 0:
                     self.after_validation(self.validate(), logger)
                 saved = (
@@ -523,16 +558,29 @@ class Trainer:
         return self.config.log.mlflow_tracking_uri or self.layout.mlflow_uri()
 
 
+def prompt_targets(examples: list) -> list[EncodedExample]:
+    """``data.train_prompt``: every token but BOS is a target, the prompt's included
+    (docs/DATA.md §7); the examples of a pair mode have no such meaning."""
+    if examples and not isinstance(examples[0], EncodedExample):
+        raise ValueError("data.train_prompt applies to pointwise sampling modes, not pairs")
+    return [EncodedExample(e.input_ids, [IGNORE_INDEX, *e.input_ids[1:]], 1) for e in examples]
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """The seed of rank ``rank``'s random numbers after the identical initialisation."""
     return seed + 1_000_003 * (rank + 1)
 
 
-def train(config: Config, layout: StorageLayout) -> Path:
-    """Run one training job to its final checkpoint; returns the checkpoint folder."""
+def train(
+    config: Config,
+    layout: StorageLayout,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> Path:
+    """Run one training job to its final checkpoint; returns the checkpoint folder.
+    ``on_step(step, metrics)`` runs on the main rank after every optimizer step."""
     trainer = None
     try:
-        trainer = Trainer(config, layout)
+        trainer = Trainer(config, layout, on_step)
         final = trainer.fit()
     except Preempted:
         distributed.destroy()  # every rank stopped after the same step and saved

@@ -129,6 +129,17 @@ def verifiable(config: Config, layout: StorageLayout, device: torch.device) -> R
     return policy_recipe(config, layout, device)
 
 
+def pretrain(config: Config, layout: StorageLayout, device: torch.device) -> Recipe:
+    """Full-parameter pretraining (no LoRA) of a model on all its heads with the policies' MTP
+    objective and uniform weights: with the default coefficients (1/n) and normalisation
+    (``weight_sum``) the loss is the mean over heads of each head's mean cross-entropy. With
+    ``data.train_prompt`` the prompt's tokens are targets too; the micro base is trained so
+    (docs/DATA.md §7)."""
+    if config.lora.enabled:
+        raise ValueError("the pretrain recipe trains every parameter: set lora.enabled=false")
+    return policy_recipe(config, layout, device)
+
+
 def critic(config: Config, layout: StorageLayout, device: torch.device) -> Recipe:
     """A value model (the reference LM's trunk + a value head) on correct/incorrect pairs."""
     from weighted_mtp.models.value import ValueHeadConfig, ValueModel
@@ -196,6 +207,7 @@ RECIPES: dict[str, Callable[[Config, StorageLayout, torch.device], Recipe]] = {
     "ntp": ntp,
     "ref_tuning": ref_tuning,
     "rho1": rho1,
+    "pretrain": pretrain,
 }
 
 

@@ -4,6 +4,7 @@
 * ``controls``: the control arms, applied by ``Weighting.weigh`` to every weighting's output;
 * ``precompute``: a frozen helper's signals computed once and cached;
 * ``uniform``, ``rho1``, ``critic_td`` (GAE, EMA whitening): the built-in weightings;
+* ``oracle``: ``oracle_span`` and ``oracle_drop``, the positive control's known-answer weights;
 * ``build``: a weighting by name from the registry (``weighted_mtp/registry.py``).
 
 A new weighting is one ``Weighting`` subclass (``name``, optional ``Settings``, ``weights``)
@@ -27,6 +28,7 @@ from weighted_mtp.train.weighting.critic_td import (
     masked_batch_stats,
     td_weights,
 )
+from weighted_mtp.train.weighting.oracle import OracleDrop, OracleSpan, drop_weights, span_weights
 from weighted_mtp.train.weighting.precompute import (
     Precompute,
     cached_per_example,
@@ -51,6 +53,8 @@ __all__ = [
     "CriticTD",
     "Micro",
     "MicroWeights",
+    "OracleDrop",
+    "OracleSpan",
     "Precompute",
     "Rho1",
     "Uniform",
@@ -61,6 +65,7 @@ __all__ = [
     "cached_per_example",
     "control_generator",
     "critic_values_for",
+    "drop_weights",
     "gae_advantages",
     "masked_batch_stats",
     "precompute_for",
@@ -68,6 +73,7 @@ __all__ = [
     "reference_ce",
     "release_memory",
     "select_top",
+    "span_weights",
     "td_weights",
     "weighting_class",
 ]

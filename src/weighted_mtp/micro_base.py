@@ -8,53 +8,51 @@ trained on that same text, and writes them where the random ones live
 (``models/micro-mtp``, ``models/micro-reference``: same files, same formats), so every other
 command loads them unchanged.
 
-The recipe (docs/DATA.md §7): Alpaca prompt (BOS + ``format_prompt(instruction)``) and the
-solution + EOS, encoded as the training loop encodes examples, but with the prompt's tokens as
-targets too (``train_prompt``: a base model reads whole documents); the MTP model's loss is
-the mean of its heads' cross-entropies (head k predicts the token k positions ahead), the
-reference's is plain next-token cross-entropy; AdamW with linear warm-up and a cosine decay,
-gradient clipping, length-grouped batches drawn from the seed. Same seed, same data and the
-same number of threads give the same weights.
+The pretraining is a run of the training loop (``train/loop.py``) with the ``pretrain`` recipe
+(``train/recipes.py``): the schedule, the loss and the optimiser of every other recipe. This
+module only prepares its inputs and takes its result (docs/DATA.md §7): a tokenizer trained on
+the corpus, the corpus as a one-split dataset, a random model of the micro-base shape with that
+tokenizer, all in ``<storage>/cache/micro-base/`` (removed afterwards); then the run's final
+weights go to ``models/micro-<type>`` with a ``metadata.json``. The reference is micro-mtp's
+head-1 path unless ``reference_from`` is ``scratch``. Same seed, same data and the same number
+of threads give the same weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
-import math
+import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from weighted_mtp.base.errors import MissingInputError, UserError
-from weighted_mtp.base.io import StorageError, write_json_atomic
+from weighted_mtp.base.io import write_json_atomic
 from weighted_mtp.base.layout import ModelPaths, StorageLayout
+from weighted_mtp.config import Config, config_diff
 from weighted_mtp.data.alpaca import format_prompt
-from weighted_mtp.data.collate import (
-    IGNORE_INDEX,
-    Batch,
-    EncodedExample,
-    collate,
-    encode_example,
-    length_grouped_batches,
-)
-from weighted_mtp.data.jsonl import iter_jsonl
+from weighted_mtp.data.collate import EncodedExample, collate, encode_example
+from weighted_mtp.data.jsonl import JsonlWriter, index_path_for, iter_jsonl
 from weighted_mtp.models.checkpoints import load_pretrained
 from weighted_mtp.models.tokenizer import Tokenizer, train_local_tokenizer
 from weighted_mtp.models.transformer import ModelArgs, Transformer, init_weights
 from weighted_mtp.storage.micro import shape_metadata, write_micro_weights
 from weighted_mtp.storage.tokenizer_folder import write_tokenizer_folder
+from weighted_mtp.train.checkpoint import load_tensors
+from weighted_mtp.train.loop import prompt_targets, train
+from weighted_mtp.train.mtp_loss import mtp_forward_backward
 
 DATASET = "codecontests"
 CREATED_BY = "wmtp storage micro-base"
 REFERENCE_FROM = ("mtp", "scratch")
+CORPUS = "pretrain-corpus"
+"""The corpus as a dataset of the work folder: its ``train`` split is what the run reads."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +79,7 @@ class MicroBaseConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
+    """At most a tenth of the run's steps (a short test run warms up for 10% of it)."""
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
@@ -173,107 +172,119 @@ def _sha256_texts(texts: list[str]) -> str:
     return digest.hexdigest()
 
 
-# ---- training ----
+# ---- the training run's inputs: <storage>/cache/micro-base/ ----
 
 
-def _lr_at(step: int, config: MicroBaseConfig, total: int) -> float:
-    """Linear warm-up to ``lr`` then cosine down to ``min_lr_ratio * lr`` (step is 0-based)."""
-    warmup = min(config.warmup_steps, max(1, total // 10))
-    if step < warmup:
-        return config.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    floor = config.min_lr_ratio
-    return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+def work_layout(layout: StorageLayout) -> StorageLayout:
+    """The storage tree the pretraining run reads and writes (docs/DATA.md §7): the corpus as
+    ``datasets/pretrain-corpus``, the random models under ``models/``, the run under
+    ``checkpoints/pretrain/``; removed once the models are written."""
+    return StorageLayout(layout.root / "cache" / "micro-base")
 
 
-def mtp_losses(model: Transformer, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of each head ``[n]``: head k (0-based) at position t predicts
-    ``labels[t + 1 + k]`` (docs/METHOD.md §1 with all weights 1). Only positions with a
-    target are unembedded: the prompt costs the trunk, not the output matrix."""
-    hidden = model.trunk(tokens)
-    length = tokens.shape[1]
-    losses = []
-    for k in range(model.n_future_tokens):
-        z = model.head_hidden(hidden, k)[:, : length - 1 - k]
-        target = labels[:, 1 + k :]
-        keep = target != IGNORE_INDEX
-        logits = model.unembed(z[keep])
-        losses.append(F.cross_entropy(logits.float(), target[keep]))
-    return torch.stack(losses)
+def write_corpus(work: StorageLayout, records: list[dict]) -> None:
+    """The training records as the ``train`` split of :data:`CORPUS`: the JSONL, its line index
+    and a problem map that lists every line (sampling mode ``all`` reads them all)."""
+    paths = work.dataset(CORPUS)
+    split = paths.split("train")
+    with JsonlWriter(split, index_path_for(split)) as writer:
+        for r in records:
+            writer.write({"instruction": r["instruction"], "input": r.get("input", ""),
+                          "output": r["output"], "task_id": r.get("task_id")})  # fmt: skip
+    problem_map: dict[str, dict[str, Any]] = {}
+    for line, record in enumerate(records):
+        problem = record.get("metadata", {}).get("problem_id") or str(line)
+        problem_map.setdefault(problem, {"difficulty": None, "indices": []})["indices"].append(line)
+    write_json_atomic(paths.split_metadata("train"), {"problem_index_map": problem_map})
 
 
-def _targets(batch: Batch, config: MicroBaseConfig) -> torch.Tensor:
-    """The labels pretraining scores: with ``train_prompt`` every real token but BOS."""
-    if not config.train_prompt:
-        return batch.labels
-    labels = batch.tokens.masked_fill(batch.attention_mask == 0, IGNORE_INDEX)
-    labels[:, 0] = IGNORE_INDEX
-    return labels
-
-
-def _optimizer(model: Transformer, config: MicroBaseConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, betas=(0.9, 0.95), eps=1e-8,
-    )  # fmt: skip
-
-
-def train_model(
-    micro_type: str,
-    examples: list[EncodedExample],
-    config: MicroBaseConfig,
-    pad_id: int,
-    steps: int,
-    on_step: Callable[[int, float], None] | None = None,
-) -> tuple[Transformer, dict[str, Any]]:
-    """Pretrain one micro model from Xavier initialisation; returns it and its loss history."""
+def write_random_model(
+    work: StorageLayout, micro_type: str, config: MicroBaseConfig, tokenizer_model: Path
+) -> ModelPaths:
+    """The model the run starts from: Xavier initialisation from ``config.seed`` in the micro
+    models' format (``storage/micro.py``), with the corpus tokenizer."""
     args = config.model_args(micro_type)
     torch.manual_seed(config.seed)
     model = Transformer(args)
     init_weights(model, seed=config.seed)
-    model.train()
-    optimizer = _optimizer(model, config)
-    lengths = [e.length for e in examples]
-    batches: list[list[int]] = []
-    epoch = 0
-    history: list[float] = []
-    tokens = 0
-    head_losses = torch.zeros(args.n_future_tokens)
-    for step in range(steps):
-        if not batches:
-            batches = length_grouped_batches(lengths, config.batch_size, config.seed, epoch)
-            batches = [b for b in batches if len(b) == config.batch_size] or batches
-            epoch += 1
-        batch = collate([examples[i] for i in batches.pop(0)], pad_id)
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, config, steps)
-        losses = mtp_losses(model, batch.tokens, _targets(batch, config))
-        loss = losses.mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        history.append(float(loss.detach()))
-        head_losses = losses.detach()
-        tokens += int(batch.attention_mask.sum())
-        if on_step is not None:
-            on_step(step, history[-1])
+    paths = work.model(f"random-micro-{micro_type}")
+    write_micro_weights(paths, micro_type, args, model.state_dict())
+    paths.tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tokenizer_model, paths.tokenizer)
+    return paths
+
+
+def pretrain_config(
+    config: MicroBaseConfig, micro_type: str, n_records: int, progress: bool = True
+) -> Config:
+    """The training loop's config of one micro model's pretraining (docs/DATA.md §7)."""
+    steps = config.steps if micro_type == "mtp" else config.reference_steps
+    return Config.model_validate({
+        "experiment": "pretrain",
+        "run_name": f"micro-{micro_type}",
+        "model": {"path": f"random-micro-{micro_type}", "dtype": "float32"},
+        "lora": {"enabled": False},
+        "data": {"dataset": CORPUS, "max_length": config.max_length,
+                 "train_prompt": config.train_prompt,
+                 "sampling": {"mode": "all", "n_samples": n_records, "val_n_samples": 0,
+                              "seed": config.seed}},
+        "optim": {"lr": config.lr, "betas": (0.9, 0.95), "weight_decay": config.weight_decay,
+                  "weight_decay_on": "matrices", "max_grad_norm": config.grad_clip,
+                  "schedule": "cosine", "warmup_steps": min(config.warmup_steps,
+                                                            max(1, steps // 10)),
+                  "min_lr_ratio": config.min_lr_ratio},
+        # Epochs only bound the run: every epoch has at least one batch, max_steps decides.
+        "train": {"recipe": "pretrain", "epochs": float(steps), "max_steps": steps,
+                  "batch_size": config.batch_size, "grad_accum": 1, "seed": config.seed,
+                  "device": "cpu"},
+        "checkpoint": {"every": steps},  # the final checkpoint only
+        # A console line at each tenth of the run (every step reaches ``on_step``).
+        "log": {"every": max(1, steps // 10) if progress else steps, "mlflow": False,
+                "token_weights": 0, "placement_examples": 0},
+    })  # fmt: skip
+
+
+def run_pretraining(
+    work: StorageLayout,
+    micro_type: str,
+    config: MicroBaseConfig,
+    tokenizer_model: Path,
+    n_records: int,
+    progress: bool = True,
+) -> tuple[Transformer, dict[str, Any], float]:
+    """Pretrain one micro model with the training loop from a random model written into
+    ``work``; returns it, its statistics (from the loop's per-step metrics) and the seconds
+    taken."""
+    t0 = time.perf_counter()
+    write_random_model(work, micro_type, config, tokenizer_model)
+    run_config = pretrain_config(config, micro_type, n_records, progress)
+    history: list[dict[str, float]] = []
+    final = train(run_config, work, on_step=lambda _step, metrics: history.append(metrics))
+    model = Transformer(config.model_args(micro_type))
+    model.load_state_dict(load_tensors(final))  # every parameter trained: all in the checkpoint
     model.eval()
+    seconds = time.perf_counter() - t0
+    manifest = json.loads((final.parent / "manifest_train.json").read_text())
+    examples = len(manifest["line_indices"])
+    steps = len(history)
+    losses = [m["loss"] for m in history]
     # The final loss is the mean of the last 10% of steps (a single batch is noisy).
-    tail = history[-max(1, steps // 10) :]
-    return model, {
-        "history": history,
-        "first_loss": history[0],
+    tail = losses[-max(1, steps // 10) :]
+    heads = model.n_future_tokens
+    stats = {
+        "history": losses,
+        "first_loss": losses[0],
         "final_loss": sum(tail) / len(tail),
-        "final_head_losses": [float(x) for x in head_losses],
+        "final_head_losses": [history[-1][f"ce/head{k + 1}"] for k in range(heads)],
         "final_loss_rule": "mean loss of the last 10% of steps",
         "steps": steps,
-        "tokens": tokens,
-        "epochs": round(steps * config.batch_size / len(examples), 2),
+        "tokens": int(sum(m["tokens"] for m in history)),
+        "epochs": round(steps * config.batch_size / examples, 2),
+        "examples": examples,
+        "dropped": manifest["dropped_too_long"],
+        "train_config": config_diff(run_config),
     }
+    return model, stats, seconds
 
 
 # ---- writing ----
@@ -297,37 +308,6 @@ def _up_to_date(paths: ModelPaths, recipe: dict) -> bool:
         return False
     meta = json.loads(paths.metadata.read_text())
     return meta.get("init") == "pretrained" and meta.get("recipe") == recipe
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), transient=True,
-        disable=not enabled,
-    )  # fmt: skip
-
-
-def _train_with_progress(
-    micro_type: str,
-    examples: list[EncodedExample],
-    config: MicroBaseConfig,
-    pad_id: int,
-    steps: int,
-    progress: bool,
-) -> tuple[Transformer, dict[str, Any], float]:
-    t0 = time.perf_counter()
-    every = max(1, steps // 10)
-    with _progress(progress) as bar:
-        task = bar.add_task(f"micro-{micro_type}", total=steps, loss=float("nan"))
-
-        def on_step(step: int, loss: float) -> None:
-            bar.update(task, completed=step + 1, loss=loss)
-            if (step + 1) % every == 0:  # a line per 10%: logs of non-interactive runs
-                print(f"  step {step + 1}/{steps} loss {loss:.3f} "
-                      f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
-
-        model, stats = train_model(micro_type, examples, config, pad_id, steps, on_step=on_step)
-    return model, stats, time.perf_counter() - t0
 
 
 def _metadata(
@@ -389,14 +369,33 @@ def _metadata(
         "final_loss_rule": stats["final_loss_rule"],
         "final_head_losses": [round(x, 4) for x in stats["final_head_losses"]],
         "loss_every_10_steps": [round(x, 4) for x in stats["history"][::10]],
+        "trained_by": "the training loop (train/loop.py), recipe pretrain" if stats["steps"]
+        else None,
+        "train_config": stats.get("train_config"),
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "created_by": CREATED_BY,
-    }
+    }  # fmt: skip
     return meta
 
 
 PROBE_EXAMPLES = 64
 """Training examples on which a derived reference's next-token loss is measured."""
+
+
+def probe_examples(
+    records: list[dict], tokenizer: Tokenizer, config: MicroBaseConfig
+) -> list[EncodedExample]:
+    """The first :data:`PROBE_EXAMPLES` training examples (file order) as the run encodes them:
+    with ``train_prompt`` the prompt's tokens are targets too."""
+    examples: list[EncodedExample] = []
+    for r in records:
+        encoded = encode_example(tokenizer, r["instruction"], r.get("input", ""), r["output"],
+                                 config.max_length)  # fmt: skip
+        if encoded is not None:
+            examples.append(encoded)
+        if len(examples) == PROBE_EXAMPLES:
+            break
+    return prompt_targets(examples) if config.train_prompt else examples
 
 
 @torch.no_grad()
@@ -405,28 +404,25 @@ def derive_reference(
 ) -> tuple[Transformer, dict[str, Any], float]:
     """micro-reference as the head-1 path of ``mtp``: the same embedding, trunk blocks, head-1
     block, final norm and output matrix in a one-head model, so its logits are head 1's
-    (docs/DATA.md §7). Returns the model, its statistics (next-token loss on the first
-    :data:`PROBE_EXAMPLES` training examples, prompt included when ``train_prompt``) and the
-    seconds taken."""
+    (docs/DATA.md §7). Returns the model, its statistics (next-token loss on ``examples``,
+    :func:`probe_examples`) and the seconds taken."""
     t0 = time.perf_counter()
     model = Transformer(config.model_args("reference"))
     state = {k: v.detach().clone() for k, v in mtp.state_dict().items()
              if not k.startswith("extra_heads.")}  # fmt: skip
     model.load_state_dict(state)
     model.eval()
-    probe = examples[:PROBE_EXAMPLES]
     total, count = 0.0, 0
-    for i in range(0, len(probe), config.batch_size):
-        batch = collate(probe[i : i + config.batch_size], pad_id)
-        labels = _targets(batch, config)
-        loss = mtp_losses(model, batch.tokens, labels)[0]
-        n = int((labels[:, 1:] != IGNORE_INDEX).sum())
-        total, count = total + float(loss) * n, count + n
+    for i in range(0, len(examples), config.batch_size):
+        batch = collate(examples[i : i + config.batch_size], pad_id)
+        out = mtp_forward_backward(model, batch.tokens, batch.labels, None, None, [1.0],
+                                   backward=False, n_heads=1)  # fmt: skip
+        total, count = total + float(out.ce_sum[0]), count + int(out.n_tokens[0])
     loss = total / max(count, 1)
     stats = {
         "steps": 0, "epochs": 0.0, "tokens": 0, "history": [loss], "first_loss": loss,
-        "final_loss": loss, "final_head_losses": [loss], "probe_examples": len(probe),
-        "final_loss_rule": f"next-token loss on the first {len(probe)} training examples",
+        "final_loss": loss, "final_head_losses": [loss], "probe_examples": len(examples),
+        "final_loss_rule": f"next-token loss on the first {len(examples)} training examples",
     }  # fmt: skip
     return model, stats, time.perf_counter() - t0
 
@@ -477,6 +473,7 @@ def pretrain_micro_base(
 
     A model whose ``metadata.json`` already records this recipe on the same data is skipped
     (``force`` redoes it). Both models share one tokenizer, trained first on the corpus.
+    ``progress``: the training loop's console line at each tenth of a run.
     """
     config = config or MicroBaseConfig()
     unknown = set(micro_types) - {"mtp", "reference"}
@@ -497,19 +494,13 @@ def pretrain_micro_base(
     if not todo:
         return results
 
-    staging = layout.models_dir / ".micro-base-tokenizer" / "tokenizer.model"
+    work = work_layout(layout)
+    shutil.rmtree(work.root, ignore_errors=True)  # what an interrupted run left
+    staging = work.root / "tokenizer" / "tokenizer.model"
     started = time.perf_counter()
     corpus = train_local_tokenizer(staging, vocab_size=config.vocab_size, texts=texts)
     tokenizer = Tokenizer(staging)
     tokenizer_seconds = time.perf_counter() - started
-    examples = [
-        e
-        for r in records
-        if (e := encode_example(tokenizer, r["instruction"], r.get("input", ""), r["output"],
-                                config.max_length)) is not None
-    ]  # fmt: skip
-    if not examples:
-        raise UserError(f"micro-base: every example is longer than {config.max_length} tokens")
     tokenizer_info = {
         "origin": "trained on the pretraining corpus (CodeContests train, correct solutions)",
         "algorithm": "SentencePiece BPE, byte fallback, <unk> <s> </s> = 0 1 2, whitespace kept, "
@@ -521,42 +512,49 @@ def pretrain_micro_base(
         "corpus_sha256": corpus.corpus_sha256,
         "seconds": round(tokenizer_seconds, 2),
     }
+    write_corpus(work, records)
     threads = torch.get_num_threads()
-    trained: dict[str, Transformer] = {}
+    trained: dict[str, tuple[Transformer, dict]] = {}
     for micro_type in todo:
         paths = layout.model(f"micro-{micro_type}")
         if micro_type == "reference" and config.reference_from == "mtp":
-            mtp = trained.get("mtp") or _pretrained_mtp(layout, recipe)
-            model, stats, seconds = derive_reference(mtp, config, examples, tokenizer.pad_id)
+            if "mtp" in trained:
+                mtp, data = trained["mtp"]
+            else:
+                mtp = _pretrained_mtp(layout, recipe)
+                data = json.loads(layout.model("micro-mtp").metadata.read_text())["data"]
+            probe = probe_examples(records, tokenizer, config)
+            model, stats, seconds = derive_reference(mtp, config, probe, tokenizer.pad_id)
             print(f"[micro-reference] the head-1 path of micro-mtp (no second pretraining): "
                   f"next-token loss {stats['final_loss']:.3f} on {stats['probe_examples']} "
                   "training examples", flush=True)  # fmt: skip
         else:
             steps = config.steps if micro_type == "mtp" else config.reference_steps
             print(
-                f"[micro-{micro_type}] pretraining {steps} steps on {len(examples)} examples "
-                f"({DATASET} train, correct solutions), {threads} threads",
+                f"[micro-{micro_type}] pretraining {steps} steps on the {len(records)} correct "
+                f"solutions of {DATASET} train (the training loop, recipe pretrain), "
+                f"{threads} threads",
                 flush=True,
             )
-            model, stats, seconds = _train_with_progress(
-                micro_type, examples, config, tokenizer.pad_id, steps, progress
+            model, stats, seconds = run_pretraining(
+                work, micro_type, config, staging, len(records), progress
             )
-            trained[micro_type] = model
+            data = {
+                "dataset": f"datasets/{DATASET}/processed/train.jsonl",
+                "selection": "correct solutions (is_correct), EOS trained, "
+                + ("prompt tokens are targets too" if config.train_prompt else "prompt masked"),
+                "records": len(records),
+                "examples": stats["examples"],
+                "dropped_over_max_length": stats["dropped"],
+                "sha256": recipe["data_sha256"],
+            }
+            trained[micro_type] = (model, data)
             print(
                 f"  micro-{micro_type}: loss {stats['first_loss']:.3f} -> "
                 f"{stats['final_loss']:.3f} in {seconds:.0f} s "
                 f"({stats['tokens'] / max(seconds, 1e-9):.0f} tokens/s)",
                 flush=True,
             )
-        data = {
-            "dataset": f"datasets/{DATASET}/processed/train.jsonl",
-            "selection": "correct solutions (is_correct), EOS trained, "
-            + ("prompt tokens are targets too" if config.train_prompt else "prompt masked"),
-            "records": len(records),
-            "examples": len(examples),
-            "dropped_over_max_length": len(records) - len(examples),
-            "sha256": recipe["data_sha256"],
-        }
         meta = _metadata(paths, micro_type, model, config, recipe, tokenizer_info, data, stats)
         meta.update(wall_seconds=round(seconds, 1), threads=threads)
         _write_model(paths, micro_type, model, staging, meta)
@@ -564,9 +562,7 @@ def pretrain_micro_base(
             micro_type, paths, stats["steps"], stats["first_loss"], stats["final_loss"],
             stats["final_head_losses"], seconds, stats["tokens"],
         )  # fmt: skip
-    staging.unlink()
-    try:
-        staging.parent.rmdir()
-    except OSError as err:
-        raise StorageError(f"{staging.parent}: could not remove the staging folder: {err}") from err
+    shutil.rmtree(work.root)
+    with contextlib.suppress(OSError):  # <storage>/cache itself, when nothing else is cached
+        work.root.parent.rmdir()
     return results
