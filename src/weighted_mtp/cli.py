@@ -281,6 +281,30 @@ def run_verify(args: argparse.Namespace) -> int:
     return 0 if failed == 0 and checks else 1
 
 
+RECIPE_HELP = {
+    "policy": "the MTP policy (LoRA), every head or model.n_future_tokens, any weighting.name",
+    "critic": "a value model: the reference's trunk + a value head",
+    "reference": "the reference LM's SFT (one head)",
+    "pretrain": "every parameter of a model, uniform weights",
+}
+
+
+def train_help() -> str:
+    """``wmtp train --help``'s list of the recipes, their aliases and the weightings."""
+    from weighted_mtp import registry
+
+    lines = ["recipes (train.recipe):"]
+    lines += [f"  {name:<11} {RECIPE_HELP.get(name, '')}".rstrip() for name in registry.RECIPES]
+    lines += ["aliases (the names used before):"]
+    lines += [f"  {name:<11} = {registry.alias_text(name)}" for name in registry.ALIASES]
+    old = ", ".join(f"{a} = {n}" for a, n in registry.WEIGHTING_ALIASES.items())
+    lines += [
+        f"weightings (weighting.name): {', '.join(registry.BUILTIN)} or another package's "
+        f"(old name: {old})"
+    ]
+    return "\n".join(lines)
+
+
 def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="a YAML file from configs/local or configs/production")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.lr=3e-5")
@@ -831,12 +855,22 @@ def build_parser() -> argparse.ArgumentParser:
             help="pretrain micro-mtp and micro-reference on the CodeContests train split",
         )
     )
-    add_train_args(commands.add_parser("train", help="train a recipe from a config file"))
+    add_train_args(
+        commands.add_parser(
+            "train",
+            help="train a recipe from a config file",
+            epilog=train_help(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     slurm = commands.add_parser("slurm", help="run on a SLURM cluster (sbatch)")
     slurm_cmds = slurm.add_subparsers(dest="slurm_command", required=True)
     add_slurm_train_args(
         slurm_cmds.add_parser(
-            "train", help="write the run's sbatch script (torchrun per node, requeue) and submit it"
+            "train",
+            help="write the run's sbatch script (torchrun per node, requeue) and submit it",
+            epilog=train_help(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
     add_score_args(commands.add_parser("score", help="score pre-generated samples in the sandbox"))

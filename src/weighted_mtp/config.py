@@ -109,7 +109,10 @@ class OptimConfig(Section):
 
 
 class TrainConfig(Section):
-    recipe: str = "baseline"
+    recipe: str = "policy"
+    """What trains (``registry.RECIPES``): ``policy``, ``critic``, ``reference`` or ``pretrain``,
+    or an alias (``registry.ALIASES``: ``baseline``, ``verifiable``, ``rho1``, ``ntp``,
+    ``ref_tuning``), kept as written (docs/METHOD.md §8)."""
     epochs: float = Field(default=1.0, gt=0)
     max_steps: int | None = Field(default=None, ge=1)
     """Caps the number of optimizer steps (epochs are converted to steps once)."""
@@ -136,12 +139,19 @@ class TrainConfig(Section):
     """Timeout of every collective under torchrun: a rank that waits longer for the others
     fails with an error instead of hanging (docs/SCALING.md §6)."""
 
+    @field_validator("recipe")
+    @classmethod
+    def _known_recipe(cls, recipe: str) -> str:
+        if registry.find_recipe(recipe) is None:
+            raise ValueError(registry.unknown_recipe(recipe))
+        return recipe
+
 
 class Rho1Config(Section):
     """``weighting.rho1``: Rho-1 selection by excess loss against a frozen tuned reference."""
 
     reference: str | None = None
-    """The reference: a ``ref_tuning`` checkpoint (or its experiment/run folder)."""
+    """The reference: a ``reference`` recipe's checkpoint (or its experiment/run folder)."""
     k_percent: float = Field(default=0.7, gt=0, le=1)
     """Fraction of a micro-batch's target tokens selected."""
     score: Literal["signed", "absolute", "difficult"] = "signed"
@@ -151,9 +161,10 @@ class Rho1Config(Section):
     under ``storage/cache/reference_ce/``), and free the reference."""
 
 
-class CriticTDConfig(Section):
-    """``weighting.critic_td``: Verifiable Critic weights, GAE of a frozen critic's values,
-    EMA-whitened, ``clamp(exp(A / beta), clip_min, clip_max)``."""
+class VerifiableConfig(Section):
+    """``weighting.verifiable`` (old name ``weighting.critic_td``): Verifiable Critic weights,
+    GAE of a frozen critic's values, EMA-whitened, ``clamp(exp(A / beta), clip_min, clip_max)``
+    (docs/METHOD.md §4)."""
 
     critic_checkpoint: str | None = None
     """The critic: a ``critic`` checkpoint (or its experiment/run folder)."""
@@ -174,10 +185,14 @@ class CriticTDConfig(Section):
     ``storage/cache/critic_values/``), and free the critic."""
 
     @model_validator(mode="after")
-    def _clip_order(self) -> CriticTDConfig:
+    def _clip_order(self) -> VerifiableConfig:
         if self.clip_min > self.clip_max:
             raise ValueError(f"clip_min {self.clip_min} > clip_max {self.clip_max}")
         return self
+
+
+CriticTDConfig = VerifiableConfig
+"""The section's class name before 2026-12-07, kept for old imports."""
 
 
 class WeightingConfig(Section):
@@ -193,23 +208,37 @@ class WeightingConfig(Section):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     name: str | None = None
-    """A registered weighting; None uses the recipe's own (``registry.RECIPE_WEIGHTINGS``:
-    ``uniform`` for baseline, ntp and ref_tuning, ``rho1`` for rho1, ``critic_td`` for
-    verifiable)."""
+    """A registered weighting (or an old name of one, ``registry.WEIGHTING_ALIASES``, kept as
+    written); None uses the recipe's own (``uniform``; the aliases ``rho1`` and ``verifiable``
+    their weightings, ``registry.ALIASES``)."""
     control: Literal["none", "shuffled", "random_matched"] = "none"
     """Control arms: the same weights moved to other tokens (``shuffled`` within each
     sequence) or random weights matched in distribution (``random_matched``), applied to any
     weighting's output (``train/weighting/controls.py``, docs/METHOD.md §6)."""
     rho1: Rho1Config = Rho1Config()
-    critic_td: CriticTDConfig = CriticTDConfig()
+    verifiable: VerifiableConfig = VerifiableConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_section_names(cls, data: Any) -> Any:
+        """A section under an old weighting name (``weighting.critic_td``) is that weighting's
+        section; giving both is an error."""
+        if not isinstance(data, dict):
+            return data
+        for old, new in registry.WEIGHTING_ALIASES.items():
+            if old in data:
+                if new in data:
+                    raise ValueError(
+                        f"weighting.{old} is the old name of weighting.{new}: give one of them"
+                    )
+                data = {(new if k == old else k): v for k, v in data.items()}
+        return data
 
     @field_validator("name")
     @classmethod
     def _registered_name(cls, name: str | None) -> str | None:
         if name is not None and registry.get(name) is None:
-            raise ValueError(
-                f"unknown weighting {name!r}; choose from {', '.join(registry.names())}"
-            )
+            raise ValueError(registry.unknown_weighting(name))
         return name
 
     @model_validator(mode="after")
@@ -233,8 +262,9 @@ class WeightingConfig(Section):
         return self
 
     def settings(self, name: str, default: type[BaseModel] | None) -> BaseModel | None:
-        """The section of weighting ``name`` (its defaults when the config has none)."""
-        section = getattr(self, name, None)
+        """The section of weighting ``name`` or of the weighting it is an old name of (its
+        defaults when the config has none)."""
+        section = getattr(self, registry.canonical_weighting(name), None)
         if isinstance(section, BaseModel):
             return section
         return default() if default is not None else None
@@ -407,10 +437,20 @@ def load_validated(
     for item in overrides or []:
         apply_override(data, item)
         lines.pop(item.split("=", 1)[0].strip(), None)
+    _lines_of_old_sections(lines)
     try:
         return model.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_error(err, lines, source)) from None
+
+
+def _lines_of_old_sections(lines: dict[str, int]) -> None:
+    """A section written under an old weighting name is validated under its new one: its keys'
+    lines go under the new name too, so an error there still names ``file:line``."""
+    for old, new in registry.WEIGHTING_ALIASES.items():
+        prefix = f"weighting.{old}"
+        for key in [k for k in lines if k == prefix or k.startswith(prefix + ".")]:
+            lines.setdefault(f"weighting.{new}{key[len(prefix) :]}", lines[key])
 
 
 def config_to_dict(config: Config) -> dict:
@@ -431,9 +471,37 @@ def _flatten_keys(data: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def resolve_aliases(data: dict) -> dict:
+    """A config dict with its aliases replaced by what they stand for (``registry.ALIASES``,
+    ``registry.WEIGHTING_ALIASES``): ``train.recipe`` by its recipe, ``weighting.name`` by the
+    weighting the run uses, a section under an old weighting name by that weighting's, and
+    ``model.n_future_tokens`` by the heads of a recipe that fixes them. Two configs that train
+    alike give the same dict; only comparisons use it (a run's ``config.yaml`` keeps what was
+    written)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    train, weighting, model = out.get("train"), out.get("weighting"), out.get("model")
+    if isinstance(weighting, dict):
+        for old, new in registry.WEIGHTING_ALIASES.items():
+            if old in weighting and new not in weighting:
+                weighting[new] = weighting.pop(old)
+            if weighting.get("name") == old:
+                weighting["name"] = new
+    recipe = train.get("recipe") if isinstance(train, dict) else None
+    found = registry.find_recipe(recipe) if isinstance(recipe, str) else None
+    if isinstance(train, dict) and found is not None:
+        train["recipe"] = found.recipe
+        if isinstance(weighting, dict) and found.weighting is not None:
+            weighting["name"] = registry.weighting_of(recipe, weighting.get("name"))
+        if isinstance(model, dict) and found.n_heads is not None:
+            model["n_future_tokens"] = found.n_heads
+    return out
+
+
 def config_differences(planned: dict, found: dict) -> list[str]:
-    """Dotted keys whose values differ between two config dicts (``IGNORED_KEYS`` aside)."""
-    a, b = _flatten_keys(planned), _flatten_keys(found)
+    """Dotted keys whose values differ between two config dicts (``IGNORED_KEYS`` aside), their
+    aliases resolved first (``resolve_aliases``): a run folder written under an old name is the
+    run a plan now names the new way."""
+    a, b = _flatten_keys(resolve_aliases(planned)), _flatten_keys(resolve_aliases(found))
     keys = sorted(set(a) | set(b))
     return [
         k

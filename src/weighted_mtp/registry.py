@@ -1,4 +1,4 @@
-"""The weighting registry: every weighting's entry, and each recipe's default weighting.
+"""The weighting registry: every weighting's entry, the recipes, and the old names of both.
 
 An entry says what the rest of the framework needs to know about a weighting without running
 it (docs/ARCHITECTURE.md, "The weighting registry"): its class, its settings section
@@ -12,6 +12,11 @@ training code. Other packages add weightings through the entry-point group
 ``weighted_mtp.weightings``: an entry point names a ``Weighting`` subclass (its class
 attributes make the entry) or a ``WeightingEntry``. Entry points are listed once, on first use,
 and each is loaded once, when its name is first asked for.
+
+The recipes (``RECIPES``: what differs in model and objective) and the aliases (``ALIASES``: the
+names runs and configs used before, each a recipe with a weighting and a number of heads, and
+``WEIGHTING_ALIASES``: old weighting names) live here too, since config validation sits above
+this module and must know them (docs/GLOSSARY.md, "Aliases").
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any
+from typing import Any, NamedTuple
 
 from weighted_mtp.base.errors import UserError
 
@@ -30,11 +35,19 @@ GROUP = "weighted_mtp.weightings"
 
 @dataclass(frozen=True)
 class Helper:
-    """A frozen model a weighting reads: trained by ``recipe``, its checkpoint named by
-    ``weighting.<weighting>.<key>`` (docs/METHOD.md §4, §5)."""
+    """A frozen model a weighting reads: trained by ``recipe`` (a recipe or an alias) with the
+    config file ``config`` of a configs folder (default: the recipe's name), its checkpoint
+    named by ``weighting.<weighting>.<key>`` (docs/METHOD.md §4, §5)."""
 
     recipe: str
     key: str
+    config: str = ""
+    """The config file (without ``.yaml``) that trains it in every configs folder; a study
+    names the helper's run after it."""
+
+    @property
+    def config_name(self) -> str:
+        return self.config or self.recipe
 
 
 @dataclass(frozen=True)
@@ -106,21 +119,23 @@ BUILTIN: dict[str, WeightingEntry] = {
     "uniform": WeightingEntry("uniform", f"{_TRAIN}.uniform:Uniform", display="uniform"),
     "rho1": WeightingEntry(
         "rho1", f"{_TRAIN}.rho1:Rho1", "weighted_mtp.config:Rho1Config",
-        helper=Helper("ref_tuning", "reference"), scores_tokens=True, display="Rho-1",
+        helper=Helper("reference", "reference", "ref_tuning"), scores_tokens=True,
+        display="Rho-1",
         report_panels=(("rho-1 selected fraction", ("rho1/selected_fraction",)),),
         selection=True,
     ),
-    "critic_td": WeightingEntry(
-        "critic_td", f"{_TRAIN}.critic_td:CriticTD", "weighted_mtp.config:CriticTDConfig",
+    "verifiable": WeightingEntry(
+        "verifiable", f"{_TRAIN}.verifiable:Verifiable", "weighted_mtp.config:VerifiableConfig",
         helper=Helper("critic", "critic_checkpoint"), scores_tokens=True,
-        display="Verifiable Critic (TD)",
+        display="Verifiable Critic",
         report_panels=(
-            ("td weight mean", ("td/weight_mean",)),
-            ("td weight std", ("td/weight_std",)),
-            ("td clipped fraction: low / high", ("td/clip_low_frac", "td/clip_high_frac")),
-            ("td advantage mean", ("td/adv_mean",)),
-            ("td advantage std", ("td/adv_std",)),
-            ("td weight entropy (normalised)", ("td/weight_entropy_norm",)),
+            ("TD weight mean", ("verifiable/weight_mean",)),
+            ("TD weight std", ("verifiable/weight_std",)),
+            ("TD weights clipped: low / high",
+             ("verifiable/clip_low_frac", "verifiable/clip_high_frac")),
+            ("advantage mean", ("verifiable/adv_mean",)),
+            ("advantage std", ("verifiable/adv_std",)),
+            ("TD weight entropy (normalised)", ("verifiable/weight_entropy_norm",)),
         ),
         clip_keys=("clip_min", "clip_max"),
     ),
@@ -136,17 +151,42 @@ BUILTIN: dict[str, WeightingEntry] = {
 }  # fmt: skip
 """The weightings of this package, by dotted path (nothing is imported until used)."""
 
-RECIPE_WEIGHTINGS: dict[str, str | None] = {
-    "baseline": "uniform",
-    "ntp": "uniform",
-    "ref_tuning": "uniform",
-    "rho1": "rho1",
-    "verifiable": "critic_td",
-    "critic": None,
-    "pretrain": "uniform",
+WEIGHTING_ALIASES: dict[str, str] = {"critic_td": "verifiable"}
+"""Old weighting name -> its name now. ``weighting.name`` and a config section
+``weighting.<old>`` accept the old name (a config giving both sections is an error); the
+metrics it logged as ``td/*`` read as ``verifiable/*`` (``report/runs.py``)."""
+
+
+class RecipeOf(NamedTuple):
+    """What a recipe name trains: the recipe (``train/recipes.py``), the weighting it uses
+    unless ``weighting.name`` says otherwise (None: a value model, no token weighting), and the
+    heads it trains (None: ``model.n_future_tokens``, else every head of the checkpoint)."""
+
+    recipe: str
+    weighting: str | None
+    n_heads: int | None
+
+
+RECIPES: dict[str, RecipeOf] = {
+    "policy": RecipeOf("policy", "uniform", None),
+    "critic": RecipeOf("critic", None, None),
+    "reference": RecipeOf("reference", "uniform", 1),
+    "pretrain": RecipeOf("pretrain", "uniform", None),
 }
-"""Recipe -> the weighting it trains with unless ``weighting.name`` says otherwise; None: a
-value model, no token weighting (``train/recipes.py`` builds them)."""
+"""The recipes: what differs in model and objective. ``policy``: the MTP policy (LoRA) with any
+weighting; ``critic``: the value model; ``reference``: the reference LM's SFT (one head);
+``pretrain``: every parameter of a model, uniform weights."""
+
+ALIASES: dict[str, RecipeOf] = {
+    "baseline": RecipeOf("policy", "uniform", None),
+    "verifiable": RecipeOf("policy", "verifiable", None),
+    "rho1": RecipeOf("policy", "rho1", None),
+    "ntp": RecipeOf("policy", "uniform", 1),
+    "ref_tuning": RecipeOf("reference", "uniform", 1),
+}
+"""The recipe names used before, each a recipe with its default weighting and heads: a config
+that says ``train.recipe: rho1`` trains exactly what ``policy`` with ``weighting.name: rho1``
+trains (docs/GLOSSARY.md, "Aliases")."""
 
 _extra: dict[str, WeightingEntry] = {}
 _plugins: dict[str, EntryPoint] | None = None
@@ -159,7 +199,7 @@ def _entry_points() -> dict[str, EntryPoint]:
     if _plugins is None:
         _plugins = {}
         for ep in entry_points(group=GROUP):
-            if ep.name in BUILTIN:
+            if ep.name in BUILTIN or ep.name in WEIGHTING_ALIASES:
                 raise UserError(
                     f"entry point {ep.name} = {ep.value} ({GROUP}) takes the name of a "
                     "built-in weighting"
@@ -188,8 +228,15 @@ def names() -> list[str]:
     return [*BUILTIN, *_extra, *(n for n in _entry_points() if n not in _extra)]
 
 
+def canonical_weighting(name: str) -> str:
+    """``name``, or the weighting an old name stands for (``WEIGHTING_ALIASES``)."""
+    return WEIGHTING_ALIASES.get(name, name)
+
+
 def get(name: str) -> WeightingEntry | None:
-    """The entry of ``name`` (loading its entry point if it comes from one), or None."""
+    """The entry of ``name`` or of the weighting it is an old name of (loading its entry point
+    if it comes from one), or None."""
+    name = canonical_weighting(name)
     if name in BUILTIN:
         return BUILTIN[name]
     if name in _extra:
@@ -202,8 +249,14 @@ def entry(name: str) -> WeightingEntry:
     """The entry of ``name``; a one-line ``UserError`` naming the registered ones if none."""
     found = get(name)
     if found is None:
-        raise UserError(f"unknown weighting {name!r}; choose from {', '.join(names())}")
+        raise UserError(unknown_weighting(name))
     return found
+
+
+def unknown_weighting(name: str) -> str:
+    """The one-line message for a weighting name nothing registers."""
+    old = ", ".join(f"{a} = {n}" for a, n in WEIGHTING_ALIASES.items())
+    return f"unknown weighting {name!r}; choose from {', '.join(names())} (old names: {old})"
 
 
 def entries() -> Iterator[WeightingEntry]:
@@ -222,7 +275,7 @@ def register(target: Any) -> WeightingEntry:
     """Register a ``Weighting`` subclass (or a ``WeightingEntry``) in this process, as an entry
     point would (tests, notebooks). Built-in names are refused."""
     new = target if isinstance(target, WeightingEntry) else entry_of_class(target, "registered")
-    if new.name in BUILTIN:
+    if new.name in BUILTIN or new.name in WEIGHTING_ALIASES:
         raise ValueError(f"{new.name!r} is a built-in weighting")
     _extra[new.name] = new
     return new
@@ -242,29 +295,78 @@ def refresh() -> None:
 # ---- recipes ----
 
 
-def default_weighting(recipe: str) -> str | None:
-    """The weighting recipe ``recipe`` trains with by default (None: a value model)."""
-    return RECIPE_WEIGHTINGS.get(recipe)
+def find_recipe(name: str | None) -> RecipeOf | None:
+    """What recipe (or alias) ``name`` trains; None when it is neither."""
+    if not name:
+        return None
+    return RECIPES.get(name) or ALIASES.get(name)
 
 
-def weighting_of(recipe: str, name: str | None = None) -> str | None:
-    """The weighting a run uses: ``weighting.name``, else its recipe's default."""
-    return name or default_weighting(recipe)
+def recipe_of(name: str) -> RecipeOf:
+    """(recipe, default weighting, heads) of a recipe or an alias; a one-line ``UserError``
+    naming the recipes and the aliases if it is neither."""
+    found = find_recipe(name)
+    if found is None:
+        raise UserError(unknown_recipe(name))
+    return found
+
+
+def unknown_recipe(name: str) -> str:
+    aliases = ", ".join(ALIASES)
+    return f"unknown recipe {name!r}; choose from {', '.join(RECIPES)} (aliases: {aliases})"
+
+
+def alias_text(name: str) -> str:
+    """What alias ``name`` stands for, in words: ``policy with weighting rho1``, ``policy on
+    head 1 only``, ``reference``."""
+    recipe, weighting, heads = ALIASES[name]
+    base = RECIPES[recipe]
+    if heads != base.n_heads:
+        return f"{recipe} on head {heads} only" if heads == 1 else f"{recipe} on {heads} heads"
+    if weighting != base.weighting or recipe == "policy":
+        return f"{recipe} with weighting {weighting}"
+    return recipe
+
+
+def default_weighting(recipe: str | None) -> str | None:
+    """The weighting recipe (or alias) ``recipe`` trains with by default (None: a value model,
+    or an unknown name)."""
+    found = find_recipe(recipe)
+    return found.weighting if found is not None else None
+
+
+def weighting_of(recipe: str | None, name: str | None = None) -> str | None:
+    """The weighting a run uses, by its name now: ``weighting.name``, else its recipe's
+    default."""
+    chosen = name or default_weighting(recipe)
+    return canonical_weighting(chosen) if chosen else None
 
 
 def helper_for(recipe: str, name: str | None = None) -> tuple[str, str] | None:
-    """(the config key naming the frozen helper's checkpoint, the recipe that trains the
+    """(the config key naming the frozen helper's checkpoint, the config file that trains the
     helper) of a run of ``recipe`` with ``weighting.name`` ``name``; None without a helper."""
     chosen = weighting_of(recipe, name)
     found = get(chosen) if chosen else None
     if found is None or found.helper is None:
         return None
-    return found.helper_key or "", found.helper.recipe
+    return found.helper_key or "", found.helper.config_name
 
 
 def is_value_recipe(recipe: str | None) -> bool:
-    """A recipe that trains a value model (no token weighting), such as ``critic``."""
-    return recipe in RECIPE_WEIGHTINGS and RECIPE_WEIGHTINGS[recipe] is None
+    """A recipe (or alias) that trains a value model (no token weighting), such as ``critic``."""
+    found = find_recipe(recipe)
+    return found is not None and found.weighting is None
+
+
+def section_of(weighting: Any, name: str) -> Any:
+    """The section of weighting ``name`` in a written config's ``weighting`` (a dict), under
+    its name or an old one; None if neither is there."""
+    if not isinstance(weighting, dict):
+        return None
+    for key in (name, *(a for a, n in WEIGHTING_ALIASES.items() if n == name)):
+        if isinstance(weighting.get(key), dict):
+            return weighting[key]
+    return None
 
 
 # ---- what the report reads (never fails on a missing or broken plugin) ----

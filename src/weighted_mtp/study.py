@@ -1,6 +1,6 @@
 """``wmtp study``: a controlled comparison of recipes and their control arms (docs/EVALUATION.md §6).
 
-A study spec (``configs/study/*.yaml``) names arms (a recipe of the configs folder plus a
+A study spec (``configs/study/*.yaml``) names arms (a config file of the configs folder plus a
 weighting control), seeds, one compute budget and the evaluation: one or more datasets, each
 with its samples per problem and sampling settings. The study plans every (arm, seed) run, and
 the frozen helpers the arms need (the critic of ``verifiable``, the tuned reference of
@@ -187,7 +187,7 @@ class StudySpec(Section):
     """``key=value`` overrides of every run, helpers included (``train.device=cuda``)."""
     run_name: str = "study-{study}-{arm}-seed{seed}"
     """Each run's folder name under ``checkpoints/<experiment>/``: ``{study}`` the spec's name,
-    ``{arm}`` the arm (a helper's: its recipe), ``{seed}`` the seed. Two runs of a plan may not
+    ``{arm}`` the arm (a helper's: its config file), ``{seed}`` the seed. Two runs of a plan may not
     share a folder (the quickstart's spec uses ``quickstart``: one seed, one arm per
     experiment)."""
     contrasts: list[tuple[str, str]] | None = None
@@ -252,7 +252,7 @@ class PlannedRun:
     """One training run of the study (an arm at a seed, or a helper) and where it lands."""
 
     arm: str
-    """The arm, or the helper's recipe (``critic``, ``ref_tuning``)."""
+    """The arm, or the config file that trains a helper (``critic``, ``ref_tuning``)."""
     seed: int
     config_file: Path
     overrides: tuple[str, ...]

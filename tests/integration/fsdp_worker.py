@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from weighted_mtp.base.layout import StorageLayout
-from weighted_mtp.config import CriticTDConfig, Rho1Config, load_config
+from weighted_mtp.config import Rho1Config, VerifiableConfig, load_config
 from weighted_mtp.data.collate import IGNORE_INDEX, Batch
 from weighted_mtp.train.loop import Trainer
-from weighted_mtp.train.weighting import CriticTD, Rho1
+from weighted_mtp.train.weighting import Rho1, Verifiable
 
 
 def fixed_batches(steps: int = 3, micro: int = 2, seed: int = 7) -> list[list[Batch]]:
@@ -78,7 +78,10 @@ def main(storage: str, out: str, config_path: str, micro_count: str = "2") -> No
         trainer.state.step += 1
     trainer.save("final")
     objective = trainer.recipe.objective
-    for seed, weighting in ((8, CriticTD(CriticTDConfig())), (9, Rho1(Rho1Config(k_percent=0.6)))):
+    for seed, weighting in (
+        (8, Verifiable(VerifiableConfig())),
+        (9, Rho1(Rho1Config(k_percent=0.6))),
+    ):
         objective.weighting = weighting
         for step in fixed_batches(micro=micro_count, seed=seed):
             got = trainer.step(step[rank * share : (rank + 1) * share])

@@ -115,7 +115,7 @@ MATRIX = {
     "rho1": ("rho1", ["train.fsdp_param_dtype=bfloat16"]),
     "rho1-precompute": ("rho1", ["weighting.rho1.precompute=true"]),
     "verifiable": ("verifiable", ["train.fsdp_param_dtype=bfloat16"]),
-    "verifiable-precompute": ("verifiable", ["weighting.critic_td.precompute=true"]),
+    "verifiable-precompute": ("verifiable", ["weighting.verifiable.precompute=true"]),
 }
 
 
@@ -303,7 +303,12 @@ def test_fsdp2_two_ranks_match_one_process(storage, tmp_path, micro):
     one = json.loads((tmp_path / "world1/metrics.json").read_text())
     two = json.loads((tmp_path / "world2/metrics.json").read_text())
     assert [sorted(m) for m in one] == [sorted(m) for m in two]
-    assert {"td/weight_mean", "td/weight_entropy_norm", "td/ema_std", "grad_norm"} <= set(one[0])
+    assert {
+        "verifiable/weight_mean",
+        "verifiable/weight_entropy_norm",
+        "verifiable/ema_std",
+        "grad_norm",
+    } <= set(one[0])
     assert "rho1/selected_fraction" in one[-1]
     for a, b in zip(one, two, strict=True):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5)

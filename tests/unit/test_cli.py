@@ -66,6 +66,25 @@ def test_config_error_keeps_file_and_line(tmp_path, capsys):
     )
 
 
+def test_an_unknown_recipe_is_one_line_naming_the_recipes_and_the_aliases(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  recipe: verifyable\n")
+    assert cli.main(["train", str(bad), "--storage", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{bad}:2: config key 'train.recipe'" in err
+    assert "choose from policy, critic, reference, pretrain (aliases: baseline, verifiable" in err
+
+
+def test_train_help_lists_the_recipes_and_the_aliases(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    for line in ("policy      the MTP policy", "reference   the reference LM's SFT",
+                 "rho1        = policy with weighting rho1", "ntp         = policy on head 1 only",
+                 "ref_tuning  = reference", "critic_td = verifiable"):  # fmt: skip
+        assert line in out, line
+
+
 def test_a_multi_line_user_error_is_printed_on_one_line(capsys):
     def handler(args):
         raise StorageError("first\nsecond")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import REPO
+from weighted_mtp import registry
 from weighted_mtp.config import Config, ConfigError, config_diff, load_config
 
 # Training configs; configs/study holds study specs (tests/unit/test_study.py loads them).
@@ -20,7 +21,15 @@ def test_defaults_without_a_file():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_shipped_config_loads_and_holds_only_differences(path):
     config = load_config(path)
-    assert config.train.recipe == path.stem
+    # The file trains what the alias of its name stands for (``ntp.yaml``: the policy on head 1).
+    named = registry.recipe_of(path.stem)
+    recipe = registry.recipe_of(config.train.recipe)
+    assert recipe.recipe == named.recipe and recipe.recipe in registry.RECIPES
+    assert config.train.recipe in registry.RECIPES  # the configs use the recipes' own names
+    name = registry.weighting_of(config.train.recipe, config.weighting.name)
+    assert name == registry.weighting_of(path.stem)
+    if named.n_heads is not None:
+        assert (recipe.n_heads or config.model.n_future_tokens) == named.n_heads
     assert config.experiment == path.stem
     # Writing back only the differences must reproduce the same config.
     assert Config.model_validate(config_diff(config)) == config
@@ -33,7 +42,14 @@ def test_every_config_folder_covers_the_same_recipes():
     }
     local = folders["local"]
     assert all(found == local for found in folders.values()), folders
-    assert {"baseline", "rho1", "ref_tuning", "ntp"} <= local
+    assert {"baseline", "rho1", "ref_tuning", "ntp", "verifiable", "critic"} <= local
+    # every recipe is trained by a config of each folder
+    for name in folders:
+        trained = {
+            registry.recipe_of(load_config(REPO / "configs" / name / f"{stem}.yaml").train.recipe)
+            .recipe for stem in local
+        }  # fmt: skip
+        assert trained == set(registry.RECIPES), name
 
 
 def test_overrides_are_typed(tmp_path):
@@ -85,19 +101,49 @@ def test_bad_override_and_bad_yaml(tmp_path):
 
 def test_cross_field_check():
     with pytest.raises(ConfigError, match="clip_min 5.0 > clip_max 3.0"):
-        load_config(None, ["weighting.critic_td.clip_min=5"])
+        load_config(None, ["weighting.verifiable.clip_min=5"])
 
 
 def test_every_weighting_knob_is_its_own_section():
-    config = load_config(None, ["weighting.critic_td.ema_rule=upstream",
-                                "weighting.critic_td.ema_warmup=4",
-                                "weighting.critic_td.initial_value=0.0",
+    config = load_config(None, ["weighting.verifiable.ema_rule=upstream",
+                                "weighting.verifiable.ema_warmup=4",
+                                "weighting.verifiable.initial_value=0.0",
                                 "weighting.rho1.precompute=true"])  # fmt: skip
-    td = config.weighting.critic_td
+    td = config.weighting.verifiable
     assert (td.ema_rule, td.ema_warmup, td.initial_value) == ("upstream", 4, 0.0)
     assert config.weighting.rho1.precompute and not td.precompute
     # A section nobody registered, or a knob of the old flat layout, is one clear line.
     with pytest.raises(ConfigError, match="unknown weighting section 'clip_min'"):
         load_config(None, ["weighting.clip_min=0.2"])
-    with pytest.raises(ConfigError, match="config key 'weighting.critic_td.ema_rule'"):
-        load_config(None, ["weighting.critic_td.ema_rule=fast"])
+    with pytest.raises(ConfigError, match="config key 'weighting.verifiable.ema_rule'"):
+        load_config(None, ["weighting.verifiable.ema_rule=fast"])
+
+
+def test_a_run_written_under_the_old_names_is_the_run_the_new_config_plans():
+    """A run folder's ``config.yaml`` keeps what was written; the study's "same run?" check
+    resolves the aliases of both sides, so a run trained as ``recipe: verifiable`` with a
+    ``weighting.critic_td`` section is the run ``configs/*/verifiable.yaml`` now plans."""
+    import copy
+
+    from weighted_mtp.config import config_differences, config_to_dict
+
+    for stem, old_recipe in (("verifiable", "verifiable"), ("rho1", "rho1"), ("ntp", "ntp"),
+                             ("ref_tuning", "ref_tuning"), ("baseline", "baseline")):  # fmt: skip
+        planned = config_to_dict(load_config(REPO / "configs/local" / f"{stem}.yaml"))
+        before = copy.deepcopy(planned)  # what the same run wrote before 2026-12-07
+        before["train"]["recipe"] = old_recipe
+        before["weighting"]["name"] = None
+        before["weighting"]["critic_td"] = before["weighting"].pop("verifiable")
+        if stem == "ntp":
+            before["model"]["n_future_tokens"] = None  # the alias fixes head 1
+        assert config_differences(planned, before) == [], stem
+        assert planned["train"]["recipe"] != old_recipe and before["weighting"]["critic_td"]
+    baseline = config_to_dict(load_config(REPO / "configs/local/baseline.yaml"))
+    as_rho1 = config_to_dict(
+        load_config(REPO / "configs/local/baseline.yaml", ["train.recipe=rho1"])
+    )
+    assert config_differences(baseline, as_rho1) == ["weighting.name"]
+    with_name = config_to_dict(
+        load_config(REPO / "configs/local/baseline.yaml", ["weighting.name=rho1"])
+    )
+    assert config_differences(as_rho1, with_name) == []

@@ -21,7 +21,7 @@ from weighted_mtp.train.placement import (
     length_only_weights,
     placement_metrics,
 )
-from weighted_mtp.train.weighting import CriticTD, Rho1, Uniform
+from weighted_mtp.train.weighting import Rho1, Uniform, Verifiable
 
 
 def inside(n: int, lo: int, hi: int) -> torch.Tensor:
@@ -213,9 +213,9 @@ def span_batch(values: list[float], labels_from: int) -> Batch:
 def test_critic_scores_rank_the_value_drop():
     """A critic whose value falls at token 5 (the span): the one-step drop and the most
     negative advantage (lambda = 0) sit there, and its TD weight is the smallest."""
-    from weighted_mtp.config import CriticTDConfig
+    from weighted_mtp.config import VerifiableConfig
 
-    weighting = CriticTD(CriticTDConfig(td_lambda=0.0))
+    weighting = Verifiable(VerifiableConfig(td_lambda=0.0))
     batch = span_batch([0.5, 0.6, 0.6, 0.7, 0.7, 0.2, 0.25, 0.3, 0.3], labels_from=2)
     scores = weighting.token_scores(batch)
     mask = batch.labels != IGNORE_INDEX

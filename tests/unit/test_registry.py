@@ -5,6 +5,7 @@ and the control arms apply to any weighting without a line of its own."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel
 
 from tests.conftest import REPO
 from weighted_mtp import registry
+from weighted_mtp.base.errors import UserError
 from weighted_mtp.config import ConfigError, Section, WeightingConfig, load_config
 from weighted_mtp.data.collate import IGNORE_INDEX, Batch
 from weighted_mtp.train.mtp_loss import head_denominators, valid_rows
@@ -37,14 +39,82 @@ def test_builtin_entries_agree_with_their_classes_the_config_and_the_recipes():
         if entry.settings is not None:  # built-in sections are typed fields of the config
             assert WeightingConfig.model_fields[name].annotation is entry.settings_class()
         if entry.helper is not None:
-            assert entry.helper.recipe in RECIPES
+            assert registry.recipe_of(entry.helper.recipe).recipe in RECIPES
             assert entry.helper.key in entry.settings_class().model_fields
-    assert set(registry.RECIPE_WEIGHTINGS) == set(RECIPES)
-    assert {w for w in registry.RECIPE_WEIGHTINGS.values() if w} <= set(registry.BUILTIN)
-    assert registry.helper_for("verifiable") == ("weighting.critic_td.critic_checkpoint", "critic")
+    assert set(registry.RECIPES) == set(RECIPES)
+    assert {recipe for recipe, _, _ in registry.ALIASES.values()} <= set(RECIPES)
+    for spec in (*registry.RECIPES.values(), *registry.ALIASES.values()):
+        assert spec.weighting is None or spec.weighting in registry.BUILTIN
+    assert registry.helper_for("verifiable") == ("weighting.verifiable.critic_checkpoint", "critic")
+    assert registry.helper_for("policy", "verifiable") == registry.helper_for("verifiable")
+    assert registry.helper_for("policy", "critic_td") == registry.helper_for("verifiable")
     assert registry.helper_for("rho1") == ("weighting.rho1.reference", "ref_tuning")
     assert registry.helper_for("baseline", "rho1") == ("weighting.rho1.reference", "ref_tuning")
-    assert registry.helper_for("baseline") is None and registry.helper_for("critic") is None
+    assert registry.helper_for("policy", "rho1") == ("weighting.rho1.reference", "ref_tuning")
+    for recipe in ("baseline", "policy", "critic", "reference", "ref_tuning", "ntp"):
+        assert registry.helper_for(recipe) is None
+
+
+# ---- recipes and aliases ----
+
+
+def test_every_alias_is_a_recipe_with_a_weighting_and_heads():
+    assert list(registry.RECIPES) == ["policy", "critic", "reference", "pretrain"]
+    assert dict(registry.ALIASES) == {
+        "baseline": ("policy", "uniform", None),
+        "verifiable": ("policy", "verifiable", None),
+        "rho1": ("policy", "rho1", None),
+        "ntp": ("policy", "uniform", 1),
+        "ref_tuning": ("reference", "uniform", 1),
+    }
+    assert not set(registry.ALIASES) & set(registry.RECIPES)
+    for name in registry.RECIPES:
+        assert registry.recipe_of(name).recipe == name
+    recipe, weighting, heads = registry.recipe_of("rho1")
+    assert (recipe, weighting, heads) == ("policy", "rho1", None)
+    assert registry.weighting_of("verifiable") == "verifiable"
+    assert registry.weighting_of("policy", "critic_td") == "verifiable"
+    assert registry.weighting_of("policy") == "uniform" and registry.weighting_of("critic") is None
+    assert registry.is_value_recipe("critic") and not registry.is_value_recipe("ref_tuning")
+    assert not registry.is_value_recipe("nope") and not registry.is_value_recipe(None)
+    assert registry.alias_text("ntp") == "policy on head 1 only"
+    assert registry.alias_text("ref_tuning") == "reference"
+    assert registry.alias_text("rho1") == "policy with weighting rho1"
+
+
+def test_an_unknown_recipe_is_one_line_naming_the_recipes_and_the_aliases():
+    message = (
+        "unknown recipe 'nope'; choose from policy, critic, reference, pretrain "
+        "(aliases: baseline, verifiable, rho1, ntp, ref_tuning)"
+    )
+    with pytest.raises(UserError, match=re.escape(message)):
+        registry.recipe_of("nope")
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        load_config(None, ["train.recipe=nope"])
+    assert "\n" not in str(err.value) and "config key 'train.recipe'" in str(err.value)
+
+
+def test_the_old_weighting_name_and_section_read_as_verifiable(tmp_path):
+    assert registry.get("critic_td") is registry.BUILTIN["verifiable"]
+    assert WEIGHTINGS["critic_td"] is WEIGHTINGS["verifiable"]
+    assert "critic_td" not in registry.names()
+    path = tmp_path / "old.yaml"
+    path.write_text(
+        "train: {recipe: verifiable}\nweighting:\n  critic_td: {clip_min: 0.2, beta: 2.0}\n"
+    )
+    config = load_config(path)
+    assert config.train.recipe == "verifiable"  # kept as written
+    assert config.weighting.verifiable.clip_min == 0.2 and config.weighting.verifiable.beta == 2.0
+    assert config.weighting.settings("critic_td", None) is config.weighting.verifiable
+    named = load_config(None, ["weighting.name=critic_td", "weighting.critic_td.beta=3"])
+    assert named.weighting.name == "critic_td" and named.weighting.verifiable.beta == 3.0
+    with pytest.raises(ConfigError, match=r"^config key 'weighting': weighting.critic_td is the "
+                       r"old name of weighting.verifiable: give one of them$"):  # fmt: skip
+        load_config(None, ["weighting.critic_td.beta=3", "weighting.verifiable.beta=2"])
+    path.write_text("weighting:\n  critic_td:\n    clip_min: fast\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:3: config key "
+                       r"'weighting.verifiable.clip_min'"):  # fmt: skip
+        load_config(path)  # the line of the key as written, under the old name
 
 
 def test_an_unknown_weighting_name_is_a_one_line_config_error():

@@ -13,9 +13,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from weighted_mtp import registry
 from weighted_mtp.report import build_report
 from weighted_mtp.report.heatmap import WeightScale, scale_for, token_spans
-from weighted_mtp.report.runs import load_run, read_series, read_token_weights
+from weighted_mtp.report.runs import load_run, metric_name, read_series, read_token_weights
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PROMPT = ["", "Below", " is", " a", " task", ".", "\n", "###", " Response", ":", "\n"]
@@ -71,8 +72,11 @@ def token_weight_records(recipe: str, step: int, examples: int = 2, heads: int =
     return records
 
 
-def metric_records(recipe: str, steps: int, heads: int = 4) -> list[dict]:
+def metric_records(recipe: str, steps: int, heads: int = 4, old_names: bool = False) -> list[dict]:
+    """``old_names``: the Verifiable Critic's statistics as runs before 2026-12-07 logged them
+    (``td/*``)."""
     rng = random.Random(recipe)
+    td = "td" if old_names else "verifiable"
     lines = []
     for step in range(1, steps + 1):
         ce = 10.4 - 0.05 * step + rng.uniform(-0.01, 0.01)
@@ -88,9 +92,10 @@ def metric_records(recipe: str, steps: int, heads: int = 4) -> list[dict]:
                 train |= {f"ce/head{k}": ce + 0.01 * k, f"wce/head{k}": ce + 0.02 * k,
                           f"weight_mean/head{k}": mean}  # fmt: skip
             if recipe == "verifiable":
-                train |= {"td/weight_mean": mean, "td/weight_std": 0.9, "td/clip_low_frac": 0.01,
-                          "td/clip_high_frac": 0.15, "td/adv_mean": 1e-3, "td/adv_std": 1e-3,
-                          "td/weight_entropy_norm": 0.94}  # fmt: skip
+                train |= {f"{td}/weight_mean": mean, f"{td}/weight_std": 0.9,
+                          f"{td}/clip_low_frac": 0.01, f"{td}/clip_high_frac": 0.15,
+                          f"{td}/adv_mean": 1e-3, f"{td}/adv_std": 1e-3,
+                          f"{td}/weight_entropy_norm": 0.94}  # fmt: skip
             if recipe == "rho1":
                 train["rho1/selected_fraction"] = 0.6
         lines.append({"step": step, "time": 1.0e9 + step, **train})
@@ -101,18 +106,32 @@ def metric_records(recipe: str, steps: int, heads: int = 4) -> list[dict]:
 
 
 def write_run(
-    root: Path, recipe: str, steps: int = 8, *, evals: bool = True, weights: bool = True
+    root: Path,
+    recipe: str,
+    steps: int = 8,
+    *,
+    evals: bool = True,
+    weights: bool = True,
+    old_names: bool = False,
 ) -> Path:
-    """A run folder like ``wmtp train`` leaves, plus an evaluation of ``final``."""
+    """A run folder like ``wmtp train`` leaves, plus an evaluation of ``final``: the experiment
+    ``recipe`` (a recipe's alias) trained with the config of ``configs/*/<recipe>.yaml``
+    (``train.recipe: policy`` and ``weighting.name``), or with ``old_names`` as runs before
+    2026-12-07 wrote it (``train.recipe: <alias>``, ``weighting.critic_td``, ``td/*``)."""
     run = root / recipe / "20261126-000000"
     (run / "final").mkdir(parents=True)
+    trains, name = registry.recipe_of(recipe).recipe, registry.weighting_of(recipe)
+    section = "critic_td" if old_names else "verifiable"
+    weighting = {section: {"clip_min": 0.1, "clip_max": 3.0}, "rho1": {"k_percent": 0.6}}
+    if not old_names and name not in (None, "uniform"):
+        weighting["name"] = name
     config = {"experiment": recipe, "run_name": f"{recipe}-fixture",
-              "model": {"path": "micro-mtp"}, "train": {"recipe": recipe, "max_steps": steps},
-              "weighting": {"critic_td": {"clip_min": 0.1, "clip_max": 3.0},
-                            "rho1": {"k_percent": 0.6}}}  # fmt: skip
+              "model": {"path": "micro-mtp"},
+              "train": {"recipe": recipe if old_names else trains, "max_steps": steps},
+              "weighting": weighting}  # fmt: skip
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     (run / "metrics.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in metric_records(recipe, steps))
+        "".join(json.dumps(r) + "\n" for r in metric_records(recipe, steps, old_names=old_names))
     )
     info = {"recipe": recipe, "base_model": "micro-mtp", "n_heads": 4, "step": steps,
             "experiment": recipe, "run": run.name}  # fmt: skip
@@ -146,17 +165,37 @@ def test_runs_are_read_back(tmp_path: Path) -> None:
     run = load_run(write_run(tmp_path, "verifiable"))
     assert (run.experiment, run.recipe, run.run_name, run.base_model, run.steps) == (
         "verifiable",
-        "verifiable",
+        "policy",
         "verifiable-fixture",
         "micro-mtp",
         8,
     )
-    assert [s for s, _ in run.train["td/weight_mean"]] == list(range(1, 9))
+    assert [s for s, _ in run.train["verifiable/weight_mean"]] == list(range(1, 9))
     assert [s for s, _ in run.val["ce"]] == [4, 8]
     assert "val/ce" not in run.train
     assert [e.checkpoint for e in run.evals] == ["final"]
     assert {ex.step for ex in run.token_weights} == {8}
     assert len(run.token_weights[0].weights) == 4
+
+
+def test_runs_written_before_the_rename_read_as_verifiable(tmp_path: Path) -> None:
+    """``train.recipe: verifiable``, ``weighting.critic_td`` and ``td/*`` metrics: the same
+    weighting, statistics, scale and label as a run written now."""
+    old = load_run(write_run(tmp_path / "old", "verifiable", old_names=True))
+    new = load_run(write_run(tmp_path / "new", "verifiable"))
+    assert old.recipe == "verifiable" and new.recipe == "policy"
+    assert old.train == new.train and old.val == new.val
+    assert not any(k.startswith("td/") for k in (*old.train, *old.val))
+    assert registry.run_weighting(old.recipe, old.config) is registry.BUILTIN["verifiable"]
+    assert registry.run_weighting(new.recipe, new.config) is registry.BUILTIN["verifiable"]
+    assert registry.BUILTIN["verifiable"].label == "Verifiable Critic"
+    assert scale_for(old) == scale_for(new) == WeightScale("continuous", 0.1, 3.0, True)
+    assert metric_name("td/weight_mean") == "verifiable/weight_mean"
+    assert metric_name("placement/adv_abs/hit") == "placement/adv_abs/hit"
+    page = build_report([old.path, new.path], tmp_path / "report").read_text(encoding="utf-8")
+    assert page.count("Verifiable Critic") >= 2 and 'id="fig-weights"' in page
+    for alias in ("baseline", "ntp", "ref_tuning", "critic"):  # old recipe names still sort
+        assert registry.is_value_recipe(alias) == (alias == "critic")
 
 
 def test_reading_tolerates_bad_input(tmp_path: Path) -> None:

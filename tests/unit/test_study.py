@@ -128,7 +128,7 @@ def test_plan_names_runs_and_adds_only_the_study_overrides(tmp_path):
     assert config.train.seed == 1 and config.train.max_steps == 3
     assert config.weighting.control == "shuffled" and config.checkpoint.resume
     # helpers "once": every seed's arm reads the first seed's critic
-    assert config.weighting.critic_td.critic_checkpoint == (
+    assert config.weighting.verifiable.critic_checkpoint == (
         "checkpoints/critic/study-t-critic-seed0/final"
     )
     per_seed = _study(tmp_path, helpers="per_seed").plan()

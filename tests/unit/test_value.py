@@ -370,10 +370,10 @@ def test_tiny_critic_learns_pairwise_task():
           f"margin {metrics['margin']:.3f} in {time.perf_counter() - started:.1f} s")  # fmt: skip
     assert metrics["pair_accuracy"] >= 0.95
     # Its TD weights should single out the token that decides correctness.
-    from weighted_mtp.config import CriticTDConfig
-    from weighted_mtp.train.weighting import CriticTD, Micro
+    from weighted_mtp.config import VerifiableConfig
+    from weighted_mtp.train.weighting import Micro, Verifiable
 
-    td = CriticTD(CriticTDConfig(clip_max=100.0), critic=model)
+    td = Verifiable(VerifiableConfig(clip_max=100.0), critic=model)
     correct = held_out.pos
     weights = td.weigh(correct, 1, Micro(training=False)).dense.reshape(correct.tokens.shape)
     decisive = correct.tokens == 7

@@ -1,7 +1,7 @@
-"""TD weighting of the Verifiable Critic recipe (docs/METHOD.md §4, with its golden values): GAE golden values and
-a property test against the plain reverse loop, weights, EMA rules, CriticTD's step protocol
-(step-1 whitening, one EMA update per step, frozen validation, exact resume, metrics) and the
-control arms."""
+"""The Verifiable Critic's TD weights (weighting ``verifiable``, docs/METHOD.md §4): GAE golden
+values and a property test against the plain reverse loop, weights, EMA rules, Verifiable's
+step protocol (step-1 whitening, one EMA update per step, frozen validation, exact resume,
+metrics) and the control arms."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weighted_mtp.config import CriticTDConfig
+from weighted_mtp.config import VerifiableConfig
 from weighted_mtp.data.collate import IGNORE_INDEX, Batch
 from weighted_mtp.train.mtp_loss import head_denominators
 from weighted_mtp.train.weighting import (
     AdvantageEMA,
-    CriticTD,
     Micro,
     Uniform,
+    Verifiable,
     apply_control,
     control_generator,
     critic_values_for,
@@ -195,7 +195,15 @@ def test_expected_weight_moments_of_a_standard_normal():
     assert float(w.std()) == pytest.approx(0.948, abs=0.01)
 
 
-# ---- CriticTD ----
+# ---- Verifiable ----
+
+
+def test_the_old_class_names_are_the_verifiable_weighting():
+    from weighted_mtp.config import CriticTDConfig
+    from weighted_mtp.train.weighting import CriticTD
+
+    assert CriticTD is Verifiable and CriticTDConfig is VerifiableConfig
+    assert Verifiable.name == "verifiable" and Verifiable.Settings is VerifiableConfig
 
 
 def make_batch(seed: int, rows: int = 3, length: int = 10) -> Batch:
@@ -222,21 +230,21 @@ def concat(a: Batch, b: Batch) -> Batch:
     )
 
 
-def run_step(weighting: CriticTD, micro: list[Batch], step: int = 0) -> list[torch.Tensor]:
+def run_step(weighting: Verifiable, micro: list[Batch], step: int = 0) -> list[torch.Tensor]:
     """The loop's call order: one ``weigh`` per micro-batch, then ``end_step``."""
     weights = [weighting.weigh(b, N_HEADS, Micro(step, i)).dense for i, b in enumerate(micro)]
     weighting.end_step()
     return weights
 
 
-def adv_of(batch: Batch, config: CriticTDConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def adv_of(batch: Batch, config: VerifiableConfig) -> tuple[torch.Tensor, torch.Tensor]:
     mask = batch.labels != IGNORE_INDEX
     return gae_advantages(batch.extras["values"], mask, config.gamma, config.td_lambda), mask
 
 
 def test_step_one_whitens_each_micro_batch_by_its_own_stats():
-    config = CriticTDConfig()
-    td = CriticTD(config)
+    config = VerifiableConfig()
+    td = Verifiable(config)
     a, b = make_batch(1), make_batch(2)
     wa, wb = run_step(td, [a, b])
     for batch, w in ((a, wa), (b, wb)):
@@ -247,8 +255,8 @@ def test_step_one_whitens_each_micro_batch_by_its_own_stats():
 
 
 def test_ema_updates_once_per_step_from_all_micro_batches():
-    config = CriticTDConfig()
-    split, whole = CriticTD(config), CriticTD(config)
+    config = VerifiableConfig()
+    split, whole = Verifiable(config), Verifiable(config)
     a, b = make_batch(1), make_batch(2)
     run_step(split, [a, b])
     run_step(whole, [concat(a, b)])
@@ -264,7 +272,7 @@ def test_ema_updates_once_per_step_from_all_micro_batches():
 
 
 def test_validation_is_frozen():
-    td = CriticTD()
+    td = Verifiable()
     run_step(td, [make_batch(1)])
     td.take_sums()  # the training step's statistics
     before = td.ema.state_dict()
@@ -274,17 +282,17 @@ def test_validation_is_frozen():
     assert not td.take_sums().any()  # no statistics recorded either
     td.end_step()  # nothing accumulated: N = 0, the update is skipped
     assert td.ema.state_dict() == before
-    adv, mask = adv_of(val, CriticTDConfig())
+    adv, mask = adv_of(val, VerifiableConfig())
     expected = td_weights(adv, mask, td.ema.stats(), **CLIP)
     torch.testing.assert_close(w_val, expected)  # frozen training statistics, not val's own
 
 
 def test_state_dict_round_trip_reproduces_the_next_step_exactly():
-    config = CriticTDConfig()
-    first = CriticTD(config, control="shuffled", seed=7)
+    config = VerifiableConfig()
+    first = Verifiable(config, control="shuffled", seed=7)
     for step in range(3):
         run_step(first, [make_batch(step), make_batch(step + 10)], step)
-    resumed = CriticTD(config, control="shuffled", seed=7)
+    resumed = Verifiable(config, control="shuffled", seed=7)
     resumed.load_state_dict(first.state_dict())
     nxt = [make_batch(20), make_batch(21)]
     for w1, w2 in zip(run_step(first, nxt, 3), run_step(resumed, nxt, 3), strict=True):
@@ -293,28 +301,31 @@ def test_state_dict_round_trip_reproduces_the_next_step_exactly():
 
 
 def test_metrics_present_sane_and_reset():
-    td = CriticTD()
+    td = Verifiable()
     run_step(td, [make_batch(1), make_batch(2)])
     td.take_sums()  # the loop reads the sums every step
     run_step(td, [make_batch(3, rows=6, length=30)], step=1)
     metrics = td.metrics(dict(zip(td.stat_names, td.take_sums().tolist(), strict=True)))
     keys = {"weight_mean", "weight_std", "clip_low_frac", "clip_high_frac"}
     keys |= {"weight_entropy_norm", "ema_mean", "ema_std", "adv_mean", "adv_std"}
-    assert {f"td/{k}" for k in keys} <= set(metrics)
+    assert {f"verifiable/{k}" for k in keys} <= set(metrics)
     assert all(math.isfinite(v) for v in metrics.values())
-    assert 0 <= metrics["td/clip_low_frac"] <= 1 and 0 <= metrics["td/clip_high_frac"] <= 1
-    assert 0 < metrics["td/weight_entropy_norm"] <= 1 + 1e-9
-    assert 0.1 <= metrics["td/weight_mean"] <= 3.0 and metrics["td/weight_std"] > 0
+    assert (
+        0 <= metrics["verifiable/clip_low_frac"] <= 1
+        and 0 <= metrics["verifiable/clip_high_frac"] <= 1
+    )
+    assert 0 < metrics["verifiable/weight_entropy_norm"] <= 1 + 1e-9
+    assert 0.1 <= metrics["verifiable/weight_mean"] <= 3.0 and metrics["verifiable/weight_std"] > 0
     assert not td.take_sums().any()  # reset after reading
 
 
 def test_denominators_weight_sum_and_token_count():
     batch = make_batch(5)
-    planned = CriticTD().weigh(batch, N_HEADS, Micro())
+    planned = Verifiable().weigh(batch, N_HEADS, Micro())
     torch.testing.assert_close(
         planned.denominators, head_denominators(batch.labels, planned.dense, N_HEADS)
     )
-    counts = CriticTD(normalization="token_count").weigh(batch, N_HEADS, Micro()).denominators
+    counts = Verifiable(normalization="token_count").weigh(batch, N_HEADS, Micro()).denominators
     torch.testing.assert_close(
         counts, head_denominators(batch.labels, None, N_HEADS, "token_count")
     )
@@ -332,7 +343,7 @@ def test_critic_is_called_without_precomputed_values():
         calls.append(tokens)
         return values
 
-    td = CriticTD(critic=critic)
+    td = Verifiable(critic=critic)
     w = td.weigh(batch, N_HEADS, Micro(training=False)).dense
     assert len(calls) == 1 and torch.equal(calls[0], batch.tokens)
     batch.extras["values"] = values
@@ -390,9 +401,9 @@ def test_random_matched_keeps_the_distribution_and_breaks_the_link():
     assert torch.equal(out, again)
 
 
-def test_critic_td_control_arm_applies_to_the_weights():
-    config = CriticTDConfig()
-    plain, shuffled = CriticTD(config), CriticTD(config, control="shuffled")
+def test_verifiable_control_arm_applies_to_the_weights():
+    config = VerifiableConfig()
+    plain, shuffled = Verifiable(config), Verifiable(config, control="shuffled")
     batch = make_batch(3, rows=4, length=40)
     w_plain = run_step(plain, [batch])[0]
     w_shuf = run_step(shuffled, [batch])[0]
@@ -404,7 +415,7 @@ def test_critic_td_control_arm_applies_to_the_weights():
         )
     assert plain.ema.stats() == shuffled.ema.stats()  # the EMA sees the true advantages
     with pytest.raises(ValueError):
-        CriticTD(config, control="bogus")
+        Verifiable(config, control="bogus")
 
 
 # ---- distributed: every rank joins the all-reduce (docs/METHOD.md §4) ----

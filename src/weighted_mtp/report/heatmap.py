@@ -65,8 +65,9 @@ def scale_for(run: Run) -> WeightScale:
     weighting = run.config.get("weighting") if isinstance(run.config, dict) else None
     low, high, clipped = 0.5, 2.0, False
     if isinstance(weighting, dict) and entry is not None and entry.clip_keys:
-        # ``weighting.<name>.clip_*``; runs before 2026-11-30 kept them in ``weighting``.
-        section = weighting.get(entry.name) or weighting
+        # ``weighting.<name>.clip_*`` (or under an old name of the weighting); runs before
+        # 2026-11-30 kept them in ``weighting``.
+        section = registry.section_of(weighting, entry.name) or weighting
         low = float(section.get(entry.clip_keys[0]) or low)
         high = float(section.get(entry.clip_keys[1]) or high)
         clipped = True

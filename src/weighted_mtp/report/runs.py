@@ -24,6 +24,18 @@ TOKEN_WEIGHTS = "token_weights.jsonl"
 
 Series = list[tuple[int, float]]
 
+OLD_METRIC_PREFIXES = {"td/": "verifiable/"}
+"""Metric names of run folders written before 2026-12-07: the Verifiable Critic's statistics
+were ``td/*`` (its weighting was called ``critic_td``); they read as ``verifiable/*``."""
+
+
+def metric_name(key: str) -> str:
+    """A logged metric's name now (``td/weight_mean`` -> ``verifiable/weight_mean``)."""
+    for old, new in OLD_METRIC_PREFIXES.items():
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
 
 @dataclass
 class EvalResult:
@@ -109,7 +121,8 @@ def load_runs(paths: list[Path], token_step: int | None = None) -> list[Run]:
 
 def read_series(path: Path) -> tuple[dict[str, Series], dict[str, Series]]:
     """``metrics.jsonl`` as per-metric (step, value) series, training and validation apart
-    (validation names lose their ``val/`` prefix). Bad lines and non-numbers are skipped."""
+    (validation names lose their ``val/`` prefix; old names read as their new ones,
+    ``metric_name``). Bad lines and non-numbers are skipped."""
     train: dict[str, Series] = {}
     val: dict[str, Series] = {}
     for record in read_metrics(path):
@@ -120,7 +133,7 @@ def read_series(path: Path) -> tuple[dict[str, Series], dict[str, Series]]:
             if key in ("step", "time") or not _is_number(value):
                 continue
             target, name = (val, key[4:]) if key.startswith("val/") else (train, key)
-            target.setdefault(name, []).append((int(step), float(value)))
+            target.setdefault(metric_name(name), []).append((int(step), float(value)))
     return train, val
 
 

@@ -1,7 +1,7 @@
 """Where the weight goes: token scores and weights on incorrect solutions against their
 mutation spans (docs/METHOD.md §6, "Where the weight goes").
 
-A weighting that ranks tokens (``CriticTD``, ``Rho1``) returns ``TokenScores`` for a batch:
+A weighting that ranks tokens (``Verifiable``, ``Rho1``) returns ``TokenScores`` for a batch:
 one or more *rankings* (the decisive token of a solution is the argmax of a ranking over its
 response tokens) and the token *weights* it would train with. ``collect`` cuts a batch into
 one ``Solution`` per row (response tokens only, with the in-span flags), and

@@ -1,10 +1,13 @@
 """Recipes: name -> (model to train, objective with its weighting, optimizer groups).
 
-Every recipe runs through the same loop (``train/loop.py``); a recipe only says which model
-trains and which objective it is trained with. A policy recipe's token weighting comes from
-the weighting registry (``weighted_mtp/registry.py``): ``registry.RECIPE_WEIGHTINGS`` names
-each recipe's default, and ``weighting.name`` may pick any registered one. Frozen helpers (a reference, a critic) belong
-to their weighting, which loads and frees them.
+Every recipe runs through the same loop (``train/loop.py``); a recipe only says what differs in
+model and objective: ``policy`` (the MTP policy, LoRA), ``critic`` (a value model),
+``reference`` (the reference LM's SFT, head 1) and ``pretrain`` (every parameter). The token
+weighting is ``weighting.name``, any registered one (``weighted_mtp/registry.py``). The names
+used before (``baseline``, ``verifiable``, ``rho1``, ``ntp``, ``ref_tuning``) are aliases:
+``registry.recipe_of`` gives the recipe, default weighting and heads each stands for
+(docs/METHOD.md §8). Frozen helpers (a reference, a critic) belong to their weighting, which
+loads and frees them.
 """
 
 from __future__ import annotations
@@ -84,9 +87,9 @@ def policy_recipe(
     device: torch.device,
     n_heads: int | None = None,
 ) -> Recipe:
-    """An MTP policy (LoRA) trained on its first ``n_heads`` heads (default: ``model.
-    n_future_tokens`` or all) with the weighting ``weighting.name`` (default: the recipe's,
-    ``registry.RECIPE_WEIGHTINGS``)."""
+    """An MTP policy (LoRA) trained on its first ``n_heads`` heads (default: those its recipe or
+    alias fixes, else ``model.n_future_tokens``, else all) with the weighting ``weighting.name``
+    (default: its alias's, ``registry.recipe_of``)."""
     ctx = BuildContext(layout, device, DTYPES[config.model.dtype], config.train.seed,
                        config.train.normalization, config.weighting.control,
                        config.data.max_length)  # fmt: skip
@@ -95,7 +98,8 @@ def policy_recipe(
     name = registry.weighting_of(config.train.recipe, config.weighting.name) or "uniform"
     chosen = build_weighting(name, config.weighting, ctx)
     model, model_dir, lora = _trainable_model(config, layout, device)
-    heads = n_heads or config.model.n_future_tokens or model.n_future_tokens
+    fixed = registry.recipe_of(config.train.recipe).n_heads
+    heads = n_heads or fixed or config.model.n_future_tokens or model.n_future_tokens
     if heads > model.n_future_tokens:
         raise ValueError(
             f"model.n_future_tokens {heads} > the checkpoint's {model.n_future_tokens} heads"
@@ -105,28 +109,18 @@ def policy_recipe(
                   config.model.path, lora)  # fmt: skip
 
 
-def baseline(config: Config, layout: StorageLayout, device: torch.device) -> Recipe:
+def policy(config: Config, layout: StorageLayout, device: torch.device) -> Recipe:
+    """The MTP policy (LoRA) on all its heads (or ``model.n_future_tokens``; the alias ``ntp``:
+    head 1 only) with the weighting ``weighting.name``: uniform (the alias ``baseline``), the
+    Verifiable Critic's TD weights from a frozen critic (``verifiable``, docs/METHOD.md §4),
+    Rho-1 selection against a frozen tuned reference (``rho1``, §5), or any registered one."""
     return policy_recipe(config, layout, device)
 
 
-def ntp(config: Config, layout: StorageLayout, device: torch.device) -> Recipe:
-    """The same MTP model and data trained on head 1 only: isolates the effect of MTP."""
+def reference(config: Config, layout: StorageLayout, device: torch.device) -> Recipe:
+    """SFT of the reference LM (a plain one-head LLaMA) on the same correct solutions: head 1
+    only, uniform weights (the alias ``ref_tuning``)."""
     return policy_recipe(config, layout, device, n_heads=1)
-
-
-def ref_tuning(config: Config, layout: StorageLayout, device: torch.device) -> Recipe:
-    """SFT of the reference LM (a plain LLaMA) on the same correct solutions."""
-    return policy_recipe(config, layout, device, n_heads=1)
-
-
-def rho1(config: Config, layout: StorageLayout, device: torch.device) -> Recipe:
-    """The MTP policy with Rho-1 selection against a frozen tuned reference."""
-    return policy_recipe(config, layout, device)
-
-
-def verifiable(config: Config, layout: StorageLayout, device: torch.device) -> Recipe:
-    """The MTP policy with TD weights from a frozen critic (GAE -> EMA whitening -> exp)."""
-    return policy_recipe(config, layout, device)
 
 
 def pretrain(config: Config, layout: StorageLayout, device: torch.device) -> Recipe:
@@ -201,19 +195,15 @@ def write_critic_diagnostics(
 
 
 RECIPES: dict[str, Callable[[Config, StorageLayout, torch.device], Recipe]] = {
+    "policy": policy,
     "critic": critic,
-    "verifiable": verifiable,
-    "baseline": baseline,
-    "ntp": ntp,
-    "ref_tuning": ref_tuning,
-    "rho1": rho1,
+    "reference": reference,
     "pretrain": pretrain,
 }
+"""The builder of each recipe of ``registry.RECIPES``; an alias builds its recipe."""
 
 
 def build(config: Config, layout: StorageLayout, device: torch.device) -> Recipe:
-    if config.train.recipe not in RECIPES:
-        raise ValueError(
-            f"unknown train.recipe {config.train.recipe!r}; choose from {', '.join(RECIPES)}"
-        )
-    return RECIPES[config.train.recipe](config, layout, device)
+    """The recipe ``train.recipe`` names, directly or through an alias (``registry.recipe_of``:
+    a one-line error naming the recipes and the aliases if it is neither)."""
+    return RECIPES[registry.recipe_of(config.train.recipe).recipe](config, layout, device)

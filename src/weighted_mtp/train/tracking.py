@@ -140,7 +140,8 @@ class MetricLogger:
 
 SHOWN = (
     "loss", "ce", "val/ce", "val/loss", "lr", "grad_norm", "tokens_per_s",
-    "rho1/selected_fraction", "pair_accuracy", "val/pair_accuracy", "margin", "td/weight_mean",
+    "rho1/selected_fraction", "pair_accuracy", "val/pair_accuracy", "margin",
+    "verifiable/weight_mean",
 )  # fmt: skip
 
 

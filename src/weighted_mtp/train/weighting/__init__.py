@@ -3,7 +3,8 @@
 * ``base``: the ``Weighting`` contract (``Micro``, ``MicroWeights``, ``BuildContext``);
 * ``controls``: the control arms, applied by ``Weighting.weigh`` to every weighting's output;
 * ``precompute``: a frozen helper's signals computed once and cached;
-* ``uniform``, ``rho1``, ``critic_td`` (GAE, EMA whitening): the built-in weightings;
+* ``uniform``, ``rho1``, ``verifiable`` (the Verifiable Critic: GAE, EMA whitening): the built-in
+  weightings;
 * ``oracle``: ``oracle_span`` and ``oracle_drop``, the positive control's known-answer weights;
 * ``build``: a weighting by name from the registry (``weighted_mtp/registry.py``).
 
@@ -20,14 +21,6 @@ from weighted_mtp.train.weighting.controls import (
     apply_control,
     control_generator,
 )
-from weighted_mtp.train.weighting.critic_td import (
-    AdvantageEMA,
-    CriticTD,
-    critic_values_for,
-    gae_advantages,
-    masked_batch_stats,
-    td_weights,
-)
 from weighted_mtp.train.weighting.oracle import OracleDrop, OracleSpan, drop_weights, span_weights
 from weighted_mtp.train.weighting.precompute import (
     Precompute,
@@ -43,6 +36,15 @@ from weighted_mtp.train.weighting.rho1 import (
     select_top,
 )
 from weighted_mtp.train.weighting.uniform import Uniform
+from weighted_mtp.train.weighting.verifiable import (
+    AdvantageEMA,
+    CriticTD,
+    Verifiable,
+    critic_values_for,
+    gae_advantages,
+    masked_batch_stats,
+    td_weights,
+)
 
 __all__ = [
     "CONTROLS",
@@ -58,6 +60,7 @@ __all__ = [
     "Precompute",
     "Rho1",
     "Uniform",
+    "Verifiable",
     "Weighting",
     "apply_arm",
     "apply_control",

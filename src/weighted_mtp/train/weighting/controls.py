@@ -8,7 +8,7 @@ before the forward pass (and their normaliser recomputed from the moved weights)
 are moved as soon as they are computed. Random draws come from ``control_generator(seed, step,
 micro-batch, stream)``, a pure function, so a resumed run draws what an uninterrupted one does:
 stream 0 (training) / 1 (validation) for dense weights, 1 / 2 for weight functions (the
-streams ``CriticTD`` and ``Rho1`` used when each applied its own control arm, docs/DECISIONS.md
+streams ``Verifiable`` and ``Rho1`` used when each applied its own control arm, docs/DECISIONS.md
 2026-12-07).
 """
 

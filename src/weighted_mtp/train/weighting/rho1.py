@@ -122,7 +122,7 @@ class Rho1(Weighting):
 
         settings = settings or Rho1Config()
         if not settings.reference:
-            raise ValueError("rho1 needs weighting.rho1.reference (a ref_tuning checkpoint)")
+            raise ValueError("rho1 needs weighting.rho1.reference (a reference run)")
         ckpt = resolve_checkpoint(ctx.layout, settings.reference)
         reference = load_trained(ckpt, ctx.layout, dtype=ctx.dtype, device=ctx.device)
         reference.requires_grad_(False)

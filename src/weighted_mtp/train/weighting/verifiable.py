@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from weighted_mtp.config import CriticTDConfig
+from weighted_mtp.config import VerifiableConfig
 from weighted_mtp.data.collate import IGNORE_INDEX
 from weighted_mtp.train.distributed import all_reduce_sum
 from weighted_mtp.train.placement import TokenScores
@@ -152,7 +152,7 @@ class AdvantageEMA:
         self._sums = None
 
 
-class CriticTD(Weighting):
+class Verifiable(Weighting):
     """Verifiable Critic weights (docs/METHOD.md §4): GAE of a frozen critic's values, whitened
     with EMA statistics, ``clamp(exp(A_hat / beta), clip_min, clip_max)``, target-indexed
     ``[B, L]``.
@@ -164,15 +164,15 @@ class CriticTD(Weighting):
     (``micro.training`` False) uses the frozen training statistics and updates nothing.
     """
 
-    name = "critic_td"
-    Settings = CriticTDConfig
+    name = "verifiable"
+    Settings = VerifiableConfig
     scores_tokens = True
     stat_names = ("n", "w", "w2", "clip_low", "clip_high", "adv", "adv2", "entropy", "entropy_n")
-    settings: CriticTDConfig
+    settings: VerifiableConfig
 
     def __init__(
         self,
-        settings: CriticTDConfig | None = None,
+        settings: VerifiableConfig | None = None,
         *,
         critic: Callable[[Tensor], Tensor] | None = None,
         precompute: Precompute | None = None,
@@ -186,12 +186,14 @@ class CriticTD(Weighting):
         self.ema = AdvantageEMA(s.ema_momentum, s.ema_rule, s.ema_warmup)
 
     @classmethod
-    def build(cls, settings: CriticTDConfig | None, ctx: BuildContext) -> CriticTD:
+    def build(cls, settings: VerifiableConfig | None, ctx: BuildContext) -> Verifiable:
         from weighted_mtp.train.checkpoint import load_critic, resolve_checkpoint
 
-        settings = settings or CriticTDConfig()
+        settings = settings or VerifiableConfig()
         if not settings.critic_checkpoint:
-            raise ValueError("critic_td needs weighting.critic_td.critic_checkpoint (a critic run)")
+            raise ValueError(
+                "verifiable needs weighting.verifiable.critic_checkpoint (a critic run)"
+            )
         ckpt = resolve_checkpoint(ctx.layout, settings.critic_checkpoint)
         critic = load_critic(ckpt, ctx.layout, ctx.dtype, ctx.device)
         precompute = precompute_for("critic_values", "values", "critic", ckpt, ctx)
@@ -212,7 +214,7 @@ class CriticTD(Weighting):
         if "values" in batch.extras:
             return batch.extras["values"].float()
         if self.critic is None:
-            raise ValueError("CriticTD without a critic needs batch.extras['values']")
+            raise ValueError("Verifiable without a critic needs batch.extras['values']")
         with torch.no_grad():
             return self.critic(batch.tokens).float()
 
@@ -270,28 +272,28 @@ class CriticTD(Weighting):
         )  # fmt: skip
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
-        """The step's training micro-batches over all ranks; ``td/ema_*`` after the update.
+        """The step's training micro-batches over all ranks; ``verifiable/ema_*`` after the update.
 
-        ``td/weight_entropy_norm``: per micro-batch, the entropy of ``p = w / sum w`` over its
+        ``verifiable/weight_entropy_norm``: per micro-batch, the entropy of ``p = w / sum w`` over its
         valid tokens divided by ``log N`` (1 = uniform weights), averaged over micro-batches.
         """
         out: dict[str, float] = {}
         stats = self.ema.stats()
         if stats is not None:
-            out.update({"td/ema_mean": stats[0], "td/ema_std": stats[1]})
+            out.update({"verifiable/ema_mean": stats[0], "verifiable/ema_std": stats[1]})
         n = sums["n"]
         if n > 0:
             w_mean, a_mean = sums["w"] / n, sums["adv"] / n
             out.update({
-                "td/weight_mean": w_mean,
-                "td/weight_std": math.sqrt(max(sums["w2"] / n - w_mean**2, 0.0)),
-                "td/clip_low_frac": sums["clip_low"] / n,
-                "td/clip_high_frac": sums["clip_high"] / n,
-                "td/adv_mean": a_mean,
-                "td/adv_std": math.sqrt(max(sums["adv2"] / n - a_mean**2, 0.0)),
+                "verifiable/weight_mean": w_mean,
+                "verifiable/weight_std": math.sqrt(max(sums["w2"] / n - w_mean**2, 0.0)),
+                "verifiable/clip_low_frac": sums["clip_low"] / n,
+                "verifiable/clip_high_frac": sums["clip_high"] / n,
+                "verifiable/adv_mean": a_mean,
+                "verifiable/adv_std": math.sqrt(max(sums["adv2"] / n - a_mean**2, 0.0)),
             })  # fmt: skip
         if sums["entropy_n"]:
-            out["td/weight_entropy_norm"] = sums["entropy"] / sums["entropy_n"]
+            out["verifiable/weight_entropy_norm"] = sums["entropy"] / sums["entropy_n"]
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -307,7 +309,7 @@ def critic_values_for(
 ) -> list[Tensor]:
     """The frozen critic's values ``v_t`` of every training example, computed once (1-D fp32,
     one per example, its full length); store them as ``stream.extras["values"]`` so that
-    ``CriticTD`` reads them instead of running the critic every step."""
+    ``Verifiable`` reads them instead of running the critic every step."""
     examples = stream.data.examples
     out: list[Tensor] = []
     for start in range(0, len(examples), batch_size):
@@ -317,3 +319,7 @@ def critic_values_for(
             values = critic(batch.tokens).float().cpu()
         out.extend(values[row, : examples[i].length].clone() for row, i in enumerate(chosen))
     return out
+
+
+CriticTD = Verifiable
+"""The class's name before 2026-12-07 (the weighting ``critic_td``), kept for old imports."""
