@@ -11,6 +11,8 @@ validation with the same objective, checkpoints that resume exactly.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import datetime as dt
 import json
 import math
@@ -176,6 +178,8 @@ class Trainer:
         metrics (what an in-process caller records beyond ``log.every``)."""
         # The rank (and so this rank's CUDA device) is known before anything is loaded.
         self.info, self.device = distributed.setup(config.train.device, config.train.dist_timeout_s)
+        if self.device.type == "cpu":
+            keep_freed_cpu_memory()  # the same numbers, fewer page faults (docs/METHOD.md §8)
         torch.manual_seed(config.train.seed)  # identical LoRA init on every rank
         self.recipe = recipes.build(config, layout, self.device)
         self.model = self.recipe.model
@@ -564,6 +568,30 @@ def prompt_targets(examples: list) -> list[EncodedExample]:
     if examples and not isinstance(examples[0], EncodedExample):
         raise ValueError("data.train_prompt applies to pointwise sampling modes, not pairs")
     return [EncodedExample(e.input_ids, [IGNORE_INDEX, *e.input_ids[1:]], 1) for e in examples]
+
+
+CPU_MALLOC_MMAP_THRESHOLD = 32 << 20
+"""Bytes below which glibc's malloc serves a CPU tensor from its heap rather than a fresh mmap
+(glibc's largest allowed value on 64-bit)."""
+CPU_MALLOC_TRIM_THRESHOLD = 1 << 30
+"""Free bytes at the top of glibc's heap before it returns them to the system."""
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Ask glibc's malloc to reuse freed memory instead of returning it to the system
+    (docs/METHOD.md §8, "CPU memory"): a training step frees and re-allocates the same buffers
+    (each head's logits, the activations), and memory handed back is faulted in again, page by
+    page, on the next step. Process-wide and idempotent; False where the C library has no
+    ``mallopt`` (not glibc), which changes nothing but speed."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, CPU_MALLOC_MMAP_THRESHOLD)) and bool(
+        mallopt(m_trim_threshold, CPU_MALLOC_TRIM_THRESHOLD)
+    )
 
 
 def rank_seed(seed: int, rank: int) -> int:
