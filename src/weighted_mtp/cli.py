@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -324,10 +325,21 @@ def run_train(args: argparse.Namespace) -> int:
         if distributed.env_info().is_main:
             print(f"wmtp: {stop}", file=sys.stderr, flush=True)
         code = PREEMPTED_EXIT_CODE
+    except BaseException as error:
+        if not distributed.env_info().enabled:
+            raise
+        # A rank's error under torchrun (the group is already left): reported here, then the
+        # same early exit as below, or gloo may abort the rank while the interpreter finalises.
+        if isinstance(error, (UserError, KeyboardInterrupt)):
+            code = report_stop(error, "wmtp")
+        else:
+            traceback.print_exc()
+            code = 1
     if distributed.env_info().enabled:
-        # The run is saved and the process group destroyed: leave now. Under load, gloo's
-        # threads could still abort a rank while the interpreter finalises ("terminate called
-        # without an active exception", SIGABRT), turning a finished run into a failed one.
+        # The run is saved (or failed) and the process group destroyed: leave now. Under load,
+        # gloo's threads could still abort a rank while the interpreter finalises ("terminate
+        # called without an active exception", SIGABRT), turning a finished run into a failed
+        # one and a one-line error into an abort.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -930,13 +942,18 @@ def dispatch(
     """
     try:
         return handler(args)
-    except UserError as err:
-        message = " ".join(str(err).splitlines())  # one line, whatever the message holds
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
+    except (UserError, KeyboardInterrupt) as err:
+        return report_stop(err, prog)
+
+
+def report_stop(err: UserError | KeyboardInterrupt, prog: str) -> int:
+    """Bad input as one line on stderr (exit code 1), an interrupt as ``interrupted`` (130)."""
+    if isinstance(err, KeyboardInterrupt):
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    message = " ".join(str(err).splitlines())  # one line, whatever the message holds
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
