@@ -554,6 +554,12 @@ def add_evaluate_args(parser: argparse.ArgumentParser) -> None:
         "--speculative", action="store_true", help="self-speculative decoding with the extra heads"
     )
     parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="prompts decoded together when not speculative (default: 8)",
+    )
+    parser.add_argument(
         "--mode",
         choices=("compat", "alpaca"),
         default=None,
@@ -592,7 +598,7 @@ def add_evaluate_args(parser: argparse.ArgumentParser) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from weighted_mtp.evaluation.harness import evaluate
+    from weighted_mtp.evaluation.harness import GENERATION_BATCH, evaluate
 
     layout = StorageLayout.from_arg(args.storage)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 runs generated code
@@ -612,6 +618,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         seed=args.seed, workers=args.workers, device=args.device, dtype=args.dtype,
         mlflow_uri=mlflow_uri(args, layout), scoring=args.scoring,
         shard_wait_s=args.shard_wait_s,
+        batch_size=GENERATION_BATCH if args.batch_size is None else args.batch_size,
     )  # fmt: skip
     if summary is None:  # a torchrun rank other than 0: rank 0 scores and writes
         return 0

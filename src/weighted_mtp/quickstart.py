@@ -1,15 +1,17 @@
 """``wmtp quickstart``: the whole pipeline on micro models, offline, on the CPU, in minutes.
 
-Stages, in dependency order: the micro tokenizer and models; the known-answer
-CodeContests source (``wmtp storage synthetic``, under ``datasets/codecontests/raw``); the four
-datasets (CodeContests from that source, MBPP, HumanEval and GSM8K from the bundled sources);
-the micro base pretrained on the known-answer training split (``wmtp storage micro-base``,
-replacing the random micro models); then the runs of ``configs/study/quickstart.yaml``,
-planned, trained and evaluated by the study's planner (docs/EVALUATION.md §6): the critic and
-the tuned reference, the baseline, Verifiable Critic and Rho-1 (``configs/quickstart``), and the
-evaluation of the three policies on the held-out known-answer test problems with
-self-speculative decoding; plain against self-speculative greedy decoding of the baseline; the
-report; and the four known-answer results (README, "Quickstart").
+Stages, in dependency order: the known-answer CodeContests source (``wmtp storage synthetic``,
+under ``datasets/codecontests/raw``); the four datasets (CodeContests from that source, MBPP,
+HumanEval and GSM8K from the bundled sources), without token lengths; the micro base
+(``wmtp storage micro-base``: a tokenizer trained on the known-answer training text, micro-mtp
+pretrained on the training split, micro-reference its head-1 path); the datasets' token lengths
+measured with that tokenizer (docs/DATA.md §7); then the runs of
+``configs/study/quickstart.yaml``, planned, trained and evaluated by the study's planner
+(docs/EVALUATION.md §6): the critic and the tuned reference, the baseline, Verifiable Critic and
+Rho-1 (``configs/quickstart``), and the evaluation of the three policies on the held-out
+known-answer test problems (greedy, in one batch); plain against self-speculative greedy
+decoding of the baseline, one prompt at a time; the report; and the four known-answer results
+(README, "Quickstart").
 
 Every stage first checks its outputs (the storage checks for models and datasets, the
 ``final`` checkpoint of a run, an evaluation summary, a report newer than its inputs) and is
@@ -174,15 +176,17 @@ class Quickstart:
 
     def stages(self) -> list[Stage]:
         stages = [
-            Stage("models", "the micro tokenizer, micro MTP model and micro reference model",
-                  self._models_ok, self._build_models),
             Stage("known-answer", "the known-answer CodeContests source (10 task families, "
                   "mutation spans)", self._source_ok, self._build_source),
             Stage("datasets", "CodeContests from the known-answer source; MBPP, HumanEval, GSM8K "
                   "from the bundled sources; their small subsets", self._datasets_ok,
                   self._build_datasets),
-            Stage("micro-base", "pretrain micro-mtp on the known-answer training split; "
-                  "micro-reference is its head-1 path", self._base_ok, self._build_base),
+            Stage("micro-base", "the micro tokenizer, micro-mtp pretrained on the known-answer "
+                  "training split, micro-reference its head-1 path", self._base_ok,
+                  self._build_base),
+            Stage("token-lengths", "every dataset's token lengths with the micro tokenizer "
+                  "(the critic's length-balanced pairs read them)", self._lengths_ok,
+                  self._measure_lengths),
         ]  # fmt: skip
         plan = self.planned()
         for run in plan:
@@ -192,8 +196,8 @@ class Quickstart:
             )  # fmt: skip
         for run in (r for r in plan if r.evaluate):
             stages.append(
-                Stage(f"eval-{run.arm}", f"held-out known-answer problems, self-speculative "
-                      f"decoding of {run.arm}, scored in the sandbox",
+                Stage(f"eval-{run.arm}", f"held-out known-answer problems, greedy decoding of "
+                      f"{run.arm} in one batch, scored in the sandbox",
                       self._evaluated(run), lambda run=run: self.study.evaluate_run(run),
                       runs_generated_code=True)
             )  # fmt: skip
@@ -205,18 +209,6 @@ class Quickstart:
                   "speed and token-weight heat maps", self._report_ok, self._build_report),
         ]  # fmt: skip
         return stages
-
-    def _models_ok(self) -> bool:
-        from weighted_mtp.storage.models import verify_models
-
-        with contextlib.redirect_stdout(io.StringIO()):  # a probe: no per-check lines
-            return all(c.ok for c in verify_models(self.layout, list(MICRO_MODELS)))
-
-    def _build_models(self) -> None:
-        from weighted_mtp.storage.micro import create_micro
-
-        for micro_type in ("mtp", "reference"):
-            create_micro(self.layout, micro_type, "random")
 
     def _source_ok(self) -> bool:
         from weighted_mtp.storage.synthetic import GENERATOR_VERSION
@@ -252,21 +244,44 @@ class Quickstart:
             return False
         return all(c.ok for c in verify_datasets(self.layout, include_small=True))
 
-    def _build_datasets(self) -> None:
+    def _build_datasets(self, token_lengths: bool = False) -> None:
+        """The four datasets; token lengths only once the micro tokenizer exists (the micro
+        base is trained from these datasets, and its tokenizer from their text)."""
         from weighted_mtp.storage import datasets
 
         previous = os.environ.get("HF_HUB_OFFLINE")
         os.environ["HF_HUB_OFFLINE"] = "1"  # the bundled sources, whatever the network says
         try:
             bundled = [n for n in DATASET_NAMES if n != "codecontests"]
-            datasets.run(self.layout, names=bundled, steps=list(datasets.STEPS))
+            datasets.run(self.layout, names=bundled, steps=list(datasets.STEPS),
+                         token_lengths=token_lengths)  # fmt: skip
             datasets.run(self.layout, names=["codecontests"], steps=list(datasets.STEPS),
-                         source=self.source_dir)  # fmt: skip
+                         source=self.source_dir, token_lengths=token_lengths)  # fmt: skip
         finally:
             if previous is None:
                 os.environ.pop("HF_HUB_OFFLINE", None)
             else:
                 os.environ["HF_HUB_OFFLINE"] = previous
+
+    def _lengths_ok(self) -> bool:
+        """Every dataset's token lengths measured with the storage's training tokenizer (the
+        micro models', unless the real model is in this storage too: docs/STORAGE.md)."""
+        from weighted_mtp.base.io import sha256_file
+        from weighted_mtp.base.layout import training_tokenizer_path
+
+        tokenizer = training_tokenizer_path(self.layout)
+        if tokenizer is None:
+            return False
+        sha = sha256_file(tokenizer)
+        for name in DATASET_NAMES:
+            manifest = read_json_or_none(self.layout.dataset(name).manifest) or {}
+            lengths = manifest.get("process", {}).get("token_lengths") or {}
+            if not (lengths.get("computed") and lengths.get("tokenizer_sha256") == sha):
+                return False
+        return self._datasets_ok()
+
+    def _measure_lengths(self) -> None:
+        self._build_datasets(token_lengths=True)
 
     def _base_ok(self) -> bool:
         from weighted_mtp.micro_base import pretrained

@@ -102,7 +102,12 @@ class DatasetEvaluation(Section):
     max_new_tokens: int = Field(default=512, ge=1)
     speculative: bool = False
     """Self-speculative decoding (greedy: the same tokens as plain greedy; sampled: the same
-    distribution), one prompt at a time."""
+    distribution), one prompt at a time: the latency setting; an evaluation of many prompts
+    is faster batched (docs/EVALUATION.md §1, "Decoding")."""
+    batch_size: int = Field(default=8, ge=1)
+    """Prompts decoded together when not speculative. Greedy tokens do not depend on it (up
+    to floating-point rounding); sampled completions are seeded per batch, so a sampled
+    evaluation records it and counts as done only with the same size."""
 
     @model_validator(mode="after")
     def _greedy_is_one_sample(self) -> DatasetEvaluation:
@@ -166,7 +171,9 @@ class EvaluationSpec(Section):
                                "max_tasks": self.max_tasks, "max_new_tokens": d.max_new_tokens,
                                "speculative": d.speculative}  # fmt: skip
         if d.temperature > 0:
-            out.update(top_p=d.top_p, seed=EVAL_SEED)
+            out.update(
+                top_p=d.top_p, seed=EVAL_SEED, batch_size=1 if d.speculative else d.batch_size
+            )
         return out
 
 
@@ -708,7 +715,7 @@ class Study:
                 num_samples=d.samples, temperature=d.temperature, top_p=d.top_p, seed=EVAL_SEED,
                 max_tasks=e.max_tasks, max_new_tokens=d.max_new_tokens,
                 speculative=d.speculative, workers=e.workers, device=e.device,
-                mlflow_uri=self.mlflow_uri,
+                mlflow_uri=self.mlflow_uri, batch_size=d.batch_size,
             )  # fmt: skip
             if summary is not None and "pass_at_k" in summary:
                 scores = ", ".join(f"{k} {v['mean']:.3f}" for k, v in summary["pass_at_k"].items())

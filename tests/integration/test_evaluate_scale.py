@@ -273,3 +273,19 @@ def test_a_rank_whose_shard_never_comes_is_one_line(tiny_storage, tmp_path):
     # no traceback of ours: what follows the line is torchrun's own report of a failed rank
     assert "Traceback" not in result.stderr.split("wmtp: error:")[0]
     assert f'File "{REPO / "src"}' not in result.stderr
+
+
+# ---- the generation batch ----
+
+
+def test_greedy_tokens_do_not_depend_on_the_batch_and_a_bad_size_is_one_line(policy, tmp_path):
+    layout, final = policy
+    model, tokenizer, _ = load_for_evaluation(layout, str(final), "cpu")
+    common = {"num_samples": 1, "max_new_tokens": 8, "temperature": 0.0, "top_p": 0.95,
+              "seed": 0, "speculative": False}  # fmt: skip
+    alone = generate_completions(model, tokenizer, PROMPTS, ["\n\n"], batch_size=1, **common)
+    together = generate_completions(model, tokenizer, PROMPTS, ["\n\n"], batch_size=3, **common)
+    assert alone[0] == together[0] and alone[1]["tokens"] == together[1]["tokens"] > 0
+    with pytest.raises(UserError, match=r"^batch size must be >= 1, got 0$"):
+        evaluate(layout, str(final), "humaneval", tmp_path / "out", batch_size=0, device="cpu")
+    assert not (tmp_path / "out").exists()  # refused before anything was loaded or written

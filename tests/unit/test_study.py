@@ -207,9 +207,9 @@ TWO_DATASETS = {
 }  # fmt: skip
 HARNESS_SETTINGS = {
     "codecontests": {"num_samples": 1, "temperature": 0.0, "top_p": 0.95, "seed": 0,
-                     "max_new_tokens": 8, "max_tasks": 4, "speculative": False},
+                     "max_new_tokens": 8, "max_tasks": 4, "speculative": False, "batch_size": 8},
     "humaneval": {"num_samples": 3, "temperature": 0.8, "top_p": 0.95, "seed": 0,
-                  "max_new_tokens": 16, "max_tasks": 4, "speculative": False},
+                  "max_new_tokens": 16, "max_tasks": 4, "speculative": False, "batch_size": 8},
 }  # fmt: skip
 """What ``evaluate`` records in ``summary.json`` for the spec's settings of each dataset."""
 
@@ -231,6 +231,7 @@ def _fake_evaluation(run, passed: dict, dataset: str = "codecontests", **setting
             for t, v in passed.items() for j, p in enumerate(v if isinstance(v, list) else [v])]  # fmt: skip
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ran = {**HARNESS_SETTINGS[dataset], **settings}
+    ran = {k: v for k, v in ran.items() if v is not None or k != "batch_size"}  # None: not written
     (out / "summary.json").write_text(json.dumps({"settings": ran}))
 
 
@@ -267,13 +268,17 @@ def test_a_run_is_done_when_every_dataset_is_evaluated_as_planned(tmp_path, monk
     assert study.pending_datasets(run) == ["humaneval"]
     three = {"a": [True, False, True]}
     for other in ({"temperature": 0.2}, {"num_samples": 2}, {"top_p": 0.9}, {"seed": 1},
-                  {"max_new_tokens": 8}, {"max_tasks": None}):  # fmt: skip
+                  {"max_new_tokens": 8}, {"max_tasks": None}, {"batch_size": 4}):  # fmt: skip
         _fake_evaluation(run, three, "humaneval", **other)
         assert study.pending_datasets(run) == ["humaneval"], other
     _fake_evaluation(run, three, "humaneval")
     assert study.status(run).state == "done" and study.pending_datasets(run) == []
-    # Greedy decoding does not read top_p or the seed: another value is the same evaluation.
-    _fake_evaluation(run, {"a": True}, top_p=0.5, seed=3)
+    # A summary from before the batch size was recorded: the default size (8), the same one.
+    _fake_evaluation(run, three, "humaneval", batch_size=None)
+    assert study.status(run).state == "done"
+    # Greedy decoding does not read top_p, the seed or the batch size (the same tokens):
+    # another value is the same evaluation.
+    _fake_evaluation(run, {"a": True}, top_p=0.5, seed=3, batch_size=100)
     assert study.status(run).state == "done"
 
     # Evaluating a run does only the datasets it lacks, each with its own settings.
@@ -291,9 +296,9 @@ def test_a_run_is_done_when_every_dataset_is_evaluated_as_planned(tmp_path, monk
     ((dataset, out, kwargs),) = calls
     assert dataset == "humaneval" and out == run.eval_dir("humaneval")
     assert {k: kwargs[k] for k in ("num_samples", "temperature", "top_p", "seed",
-                                   "max_new_tokens", "max_tasks", "speculative")} == {
+                                   "max_new_tokens", "max_tasks", "speculative", "batch_size")} == {
         "num_samples": 3, "temperature": 0.8, "top_p": 0.95, "seed": 0, "max_new_tokens": 16,
-        "max_tasks": 4, "speculative": False,
+        "max_tasks": 4, "speculative": False, "batch_size": 8,
     }  # fmt: skip
     assert study.status(run).state == "done"
 

@@ -279,10 +279,21 @@ def load_for_evaluation(
     )
 
 
+GENERATION_BATCH = 8
+"""Prompts decoded together by default when decoding is not speculative."""
+
+
+def generation_batch(speculative: bool, batch_size: int) -> int:
+    """The jobs of one generation call: one when speculative (one prompt at a time)."""
+    if batch_size < 1:
+        raise UserError(f"batch size must be >= 1, got {batch_size}")
+    return 1 if speculative else batch_size
+
+
 def generate_completions(
     model: Any, tokenizer: Any, prompts: list[str], stops: list[str], *, num_samples: int,
     max_new_tokens: int, temperature: float, top_p: float, seed: int, speculative: bool,
-    batch_size: int = 8, rank: int = 0, world: int = 1,
+    batch_size: int = GENERATION_BATCH, rank: int = 0, world: int = 1,
 ) -> tuple[dict[tuple[int, int], str], dict[str, Any]]:  # fmt: skip
     """Continuations (text, stop strings not yet cut) keyed by ``(prompt, sample)``, and
     decoding statistics (speculative: tokens per step, proposals and acceptances per head
@@ -297,7 +308,7 @@ def generate_completions(
     stop = stop_when(tokenizer, stops)
     encoded = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
     jobs = [(i, j) for i in range(len(prompts)) for j in range(num_samples)]
-    size = 1 if speculative else batch_size
+    size = generation_batch(speculative, batch_size)
     mine = [start for start in range(0, len(jobs), size) if (start // size) % world == rank]
     out: dict[tuple[int, int], str] = {}
     stats: dict[str, Any] = {"tokens": 0}
@@ -440,12 +451,15 @@ def evaluate(
     max_new_tokens: int = 512, speculative: bool = False, mode: str | None = None,
     seed: int = 0, workers: int = 2, device: str = "auto", dtype: str = "auto",
     mlflow_uri: str | None = None, scoring: str = "strict", shard_wait_s: float | None = None,
+    batch_size: int = GENERATION_BATCH,
 ) -> dict[str, Any] | None:  # fmt: skip
     """Generate, score, and write ``samples.jsonl``, ``results.jsonl`` and ``summary.json``
     (and log the summary to MLflow when ``mlflow_uri`` is given).
 
     ``device`` ``auto``: this rank's CUDA device when there is one, else the CPU; ``dtype``
-    ``auto``: bf16 on CUDA, fp32 on a CPU (docs/EVALUATION.md §8).
+    ``auto``: bf16 on CUDA, fp32 on a CPU (docs/EVALUATION.md §8). ``batch_size``: prompts
+    decoded together without speculative decoding (greedy gives the same tokens whatever it
+    is; sampled completions are seeded per batch, so it is recorded) (docs/EVALUATION.md §1).
 
     Under ``torchrun`` every rank generates its share of the samples and leaves it as a file
     in ``out_dir/.shards``; rank 0 waits for every rank's file (up to ``shard_wait_s`` after
@@ -457,6 +471,7 @@ def evaluate(
     from weighted_mtp.train import distributed
 
     check_device(device)
+    generation_batch(speculative, batch_size)  # a bad size stops here, before any loading
     wait_s = SHARD_WAIT_S if shard_wait_s is None else shard_wait_s
     if wait_s <= 0:
         raise UserError(f"--shard-wait-s must be positive, got {wait_s:g}")
@@ -474,7 +489,7 @@ def evaluate(
     texts, stats = generate_completions(
         model, tokenizer, prompts, task.stop_sequences(mode, eos_text), num_samples=num_samples,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-        speculative=speculative, rank=info.rank, world=info.world,
+        speculative=speculative, batch_size=batch_size, rank=info.rank, world=info.world,
     )  # fmt: skip
     seconds = time.perf_counter() - started
     if info.enabled:
@@ -483,6 +498,7 @@ def evaluate(
             "task_ids": task_ids, "num_samples": num_samples, "prompt_mode": mode,
             "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
             "seed": seed, "speculative": speculative, "dtype": dtype,
+            "batch_size": generation_batch(speculative, batch_size),
         }  # fmt: skip
         write_shard(out_dir / SHARDS, info.rank, header, texts, stats, seconds)
         if not info.is_main:
@@ -501,6 +517,7 @@ def evaluate(
         "checkpoint": str(checkpoint), "prompt_mode": mode, "num_samples": num_samples,
         "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
         "seed": seed, "speculative": speculative, "max_tasks": max_tasks,
+        "batch_size": generation_batch(speculative, batch_size),
         "task_ids": task_ids if max_tasks else "all", "ranks": info.world,
         "device": where.type, "dtype": dtype,
     }  # fmt: skip
@@ -633,6 +650,10 @@ def evaluated(out_dir: Path, expected: dict[str, Any] | None = None) -> bool:
         settings = json.loads(summary_path.read_text(encoding="utf-8")).get("settings", {})
     except (OSError, ValueError):
         return False
+    # A summary written before the size was recorded: the size every evaluation used then.
+    settings.setdefault(
+        "batch_size", generation_batch(bool(settings.get("speculative")), GENERATION_BATCH)
+    )
     return all(settings.get(k) == v for k, v in expected.items())
 
 
