@@ -2,7 +2,7 @@
 
 The quickstart trains its recipes one after another in one process; so does each arm here:
 one fresh process that trains ``configs/local/baseline.yaml`` ``--trainings`` times on the same
-micro storage (the quickstart's micro models and small CodeContests set, built once in a
+micro storage (random micro models and the bundled CodeContests sample, built once in a
 temporary folder). Arms, interleaved: ``off`` (``log.mlflow=false``), ``new`` (tracking into a
 store that does not exist yet: MLflow creates its tables) and ``existing`` (a store that does).
 Prints the median wall seconds of each arm, the difference and the ratio to ``off``, and the
@@ -37,7 +37,7 @@ ARMS = ("off", "new", "existing")
 
 
 def build_storage(root: Path) -> None:
-    """The micro models and the small CodeContests set, as the quickstart builds them."""
+    """Random micro models and the bundled CodeContests sample (a tracking cost, not results)."""
     layout = StorageLayout(root)
     os.environ["HF_HUB_OFFLINE"] = "1"
     with contextlib.redirect_stdout(io.StringIO()):

@@ -69,6 +69,9 @@ def test_a_run_trained_with_other_settings_stops_the_quickstart(tmp_path):
 
     quick = Quickstart(StorageLayout(tmp_path), configs=REPO / "configs/quickstart")
     names = [s.name for s in quick.stages()]
+    # the storage first: the datasets without token lengths, the micro base (its tokenizer
+    # from their text), then their lengths in that tokenizer (docs/DATA.md §7)
+    assert names[:4] == ["known-answer", "datasets", "micro-base", "token-lengths"]
     assert names[4:] == [
         "critic",
         "ref_tuning",
