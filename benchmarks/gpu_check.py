@@ -500,13 +500,13 @@ def measure_critic(model: Transformer, opts: argparse.Namespace, dev: Device) ->
         del trainer
         model.zero_grad(set_to_none=True)
 
-    step_peak(CriticTD(CriticTDConfig(), critic=critic), "resident")
+    step_peak(CriticTD(CriticTDConfig(), helper_model=critic), "resident")
     with torch.no_grad(), dev.autocast():  # what CriticTD.prepare does, for this one batch
         values = critic(batch.tokens).float()
     batch.extras["values"] = values
     del critic, backbone
     dev.free()
-    step_peak(CriticTD(CriticTDConfig(), critic=None), "precomputed")
+    step_peak(CriticTD(CriticTDConfig(), helper_model=None), "precomputed")
     if dev.cuda:
         out["peak_saved_gib"] = round(
             out["resident"]["peak_gib"] - out["precomputed"]["peak_gib"], 3
@@ -697,14 +697,14 @@ def probe_rho1(opts: argparse.Namespace, dev: Device) -> dict:
     del ce
     model = production_policy(config, opts, dev)
     coefs = HeadCoefficients.from_config(config.train, N_HEADS)
-    resident = Rho1(config.weighting.rho1, reference=reference, chunk_rows=opts.ref_chunk_rows)
+    resident = Rho1(config.weighting.rho1, helper_model=reference, chunk_rows=opts.ref_chunk_rows)
     trainer = bare_trainer(model, MTPObjective(resident, N_HEADS, coefs), dev, config)
     out["resident"] = probe_steps(trainer, [batch], dev, "rho1 resident")
     del trainer, resident, reference
     model.zero_grad(set_to_none=True)
     dev.free()
     batch.extras["ref_ce"] = batch_ref  # what Rho1.prepare leaves with precompute: true
-    precomputed = Rho1(config.weighting.rho1, reference=None)
+    precomputed = Rho1(config.weighting.rho1, helper_model=None)
     trainer = bare_trainer(model, MTPObjective(precomputed, N_HEADS, coefs), dev, config)
     out["precomputed"] = probe_steps(trainer, [batch], dev, "rho1 precomputed")
     if dev.cuda:

@@ -373,7 +373,7 @@ def test_tiny_critic_learns_pairwise_task():
     from weighted_mtp.config import VerifiableConfig
     from weighted_mtp.train.weighting import Micro, Verifiable
 
-    td = Verifiable(VerifiableConfig(clip_max=100.0), critic=model)
+    td = Verifiable(VerifiableConfig(clip_max=100.0), helper_model=model)
     correct = held_out.pos
     weights = td.weigh(correct, 1, Micro(training=False)).dense.reshape(correct.tokens.shape)
     decisive = correct.tokens == 7

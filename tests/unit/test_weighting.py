@@ -343,7 +343,7 @@ def test_critic_is_called_without_precomputed_values():
         calls.append(tokens)
         return values
 
-    td = Verifiable(critic=critic)
+    td = Verifiable(helper_model=critic)
     w = td.weigh(batch, N_HEADS, Micro(training=False)).dense
     assert len(calls) == 1 and torch.equal(calls[0], batch.tokens)
     batch.extras["values"] = values
@@ -498,7 +498,7 @@ def test_precompute_frees_the_reference_and_its_memory():
     helper = big_reference()
     size = sum(p.numel() * p.element_size() for p in helper.parameters()) / 2**20
     loaded = rss_mb()
-    weighting = Rho1(Rho1Config(precompute=True), reference=helper)
+    weighting = Rho1(Rho1Config(precompute=True), helper_model=helper)
     alive = weakref.ref(helper)
     del helper
     stream = tiny_stream()
@@ -506,7 +506,7 @@ def test_precompute_frees_the_reference_and_its_memory():
     gc.collect()
     freed = loaded - rss_mb()
     print(f"helper {size:.0f} MiB; resident memory fell by {freed:.0f} MiB after prepare")
-    assert alive() is None and weighting.reference is None
+    assert alive() is None and weighting.helper_model is None
     assert freed >= 0.8 * size
     # Training goes on from the precomputed signal alone.
     assert [len(ce) for ce in stream.extras["ref_ce"]] == [12, 11, 10, 9]
@@ -589,16 +589,54 @@ def test_rho1_bounds_the_reference_logits_per_step_and_in_precompute():
     reference, batch = small_reference(n_future_tokens=1), prompt_and_padding_batch()
     expected = unchunked_reference_ce(reference, batch.tokens, batch.labels)
     counter = RowCounter(reference)
-    online = Rho1(Rho1Config(), reference=reference, chunk_rows=7)
+    online = Rho1(Rho1Config(), helper_model=reference, chunk_rows=7)
     online.weigh(batch, N_HEADS, Micro())
     torch.testing.assert_close(online._reference_ce(batch), expected)
     assert counter.rows and max(counter.rows) <= 7
     counter.rows.clear()
     stream = tiny_stream()
-    precomputed = Rho1(Rho1Config(precompute=True), reference=reference, chunk_rows=3)
+    precomputed = Rho1(Rho1Config(precompute=True), helper_model=reference, chunk_rows=3)
     precomputed.prepare([stream], torch.device("cpu"), batch_size=2)
-    assert precomputed.reference is None and max(counter.rows) == 3
+    assert precomputed.helper_model is None and max(counter.rows) == 3
     whole = stream.collate([0, 1, 2, 3])
     direct = unchunked_reference_ce(reference, whole.tokens, whole.labels)
     for row, ce in enumerate(stream.extras["ref_ce"]):
         torch.testing.assert_close(ce, direct[row, : len(ce)])
+
+
+def test_a_new_frozen_helper_weighting_is_two_methods():
+    """Another package's weighting with a frozen model (docs/ARCHITECTURE.md, "Contracts"):
+    ``FrozenHelperWeighting`` names the checkpoint from its declared helper, precomputes the
+    signal, drops the model."""
+    from pydantic import BaseModel
+
+    from weighted_mtp.registry import Helper
+    from weighted_mtp.train.weighting import BuildContext, FrozenHelperWeighting
+
+    class LengthSignal(FrozenHelperWeighting):
+        name = "length_signal_test"  # not registered: the class's own helper is read
+        helper = Helper("reference", "model_path")
+        signal = ("length_signal", "lengths")
+
+        class Settings(BaseModel):
+            model_path: str = ""
+            precompute: bool = True
+
+        @classmethod
+        def load_helper(cls, ckpt, ctx):
+            raise AssertionError("not reached without a checkpoint")
+
+        def helper_signal(self, stream, device, batch_size):
+            return [self.helper_model(e.length) for e in stream.data.examples]
+
+        def weights(self, batch, n_heads, micro):
+            return self.dense_weights(batch, None, n_heads)
+
+    with pytest.raises(ValueError, match=r"^length_signal_test needs "
+                       r"weighting\.length_signal_test\.model_path \(a reference run\)$"):  # fmt: skip
+        LengthSignal.build(None, BuildContext())
+    weighting = LengthSignal(helper_model=lambda n: torch.full((n,), float(n)))
+    stream = tiny_stream()
+    weighting.prepare([stream], torch.device("cpu"), batch_size=2)
+    assert weighting.helper_model is None
+    assert [v.tolist()[:1] for v in stream.extras["lengths"]] == [[12.0], [11.0], [10.0], [9.0]]

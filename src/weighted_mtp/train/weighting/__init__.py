@@ -3,6 +3,8 @@
 * ``base``: the ``Weighting`` contract (``Micro``, ``MicroWeights``, ``BuildContext``);
 * ``controls``: the control arms, applied by ``Weighting.weigh`` to every weighting's output;
 * ``precompute``: a frozen helper's signals computed once and cached;
+* ``frozen``: ``FrozenHelperWeighting``, the base of a weighting that reads a frozen helper model
+  (its checkpoint named, loaded, precomputed and dropped);
 * ``uniform``, ``rho1``, ``verifiable`` (the Verifiable Critic: GAE, EMA whitening): the built-in
   weightings;
 * ``oracle``: ``oracle_span`` and ``oracle_drop``, the positive control's known-answer weights;
@@ -10,7 +12,8 @@
 
 A new weighting is one ``Weighting`` subclass (``name``, optional ``Settings``, ``weights``)
 registered by an entry point of ``weighted_mtp.weightings`` (or ``registry.register``); its
-knobs are then ``weighting.<name>.*`` in YAML and ``weighting.control`` applies to it.
+knobs are then ``weighting.<name>.*`` in YAML and ``weighting.control`` applies to it. One that
+reads a frozen model subclasses ``FrozenHelperWeighting`` and declares its ``helper``.
 """
 
 from weighted_mtp.train.weighting.base import BuildContext, Micro, MicroWeights, Weighting
@@ -21,6 +24,7 @@ from weighted_mtp.train.weighting.controls import (
     apply_control,
     control_generator,
 )
+from weighted_mtp.train.weighting.frozen import FrozenHelperWeighting
 from weighted_mtp.train.weighting.oracle import OracleDrop, OracleSpan, drop_weights, span_weights
 from weighted_mtp.train.weighting.precompute import (
     Precompute,
@@ -53,6 +57,7 @@ __all__ = [
     "AdvantageEMA",
     "BuildContext",
     "CriticTD",
+    "FrozenHelperWeighting",
     "Micro",
     "MicroWeights",
     "OracleDrop",

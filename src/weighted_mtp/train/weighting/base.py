@@ -78,7 +78,8 @@ class Weighting:
     ``Settings`` (a config section class: ``weighting.<name>``) and ``stat_names`` (sums it
     logs), and implements ``weights``. Everything else has a working default:
 
-    * ``build(settings, ctx)``: construct from the config (override to load a frozen helper);
+    * ``build(settings, ctx)``: construct from the config (``FrozenHelperWeighting``, in
+      ``frozen.py``, loads a frozen helper model);
     * ``prepare(streams, device, batch_size)``: once before training (precompute and free a
       frozen helper);
     * ``observe_weights(weights)``: head 1's weights of a training micro-batch as the loss

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -11,8 +12,9 @@ from weighted_mtp.config import Rho1Config
 from weighted_mtp.data.collate import IGNORE_INDEX
 from weighted_mtp.train.mtp_loss import head_denominators, per_token_ce, valid_rows
 from weighted_mtp.train.placement import TokenScores
-from weighted_mtp.train.weighting.base import BuildContext, Micro, MicroWeights, Weighting
-from weighted_mtp.train.weighting.precompute import Precompute, precompute_for, release_memory
+from weighted_mtp.train.weighting.base import BuildContext, Micro, MicroWeights
+from weighted_mtp.train.weighting.frozen import FrozenHelperWeighting
+from weighted_mtp.train.weighting.precompute import Precompute
 
 if TYPE_CHECKING:
     from weighted_mtp.data.dataset import BatchStream
@@ -80,7 +82,7 @@ def precompute_reference_ce(
     return out
 
 
-class Rho1(Weighting):
+class Rho1(FrozenHelperWeighting):
     """Rho-1 selection by excess loss against a frozen reference, target-indexed.
 
     Each target token is scored once, with head 1's CE against the reference's next-token CE
@@ -99,51 +101,37 @@ class Rho1(Weighting):
     needs_policy_ce = True
     settings: Rho1Config
 
+    signal = ("reference_ce", "ref_ce")
+
     def __init__(
         self,
         settings: Rho1Config | None = None,
         *,
-        reference: torch.nn.Module | None = None,
+        helper_model: torch.nn.Module | None = None,
         precompute: Precompute | None = None,
         normalization: str = "weight_sum",
         control: str = "none",
         seed: int = 0,
         chunk_rows: int = REFERENCE_CHUNK_ROWS,
     ) -> None:
-        super().__init__(settings, normalization=normalization, control=control, seed=seed)
-        self.reference = reference
-        self.precompute = precompute
+        super().__init__(settings, helper_model=helper_model, precompute=precompute,
+                         normalization=normalization, control=control, seed=seed)  # fmt: skip
         self.chunk_rows = chunk_rows
         """Reference logit rows alive at once, per step and in precompute (``reference_ce``)."""
 
     @classmethod
-    def build(cls, settings: Rho1Config | None, ctx: BuildContext) -> Rho1:
-        from weighted_mtp.train.checkpoint import load_trained, resolve_checkpoint
+    def load_helper(cls, ckpt: Path, ctx: BuildContext) -> torch.nn.Module:
+        from weighted_mtp.train.checkpoint import load_trained
 
-        settings = settings or Rho1Config()
-        if not settings.reference:
-            raise ValueError("rho1 needs weighting.rho1.reference (a reference run)")
-        ckpt = resolve_checkpoint(ctx.layout, settings.reference)
         reference = load_trained(ckpt, ctx.layout, dtype=ctx.dtype, device=ctx.device)
-        reference.requires_grad_(False)
-        precompute = precompute_for("reference_ce", "ref_ce", "reference", ckpt, ctx)
-        return cls(settings, reference=reference, precompute=precompute,
-                   normalization=ctx.normalization, control=ctx.control, seed=ctx.seed)  # fmt: skip
+        return reference.requires_grad_(False)
 
-    def prepare(self, streams: list[BatchStream], device: torch.device, batch_size: int) -> None:
-        """With ``precompute``: every example's reference CE into ``batch.extras["ref_ce"]``,
-        then the reference is dropped (this object held the only reference to it)."""
-        if not self.settings.precompute or self.reference is None:
-            return
-        precompute = self.precompute or Precompute("", "ref_ce", {})
-        precompute.fill(
-            streams,
-            lambda s: precompute_reference_ce(
-                self.reference, s, device, batch_size, self.chunk_rows
-            ),
+    def helper_signal(
+        self, stream: BatchStream, device: torch.device, batch_size: int
+    ) -> list[Tensor]:
+        return precompute_reference_ce(
+            self.helper_model, stream, device, batch_size, self.chunk_rows
         )
-        self.reference = None
-        release_memory()
 
     def _score(self, policy_ce: Tensor, ref_ce: Tensor) -> Tensor:
         if self.settings.score == "signed":
@@ -155,9 +143,9 @@ class Rho1(Weighting):
     def _reference_ce(self, batch: Any) -> Tensor:
         ref_ce = batch.extras.get("ref_ce")
         if ref_ce is None:
-            if self.reference is None:
+            if self.helper_model is None:
                 raise ValueError("Rho1 without a reference needs batch.extras['ref_ce']")
-            ref_ce = reference_ce(self.reference, batch.tokens, batch.labels, self.chunk_rows)
+            ref_ce = reference_ce(self.helper_model, batch.tokens, batch.labels, self.chunk_rows)
         return ref_ce
 
     def token_scores(self, batch: Any, policy_ce: Tensor | None = None) -> TokenScores | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,8 +16,9 @@ from weighted_mtp.config import VerifiableConfig
 from weighted_mtp.data.collate import IGNORE_INDEX
 from weighted_mtp.train.distributed import all_reduce_sum
 from weighted_mtp.train.placement import TokenScores
-from weighted_mtp.train.weighting.base import BuildContext, Micro, MicroWeights, Weighting
-from weighted_mtp.train.weighting.precompute import Precompute, precompute_for, release_memory
+from weighted_mtp.train.weighting.base import BuildContext, Micro, MicroWeights
+from weighted_mtp.train.weighting.frozen import FrozenHelperWeighting
+from weighted_mtp.train.weighting.precompute import Precompute
 
 if TYPE_CHECKING:
     from weighted_mtp.data.dataset import BatchStream
@@ -152,7 +154,7 @@ class AdvantageEMA:
         self._sums = None
 
 
-class Verifiable(Weighting):
+class Verifiable(FrozenHelperWeighting):
     """Verifiable Critic weights (docs/METHOD.md §4): GAE of a frozen critic's values, whitened
     with EMA statistics, ``clamp(exp(A_hat / beta), clip_min, clip_max)``, target-indexed
     ``[B, L]``.
@@ -170,53 +172,41 @@ class Verifiable(Weighting):
     stat_names = ("n", "w", "w2", "clip_low", "clip_high", "adv", "adv2", "entropy", "entropy_n")
     settings: VerifiableConfig
 
+    signal = ("critic_values", "values")
+
     def __init__(
         self,
         settings: VerifiableConfig | None = None,
         *,
-        critic: Callable[[Tensor], Tensor] | None = None,
+        helper_model: Callable[[Tensor], Tensor] | None = None,
         precompute: Precompute | None = None,
         normalization: str = "weight_sum",
         control: str = "none",
         seed: int = 0,
     ) -> None:
-        super().__init__(settings, normalization=normalization, control=control, seed=seed)
-        self.critic, self.precompute = critic, precompute
+        super().__init__(settings, helper_model=helper_model, precompute=precompute,
+                         normalization=normalization, control=control, seed=seed)  # fmt: skip
         s = self.settings
         self.ema = AdvantageEMA(s.ema_momentum, s.ema_rule, s.ema_warmup)
 
     @classmethod
-    def build(cls, settings: VerifiableConfig | None, ctx: BuildContext) -> Verifiable:
-        from weighted_mtp.train.checkpoint import load_critic, resolve_checkpoint
+    def load_helper(cls, ckpt: Path, ctx: BuildContext) -> Callable[[Tensor], Tensor]:
+        from weighted_mtp.train.checkpoint import load_critic
 
-        settings = settings or VerifiableConfig()
-        if not settings.critic_checkpoint:
-            raise ValueError(
-                "verifiable needs weighting.verifiable.critic_checkpoint (a critic run)"
-            )
-        ckpt = resolve_checkpoint(ctx.layout, settings.critic_checkpoint)
-        critic = load_critic(ckpt, ctx.layout, ctx.dtype, ctx.device)
-        precompute = precompute_for("critic_values", "values", "critic", ckpt, ctx)
-        return cls(settings, critic=critic, precompute=precompute,
-                   normalization=ctx.normalization, control=ctx.control, seed=ctx.seed)  # fmt: skip
+        return load_critic(ckpt, ctx.layout, ctx.dtype, ctx.device)
 
-    def prepare(self, streams: list[BatchStream], device: torch.device, batch_size: int) -> None:
-        """With ``precompute``: every example's critic values into ``batch.extras["values"]``,
-        then the critic is dropped (this object held the only reference to it)."""
-        if not self.settings.precompute or self.critic is None:
-            return
-        precompute = self.precompute or Precompute("", "values", {})
-        precompute.fill(streams, lambda s: critic_values_for(s, self.critic, device, batch_size))
-        self.critic = None
-        release_memory()
+    def helper_signal(
+        self, stream: BatchStream, device: torch.device, batch_size: int
+    ) -> list[Tensor]:
+        return critic_values_for(stream, self.helper_model, device, batch_size)
 
     def values(self, batch: Any) -> Tensor:
         if "values" in batch.extras:
             return batch.extras["values"].float()
-        if self.critic is None:
+        if self.helper_model is None:
             raise ValueError("Verifiable without a critic needs batch.extras['values']")
         with torch.no_grad():
-            return self.critic(batch.tokens).float()
+            return self.helper_model(batch.tokens).float()
 
     def advantages(self, batch: Any) -> tuple[Tensor, Tensor]:
         s, mask = self.settings, batch.labels != IGNORE_INDEX
