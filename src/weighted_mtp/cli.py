@@ -874,13 +874,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="pretrain micro-mtp and micro-reference on the CodeContests train split",
         )
     )
+    # Both commands that read a recipe's config list the recipes, aliases and weightings.
+    recipes = {"epilog": train_help(), "formatter_class": argparse.RawDescriptionHelpFormatter}
     add_train_args(
-        commands.add_parser(
-            "train",
-            help="train a recipe from a config file",
-            epilog=train_help(),
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
+        commands.add_parser("train", help="train a recipe from a config file", **recipes)
     )
     slurm = commands.add_parser("slurm", help="run on a SLURM cluster (sbatch)")
     slurm_cmds = slurm.add_subparsers(dest="slurm_command", required=True)
@@ -888,8 +885,7 @@ def build_parser() -> argparse.ArgumentParser:
         slurm_cmds.add_parser(
             "train",
             help="write the run's sbatch script (torchrun per node, requeue) and submit it",
-            epilog=train_help(),
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            **recipes,
         )
     )
     add_score_args(commands.add_parser("score", help="score pre-generated samples in the sandbox"))

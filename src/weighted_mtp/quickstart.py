@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from weighted_mtp.study import PlannedRun, Study
 
 RUN_NAME = "quickstart"
-MICRO_MODELS = ("micro-mtp", "micro-reference")
 POLICIES = ("baseline", "verifiable", "rho1")
 """The MTP policies evaluated and compared (critic and ref_tuning are their helpers): the arms
 of ``configs/study/quickstart.yaml``, whose planner trains and evaluates them."""

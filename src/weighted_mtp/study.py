@@ -171,8 +171,12 @@ class EvaluationSpec(Section):
                                "max_tasks": self.max_tasks, "max_new_tokens": d.max_new_tokens,
                                "speculative": d.speculative}  # fmt: skip
         if d.temperature > 0:
+            from weighted_mtp.evaluation.harness import generation_batch
+
             out.update(
-                top_p=d.top_p, seed=EVAL_SEED, batch_size=1 if d.speculative else d.batch_size
+                top_p=d.top_p,
+                seed=EVAL_SEED,
+                batch_size=generation_batch(d.speculative, d.batch_size),
             )
         return out
 

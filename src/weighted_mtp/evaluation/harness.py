@@ -471,7 +471,7 @@ def evaluate(
     from weighted_mtp.train import distributed
 
     check_device(device)
-    generation_batch(speculative, batch_size)  # a bad size stops here, before any loading
+    batch = generation_batch(speculative, batch_size)  # a bad size stops here, before loading
     wait_s = SHARD_WAIT_S if shard_wait_s is None else shard_wait_s
     if wait_s <= 0:
         raise UserError(f"--shard-wait-s must be positive, got {wait_s:g}")
@@ -489,7 +489,7 @@ def evaluate(
     texts, stats = generate_completions(
         model, tokenizer, prompts, task.stop_sequences(mode, eos_text), num_samples=num_samples,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-        speculative=speculative, batch_size=batch_size, rank=info.rank, world=info.world,
+        speculative=speculative, batch_size=batch, rank=info.rank, world=info.world,
     )  # fmt: skip
     seconds = time.perf_counter() - started
     if info.enabled:
@@ -498,7 +498,7 @@ def evaluate(
             "task_ids": task_ids, "num_samples": num_samples, "prompt_mode": mode,
             "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
             "seed": seed, "speculative": speculative, "dtype": dtype,
-            "batch_size": generation_batch(speculative, batch_size),
+            "batch_size": batch,
         }  # fmt: skip
         write_shard(out_dir / SHARDS, info.rank, header, texts, stats, seconds)
         if not info.is_main:
@@ -517,7 +517,7 @@ def evaluate(
         "checkpoint": str(checkpoint), "prompt_mode": mode, "num_samples": num_samples,
         "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
         "seed": seed, "speculative": speculative, "max_tasks": max_tasks,
-        "batch_size": generation_batch(speculative, batch_size),
+        "batch_size": batch,
         "task_ids": task_ids if max_tasks else "all", "ranks": info.world,
         "device": where.type, "dtype": dtype,
     }  # fmt: skip
